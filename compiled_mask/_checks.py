@@ -1,0 +1,86 @@
+"""Validation of user-facing ints and shapes, done in Python before any op runs.
+
+Every check here reads only Python ints (or shape SymInts), never tensor data, so validation adds
+no device sync and no data-dependent guard. Errors name the offending value and the fix.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_DEFAULT_BLOCK_SIZE = 128
+
+
+def _check_positive(where: str, **values: int) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+            raise ValueError(f"{where}: {name} must be an int, got {name}={value!r}.")
+        if value < 1:
+            raise ValueError(f"{where}: {name} must be >= 1, got {name}={value}.")
+
+
+def _check_lengths(where: str, Q_LEN: int, KV_LEN: int) -> None:
+    """Q_LEN >= 1 and KV_LEN >= Q_LEN (the keys hold at least the first round)."""
+    _check_positive(where, Q_LEN=Q_LEN, KV_LEN=KV_LEN)
+    if KV_LEN < Q_LEN:
+        raise ValueError(
+            f"{where}: KV_LEN must be >= Q_LEN (the keys start with the Q_LEN causal keys), "
+            f"got Q_LEN={Q_LEN} and KV_LEN={KV_LEN}. For TTT round r use KV_LEN = Q_LEN * r."
+        )
+
+
+def _block_sizes(where: str, BLOCK_SIZE: int | tuple[int, int]) -> tuple[int, int]:
+    """Normalise ``BLOCK_SIZE`` (an int or ``(Q_BLOCK_SIZE, KV_BLOCK_SIZE)``) and check it.
+
+    KV_BLOCK_SIZE must divide Q_BLOCK_SIZE: that is the layout FA4 reads (e.g. 256x128 on
+    Blackwell) and the one flex_attention's kernels assume.
+    """
+    if isinstance(BLOCK_SIZE, (tuple, list)):
+        if len(BLOCK_SIZE) != 2:
+            raise ValueError(
+                f"{where}: BLOCK_SIZE must be an int or a (Q_BLOCK_SIZE, KV_BLOCK_SIZE) pair, "
+                f"got BLOCK_SIZE={BLOCK_SIZE!r}."
+            )
+        q_bs, kv_bs = BLOCK_SIZE
+    else:
+        q_bs = kv_bs = BLOCK_SIZE
+    _check_positive(where, Q_BLOCK_SIZE=q_bs, KV_BLOCK_SIZE=kv_bs)
+    if q_bs % kv_bs != 0:
+        raise ValueError(
+            f"{where}: KV_BLOCK_SIZE must divide Q_BLOCK_SIZE, got BLOCK_SIZE=({q_bs}, {kv_bs}). "
+            "Use e.g. 128, (128, 128) on Hopper or (256, 128) on Blackwell."
+        )
+    return q_bs, kv_bs
+
+
+def _check_rounds(where: str, rounds: torch.Tensor | int, max_rounds: int, device: torch.device) -> None:
+    """Check the live-round count: a 0-d int tensor on ``device``, or (eagerly) an int.
+
+    A tensor is checked by metadata only; its value is clamped to [1, max_rounds] in the graph
+    (Note [static widths] in ``_op.py``). An int must lie in [1, max_rounds], and is refused
+    inside torch.compile: there it would be a graph constant, recompiling at every TTT step.
+    """
+    if isinstance(rounds, bool) or not isinstance(rounds, (int, torch.SymInt, torch.Tensor)):
+        raise ValueError(f"{where}: rounds must be a 0-d int tensor or an int, got {rounds!r}.")
+    if not isinstance(rounds, torch.Tensor):
+        if torch.compiler.is_compiling():
+            raise ValueError(
+                f"{where}: rounds={rounds} is a Python int inside torch.compile, which recompiles "
+                "at every new value. Pass a 0-d int tensor on the inputs' device, e.g. "
+                "torch.tensor(r, device=q.device): one graph then serves every TTT step."
+            )
+        if not 1 <= rounds <= max_rounds:
+            raise ValueError(
+                f"{where}: rounds must be in [1, max_rounds={max_rounds}], got rounds={rounds}."
+            )
+        return
+    if rounds.dim() != 0 or rounds.dtype.is_floating_point or rounds.dtype.is_complex or rounds.dtype == torch.bool:
+        raise ValueError(
+            f"{where}: rounds must be a 0-d int tensor, got shape {tuple(rounds.shape)} and "
+            f"dtype {rounds.dtype}. Use torch.tensor(r, device=...)."
+        )
+    if rounds.device != device:
+        raise ValueError(
+            f"{where}: rounds is on {rounds.device} but the attention inputs are on {device}. "
+            f"Create it there once: torch.tensor(r, device={str(device)!r})."
+        )

@@ -1,0 +1,86 @@
+"""The custom op ``compiled_mask::eagle3_block_mask`` and its fake (meta) implementation.
+
+Private: users call :func:`compiled_mask.eagle3_block_mask` or the modules, which validate their
+arguments and wrap the eight tensors in a BlockMask. The op exists so that torch.compile sees the
+build as one opaque node with shapes known from ints alone.
+
+Note [static widths]
+    Eagle3 TTT grows the keys by one round of Q_LEN per step. If the BlockMask tensors grew with
+    it, every step would have new shapes and would recompile. Instead the key axis has a fixed
+    width KV_LEN = Q_LEN * max_rounds (the caller's static K/V buffer) and the number of live
+    rounds is a 0-d int tensor, read only by tensor ops: keys of rounds past it are treated as
+    padding, so their blocks are absent from all eight tensors and no kernel visits them. Every
+    shape then depends on Python ints only: one graph serves every step, and FA4 (which refuses
+    SymInts in mask_mod) can take it. The live count is clamped to [1, ceil(KV_LEN / Q_LEN)] in the
+    graph, so no value of it can index outside the tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from compiled_mask._blocks import _ceil_div, eagle3_block_tensors
+
+_Tensors8 = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+def _live_kv_len(rounds: Tensor, Q_LEN: int, KV_LEN: int) -> Tensor:
+    """Number of live keys for ``rounds`` live rounds, clamped into [Q_LEN, KV_LEN]. 0-d int64."""
+    max_rounds = _ceil_div(KV_LEN, Q_LEN)
+    return (rounds.to(torch.int64).clamp(1, max_rounds) * Q_LEN).clamp(max=KV_LEN)
+
+
+@torch.library.custom_op("compiled_mask::eagle3_block_mask", mutates_args=())
+def _eagle3_block_mask_op(
+    Q_LEN: int,
+    KV_LEN: int,
+    Q_BLOCK_SIZE: int,
+    KV_BLOCK_SIZE: int,
+    B: int,
+    H: int,
+    device: torch.device,
+    rounds: Tensor | None,
+) -> _Tensors8:
+    """Build the eight BlockMask tensors of the Eagle3 mask (private; arguments are unchecked).
+
+    Args:
+        Q_LEN, KV_LEN: query length and key-axis width (SymInts allowed).
+        Q_BLOCK_SIZE, KV_BLOCK_SIZE: block sizes, KV_BLOCK_SIZE dividing Q_BLOCK_SIZE.
+        B, H: batch and head dims of the outputs (1 broadcasts).
+        device: where the outputs live.
+        rounds: ``None`` (all KV_LEN keys live) or a 0-d int tensor on ``device`` with the number
+            of live rounds (Note [static widths]).
+
+    Returns:
+        ``kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, q_num_blocks, q_indices,
+        full_q_num_blocks, full_q_indices``, int32; shapes in :func:`_fake`.
+    """
+    live_kv_len = KV_LEN if rounds is None else _live_kv_len(rounds, Q_LEN, KV_LEN)
+    return eagle3_block_tensors(
+        Q_LEN, KV_LEN, Q_BLOCK_SIZE, KV_BLOCK_SIZE, B, H, live_kv_len, device
+    )
+
+
+@_eagle3_block_mask_op.register_fake
+def _fake(
+    Q_LEN: int,
+    KV_LEN: int,
+    Q_BLOCK_SIZE: int,
+    KV_BLOCK_SIZE: int,
+    B: int,
+    H: int,
+    device: torch.device,
+    rounds: Tensor | None,
+) -> _Tensors8:
+    # Shapes from the int arguments only: no data reads, so no sync and no data-dependent guard.
+    n_q = _ceil_div(Q_LEN, Q_BLOCK_SIZE)
+    n_kv = _ceil_div(KV_LEN, KV_BLOCK_SIZE)
+
+    def new(*shape: int) -> Tensor:
+        return torch.empty(B, H, *shape, dtype=torch.int32, device=device)
+
+    return (
+        new(n_q), new(n_q, n_kv), new(n_q), new(n_q, n_kv),
+        new(n_kv), new(n_kv, n_q), new(n_kv), new(n_kv, n_q),
+    )  # fmt: skip
