@@ -1,0 +1,94 @@
+"""``eagle3_block_mask``: the Eagle3 BlockMask, built analytically, eagerly or inside torch.compile."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, _mask_mod_signature
+
+from compiled_mask._checks import _block_sizes, _check_lengths, _check_positive
+from compiled_mask._op import _eagle3_block_mask_op
+from compiled_mask.mask_mod import _eagle3_allowed, eagle3_mask_mod
+
+__all__ = ["eagle3_block_mask"]
+
+
+def eagle3_block_mask(
+    Q_LEN: int,
+    KV_LEN: int,
+    *,
+    B: int | None = 1,
+    H: int | None = 1,
+    device: torch.device | str = "cuda",
+    BLOCK_SIZE: int | tuple[int, int] = 128,
+) -> BlockMask:
+    """The Eagle3 BlockMask for ``Q_LEN`` queries and ``KV_LEN`` keys, built in O(blocks).
+
+    A drop-in for ``create_block_mask(eagle3_mask_mod(Q_LEN), B, H, Q_LEN, KV_LEN, device,
+    BLOCK_SIZE=BLOCK_SIZE)``: the same eight tensors, without evaluating the mask on the
+    Q_LEN x KV_LEN grid (which costs O(Q_LEN * KV_LEN) memory: 69.6 GB at 32K x 4 rounds).
+
+    Works eagerly and inside ``torch.compile(fullgraph=True)``. Inside a compiled function
+    ``Q_LEN`` and ``KV_LEN`` may come from tensor shapes (SymInts); see the README, "Dynamic
+    shapes", for the settings that make growing KV_LEN compile once. For TTT loops, prefer the
+    static-width :class:`~compiled_mask.Eagle3BlockMask`, which never recompiles.
+
+    Args:
+        Q_LEN: number of queries (one round), >= 1.
+        KV_LEN: number of keys, >= Q_LEN; need not be a multiple of Q_LEN (a partial last round).
+        B, H: batch and head dims of the mask; 1 (or None) broadcasts over q/k/v.
+        device: where the mask lives.
+        BLOCK_SIZE: an int or ``(Q_BLOCK_SIZE, KV_BLOCK_SIZE)`` with KV_BLOCK_SIZE dividing
+            Q_BLOCK_SIZE, e.g. 128 (flex default, FA4 on Hopper) or (256, 128) (FA4 on Blackwell).
+
+    Returns:
+        A BlockMask with ``seq_lengths=(Q_LEN, KV_LEN)`` and ``mask_mod=eagle3_mask_mod(Q_LEN)``,
+        whose tensors have shapes ``[B, H, n_q]`` / ``[B, H, n_q, n_kv]`` (and the transposes).
+    """
+    where = "eagle3_block_mask"
+    B = 1 if B is None else B
+    H = 1 if H is None else H
+    _check_lengths(where, Q_LEN, KV_LEN)
+    _check_positive(where, B=B, H=H)
+    q_bs, kv_bs = _block_sizes(where, BLOCK_SIZE)
+    tensors = _eagle3_block_mask_op(Q_LEN, KV_LEN, q_bs, kv_bs, B, H, torch.device(device), None)
+    return BlockMask((Q_LEN, KV_LEN), *tensors, BLOCK_SIZE=(q_bs, kv_bs), mask_mod=eagle3_mask_mod(Q_LEN))
+
+
+def _live_eagle3_mask_mod(Q_LEN: int, max_rounds: int, rounds: Tensor) -> _mask_mod_signature:
+    """The Eagle3 rule restricted to the keys of the first ``rounds`` rounds (a 0-d int tensor).
+
+    Note [live keys in mask_mod]
+        The block tensors already leave out every block wholly past the live keys, but a kernel
+        still evaluates mask_mod on a PARTIAL block that straddles the end of the live keys
+        (Q_LEN not a multiple of KV_BLOCK_SIZE), and eager flex_attention evaluates it on the
+        whole grid. Without this check both would let queries see the next, dead round's
+        diagonal. mask_mod captures the very tensor the op takes and clamps it itself: Inductor's
+        CPU flex template (torch 2.13) cannot lower a mask_mod that captures a tensor computed in
+        the graph and not realized (NoValidChoicesError), and an op input is always realized.
+    """
+
+    def eagle3_live_mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        live_kv_len = rounds.clamp(1, max_rounds) * Q_LEN
+        return _eagle3_allowed(q_idx, kv_idx, Q_LEN) & (kv_idx < live_kv_len)
+
+    return eagle3_live_mask
+
+
+def _static_eagle3_block_mask(
+    Q_LEN: int,
+    max_rounds: int,
+    q_bs: int,
+    kv_bs: int,
+    B: int,
+    H: int,
+    rounds: Tensor | int,
+    device: torch.device,
+) -> BlockMask:
+    """The static-width BlockMask for ``rounds`` live rounds (Note [static widths]); no checks."""
+    KV_LEN = Q_LEN * max_rounds
+    if not isinstance(rounds, Tensor):
+        rounds = torch.tensor(rounds, device=device)
+    tensors = _eagle3_block_mask_op(Q_LEN, KV_LEN, q_bs, kv_bs, B, H, device, rounds)
+    mask_mod = _live_eagle3_mask_mod(Q_LEN, max_rounds, rounds)
+    return BlockMask((Q_LEN, KV_LEN), *tensors, BLOCK_SIZE=(q_bs, kv_bs), mask_mod=mask_mod)

@@ -1,0 +1,179 @@
+"""nn.Modules for Eagle3 TTT: the static-width block mask, and mask + attention in one graph."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask
+
+from compiled_mask._checks import _block_sizes, _check_positive, _check_rounds
+from compiled_mask._flex import flex_eagle3_attention
+from compiled_mask.block_mask import _static_eagle3_block_mask
+
+__all__ = ["Eagle3BlockMask", "Eagle3Attention"]
+
+_BACKENDS = {"flex": flex_eagle3_attention}
+
+
+class Eagle3BlockMask(nn.Module):
+    """The Eagle3 BlockMask over a static K/V buffer of ``q_len * max_rounds`` keys.
+
+    ``forward(rounds)`` lists only the blocks of the first ``rounds`` rounds; later rounds are
+    absent from all eight tensors, so no kernel visits them. All shapes depend only on the
+    constructor's ints, so a compiled caller builds one graph for every TTT step
+    (Note [static widths] in ``_op.py``).
+
+    Args:
+        q_len: queries per round (Q_LEN).
+        max_rounds: rounds the K/V buffer holds; KV_LEN = q_len * max_rounds.
+        block_size: an int or ``(Q_BLOCK_SIZE, KV_BLOCK_SIZE)``, KV_BLOCK_SIZE dividing
+            Q_BLOCK_SIZE.
+        B, H: batch and head dims of the mask tensors (1 broadcasts).
+    """
+
+    def __init__(
+        self,
+        q_len: int,
+        max_rounds: int,
+        *,
+        block_size: int | tuple[int, int] = 128,
+        B: int = 1,
+        H: int = 1,
+    ) -> None:
+        super().__init__()
+        where = type(self).__name__
+        _check_positive(where, q_len=q_len, max_rounds=max_rounds, B=B, H=H)
+        self.q_len = q_len
+        self.max_rounds = max_rounds
+        self.kv_len = q_len * max_rounds
+        self.block_size = _block_sizes(where, block_size)
+        self.B = B
+        self.H = H
+
+    def forward(self, rounds: Tensor | int, *, device: torch.device | str | None = None) -> BlockMask:
+        """The BlockMask for ``rounds`` live rounds.
+
+        Args:
+            rounds: live rounds, a 0-d int tensor (clamped to [1, max_rounds] in the graph) or an
+                int in that range (an int is a graph constant: a new value recompiles).
+            device: where to build when ``rounds`` is an int (default: CPU); a tensor's own
+                device is used otherwise.
+
+        Returns:
+            A BlockMask with ``seq_lengths=(q_len, q_len * max_rounds)``.
+        """
+        if isinstance(rounds, Tensor):
+            device = rounds.device
+        device = torch.device("cpu" if device is None else device)
+        _check_rounds(type(self).__name__, rounds, self.max_rounds, device)
+        return _static_eagle3_block_mask(
+            self.q_len, self.max_rounds, *self.block_size, self.B, self.H, rounds, device
+        )
+
+    def extra_repr(self) -> str:
+        return f"q_len={self.q_len}, max_rounds={self.max_rounds}, block_size={self.block_size}"
+
+
+class Eagle3Attention(nn.Module):
+    """Eagle3 TTT attention: the analytical mask and the attention kernel in one compiled graph.
+
+    Queries are the ``q_len`` positions of the sequence; keys and values live in a static buffer
+    of ``q_len * max_rounds`` positions (round s at ``[s * q_len, (s + 1) * q_len)``), of which
+    the first ``rounds`` rounds are live. Keys of later rounds are never attended (their values
+    must still be finite, e.g. a zero-initialised buffer: a kernel may read them in a block that
+    straddles the live end, with zero weight). ``torch.compile(model, fullgraph=True)`` of a model
+    using this module compiles one graph for every value of ``rounds``.
+
+    Args:
+        q_len: queries per round (Q_LEN).
+        max_rounds: rounds the K/V buffer holds.
+        backend: ``"flex"``: flex_attention (Triton on CUDA, C++ on CPU).
+        block_size: an int or ``(Q_BLOCK_SIZE, KV_BLOCK_SIZE)``, KV_BLOCK_SIZE dividing
+            Q_BLOCK_SIZE.
+        scale: softmax scale; default ``1 / sqrt(D)``.
+        kernel_options: passed to flex_attention.
+    """
+
+    def __init__(
+        self,
+        q_len: int,
+        max_rounds: int,
+        *,
+        backend: str = "flex",
+        block_size: int | tuple[int, int] = 128,
+        scale: float | None = None,
+        kernel_options: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if backend not in _BACKENDS:
+            raise ValueError(
+                f"Eagle3Attention: unknown backend={backend!r}; choose one of {sorted(_BACKENDS)}."
+            )
+        self.backend = backend
+        self.block_mask = Eagle3BlockMask(q_len, max_rounds, block_size=block_size)
+        self.scale = scale
+        self.kernel_options = kernel_options
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, rounds: Tensor | int) -> Tensor:
+        """Attention of ``q`` over the live rounds of the K/V buffer.
+
+        Args:
+            q: ``[B, Hq, Q_LEN, D]``.
+            k: ``[B, Hkv, Q_LEN * max_rounds, D]``, Hq a multiple of Hkv (GQA).
+            v: ``[B, Hkv, Q_LEN * max_rounds, Dv]``.
+            rounds: live rounds, a 0-d int tensor on q's device (one graph for all values) or an
+                int in [1, max_rounds].
+
+        Returns:
+            ``[B, Hq, Q_LEN, Dv]``.
+        """
+        mask = self.block_mask
+        _check_qkv(q, k, v, mask.q_len, mask.kv_len)
+        _check_rounds(type(self).__name__, rounds, mask.max_rounds, q.device)
+        block_mask = mask(rounds, device=q.device)
+        return _BACKENDS[self.backend](
+            q, k, v, block_mask, scale=self.scale, kernel_options=self.kernel_options
+        )
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor, q_len: int, kv_len: int) -> None:
+    """Shape, dtype and device checks of the attention inputs (metadata only)."""
+    where = "Eagle3Attention"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{where}: {name} must be 4-D [B, H, S, D], got shape {tuple(t.shape)}.")
+    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
+        raise ValueError(
+            f"{where}: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}."
+        )
+    if not (q.device == k.device == v.device):
+        raise ValueError(
+            f"{where}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}."
+        )
+    if q.size(2) != q_len:
+        raise ValueError(
+            f"{where}: q must have Q_LEN={q_len} positions (dim 2), got q.shape={tuple(q.shape)}."
+        )
+    if k.size(2) != kv_len or v.size(2) != kv_len:
+        raise ValueError(
+            f"{where}: k and v must be the static buffer of Q_LEN * max_rounds = {kv_len} "
+            f"positions (dim 2), got k.shape={tuple(k.shape)} and v.shape={tuple(v.shape)}. "
+            "Allocate it once for max_rounds and write round s at [s * Q_LEN, (s + 1) * Q_LEN)."
+        )
+    if q.size(0) != k.size(0) or k.shape[:2] != v.shape[:2]:
+        raise ValueError(
+            f"{where}: batch and head dims must match: q.shape={tuple(q.shape)}, "
+            f"k.shape={tuple(k.shape)}, v.shape={tuple(v.shape)}."
+        )
+    if q.size(3) != k.size(3):
+        raise ValueError(
+            f"{where}: q and k must share the head dim D, got {q.size(3)} and {k.size(3)}."
+        )
+    if q.size(1) % k.size(1) != 0:
+        raise ValueError(
+            f"{where}: the number of query heads must be a multiple of the K/V heads (GQA), "
+            f"got Hq={q.size(1)} and Hkv={k.size(1)}."
+        )
