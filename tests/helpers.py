@@ -1,0 +1,93 @@
+"""Shared test helpers: the create_block_mask reference and exact BlockMask comparison."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+
+from compiled_mask import eagle3_mask_mod
+
+# The four (num, indices) pairs of a BlockMask, kv-direction first.
+PAIRS = (
+    ("kv_num_blocks", "kv_indices"),
+    ("full_kv_num_blocks", "full_kv_indices"),
+    ("q_num_blocks", "q_indices"),
+    ("full_q_num_blocks", "full_q_indices"),
+)
+
+
+def reference_block_mask(Q_LEN, KV_LEN, BLOCK_SIZE=128, B=1, H=1, device="cpu") -> BlockMask:
+    """The ground truth: create_block_mask on the reference mask_mod."""
+    return create_block_mask(
+        eagle3_mask_mod(Q_LEN), B, H, Q_LEN, KV_LEN, device=device, BLOCK_SIZE=BLOCK_SIZE
+    )
+
+
+def listed(num: Tensor, indices: Tensor) -> Tensor:
+    """The set of indices each row lists, as a bool tensor ``[..., rows, width]``.
+
+    Fails if a row lists an index twice or holds an index outside [0, width).
+    """
+    width = indices.shape[-1]
+    assert indices.dtype == torch.int32 and num.dtype == torch.int32
+    assert ((indices >= 0) & (indices < width)).all(), "index outside [0, width)"
+    assert ((num >= 0) & (num <= width)).all(), "num outside [0, width]"
+    valid = torch.arange(width, device=num.device) < num.unsqueeze(-1)  # [..., rows, width]
+    counts = torch.zeros(indices.shape, dtype=torch.int32, device=num.device)
+    counts.scatter_add_(-1, indices.long(), valid.int())
+    assert counts.max() <= 1, "a row lists an index twice"
+    return counts == 1
+
+
+def assert_ascending(num: Tensor, indices: Tensor) -> None:
+    """The listed entries of every row are strictly ascending (the layout kernels read)."""
+    width = indices.shape[-1]
+    valid = torch.arange(width, device=num.device) < num.unsqueeze(-1)
+    steps = indices[..., 1:] - indices[..., :-1]
+    assert (steps[valid[..., 1:]] > 0).all(), "listed indices are not ascending"
+
+
+def assert_same_blocks(ours: BlockMask, ref: BlockMask, *, broadcast=False) -> None:
+    """Exact parity: every row lists the same set in all four pairs, and to_dense() agrees."""
+    assert ours.BLOCK_SIZE == ref.BLOCK_SIZE
+    assert tuple(ours.seq_lengths) == tuple(ref.seq_lengths)
+    for num_name, idx_name in PAIRS:
+        on, oi = getattr(ours, num_name), getattr(ours, idx_name)
+        rn, ri = getattr(ref, num_name), getattr(ref, idx_name)
+        assert oi.shape == ri.shape and on.shape == rn.shape, (num_name, oi.shape, ri.shape)
+        assert oi.is_contiguous() and on.is_contiguous()
+        assert_ascending(on, oi)
+        got, want = listed(on, oi), listed(rn, ri)
+        if not torch.equal(got, want):
+            diff = (got != want).nonzero()[:5].tolist()
+            raise AssertionError(f"{num_name}/{idx_name} differ at [b, h, row, col] {diff}")
+    assert torch.equal(ours.to_dense(), ref.to_dense())
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def dense_reference_attention(q, k, v, allowed: Tensor, scale=None) -> Tensor:
+    """float64 softmax attention over the pairs ``allowed [Q_LEN, KV_LEN]``; GQA by repetition."""
+    q, k, v = (t.double() for t in (q, k, v))
+    groups = q.size(1) // k.size(1)
+    k = k.repeat_interleave(groups, dim=1)  # [B, Hq, KV_LEN, D]
+    v = v.repeat_interleave(groups, dim=1)  # [B, Hq, KV_LEN, Dv]
+    scale = 1 / math.sqrt(q.size(-1)) if scale is None else scale
+    scores = (q @ k.transpose(-1, -2)) * scale  # [B, Hq, Q_LEN, KV_LEN]
+    scores = scores.masked_fill(~allowed.to(scores.device), float("-inf"))
+    return scores.softmax(-1) @ v  # [B, Hq, Q_LEN, Dv]
+
+
+def eagle3_dense(Q_LEN: int, KV_LEN: int, live_kv_len: int | None = None) -> Tensor:
+    """The reference mask on the whole grid, ``[Q_LEN, KV_LEN]`` bool; keys >= live_kv_len dead."""
+    q = torch.arange(Q_LEN).unsqueeze(-1)
+    kv = torch.arange(KV_LEN).unsqueeze(0)
+    allowed = eagle3_mask_mod(Q_LEN)(None, None, q, kv)
+    if live_kv_len is not None:
+        allowed = allowed & (kv < live_kv_len)
+    return allowed

@@ -1,0 +1,101 @@
+"""GPU tests: compiled forward and backward on CUDA, larger shapes, graph counts with backward.
+
+Skipped without CUDA (conftest.py). Run them one process per test, so that one illegal memory
+access cannot poison the others: ``python tools/run_gpu_tests.py`` (README, "GPU tests").
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+import torch._inductor.utils
+from helpers import assert_same_blocks, dense_reference_attention, eagle3_dense, reference_block_mask
+
+from compiled_mask import Eagle3Attention, eagle3_block_mask
+from compiled_mask.inspect import GraphCounter, watch_recompiles
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def fresh_compile_state():
+    torch._dynamo.reset()
+    with torch._inductor.utils.fresh_cache():
+        yield
+    torch._dynamo.reset()
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
+@pytest.mark.parametrize(
+    "Q_LEN, KV_LEN, BLOCK_SIZE",
+    [(8192, 8192 * 8, 128), (8192, 8192 * 4, (256, 128)), (1000, 7000, 128), (4100, 4100 * 3 + 77, (128, 64))],
+)
+def test_large_shapes_match_create_block_mask(Q_LEN, KV_LEN, BLOCK_SIZE):
+    ours = eagle3_block_mask(Q_LEN, KV_LEN, device="cuda", BLOCK_SIZE=BLOCK_SIZE)
+    assert_same_blocks(ours, reference_block_mask(Q_LEN, KV_LEN, BLOCK_SIZE, device="cuda"))
+
+
+def _qkv(B, Hq, Hkv, Q_LEN, KV_LEN, D, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    make = lambda *shape: torch.randn(*shape, device="cuda", dtype=dtype, generator=g)  # noqa: E731
+    q = make(B, Hq, Q_LEN, D).requires_grad_()
+    k = make(B, Hkv, KV_LEN, D).requires_grad_()
+    v = make(B, Hkv, KV_LEN, D).requires_grad_()
+    return q, k, v
+
+
+@pytest.mark.parametrize(
+    "q_len, max_rounds, live, Hq, Hkv, D, block_size",
+    [
+        (1000, 7, 7, 8, 2, 64, 128),  # Q_LEN not a block multiple, GQA, 7 rounds
+        (1000, 7, 1, 8, 2, 64, 128),  # 1 live round of 7
+        (1024, 4, 3, 4, 4, 128, (128, 64)),  # rectangular blocks, dead last round
+    ],
+)
+def test_forward_backward_vs_float64(q_len, max_rounds, live, Hq, Hkv, D, block_size):
+    attn = torch.compile(Eagle3Attention(q_len, max_rounds, block_size=block_size), fullgraph=True)
+    q, k, v = _qkv(2, Hq, Hkv, q_len, q_len * max_rounds, D, torch.bfloat16)
+    dout = torch.randn(2, Hq, q_len, D, device="cuda", dtype=torch.bfloat16)
+    out = attn(q, k, v, torch.tensor(live, device="cuda"))
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    allowed = eagle3_dense(q_len, q_len * max_rounds, live_kv_len=q_len * live)
+    want = dense_reference_attention(q64, k64, v64, allowed.cuda())
+    want_grads = torch.autograd.grad(want, (q64, k64, v64), dout.double())
+
+    assert rel_err(out, want) < 1e-2
+    for name, g, w in zip("qkv", grads, want_grads):
+        assert rel_err(g, w) < 1e-2, name
+    # Dead rounds get no gradient at all.
+    assert grads[1][:, :, q_len * live :].abs().max() == 0
+    assert grads[2][:, :, q_len * live :].abs().max() == 0
+
+
+def test_ttt_loop_forward_backward_one_graph():
+    counter = GraphCounter()
+    attn = torch.compile(Eagle3Attention(512, 8), backend=counter, fullgraph=True)
+    q, k, v = _qkv(1, 4, 2, 512, 512 * 8, 64, torch.bfloat16)
+    with watch_recompiles() as reasons:
+        for r in range(1, 9):
+            attn(q, k, v, torch.tensor(r, device="cuda")).sum().backward()
+    assert counter.graphs == 1, reasons
+    assert reasons == []
+
+
+def test_cuda_graph_forward():
+    """mode="reduce-overhead": the static-shape step replays as a CUDA graph."""
+    attn = Eagle3Attention(512, 4)
+    compiled = torch.compile(attn, mode="reduce-overhead", fullgraph=True)
+    q, k, v = (t.detach() for t in _qkv(1, 4, 2, 512, 2048, 64, torch.bfloat16))
+    rounds = [torch.tensor(r, device="cuda") for r in (1, 2, 3, 4)]
+    with torch.no_grad():
+        for _ in range(3):  # warm-up, record, replay
+            outs = [compiled(q, k, v, r).clone() for r in rounds]
+        for r, out in zip(rounds, outs):
+            allowed = eagle3_dense(512, 2048, live_kv_len=512 * int(r)).cuda()
+            assert rel_err(out, dense_reference_attention(q, k, v, allowed)) < 1e-2
