@@ -55,7 +55,7 @@ def eagle3_block_mask(
     return BlockMask((Q_LEN, KV_LEN), *tensors, BLOCK_SIZE=(q_bs, kv_bs), mask_mod=eagle3_mask_mod(Q_LEN))
 
 
-def _live_eagle3_mask_mod(Q_LEN: int, max_rounds: int, rounds: Tensor) -> _mask_mod_signature:
+def _live_eagle3_mask_mod(Q_LEN: int, rounds: Tensor) -> _mask_mod_signature:
     """The Eagle3 rule restricted to the keys of the first ``rounds`` rounds (a 0-d int tensor).
 
     Note [live keys in mask_mod]
@@ -63,14 +63,17 @@ def _live_eagle3_mask_mod(Q_LEN: int, max_rounds: int, rounds: Tensor) -> _mask_
         still evaluates mask_mod on a PARTIAL block that straddles the end of the live keys
         (Q_LEN not a multiple of KV_BLOCK_SIZE), and eager flex_attention evaluates it on the
         whole grid. Without this check both would let queries see the next, dead round's
-        diagonal. mask_mod captures the very tensor the op takes and clamps it itself: Inductor's
-        CPU flex template (torch 2.13) cannot lower a mask_mod that captures a tensor computed in
-        the graph and not realized (NoValidChoicesError), and an op input is always realized.
+        diagonal. The check is ``kv < Q_LEN or kv < rounds * Q_LEN``: the first round is always
+        live, so this equals the block tensors' clamp of rounds to [1, max_rounds] without a
+        clamp in mask_mod (FA4's CuTe DSL lowering has no ``maximum``, torch 2.11). mask_mod
+        captures the very tensor the op takes: Inductor's CPU flex template (torch 2.13) cannot
+        lower a mask_mod that captures a tensor computed in the graph and not realized
+        (NoValidChoicesError), and an op input is always realized.
     """
 
     def eagle3_live_mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        live_kv_len = rounds.clamp(1, max_rounds) * Q_LEN
-        return _eagle3_allowed(q_idx, kv_idx, Q_LEN) & (kv_idx < live_kv_len)
+        live = (kv_idx < Q_LEN) | (kv_idx < rounds * Q_LEN)
+        return _eagle3_allowed(q_idx, kv_idx, Q_LEN) & live
 
     return eagle3_live_mask
 
@@ -90,5 +93,5 @@ def _static_eagle3_block_mask(
     if not isinstance(rounds, Tensor):
         rounds = torch.tensor(rounds, device=device)
     tensors = _eagle3_block_mask_op(Q_LEN, KV_LEN, q_bs, kv_bs, B, H, device, rounds)
-    mask_mod = _live_eagle3_mask_mod(Q_LEN, max_rounds, rounds)
+    mask_mod = _live_eagle3_mask_mod(Q_LEN, rounds)
     return BlockMask((Q_LEN, KV_LEN), *tensors, BLOCK_SIZE=(q_bs, kv_bs), mask_mod=mask_mod)

@@ -6,13 +6,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask
 
-from compiled_mask._checks import _block_sizes, _check_positive, _check_rounds
+from compiled_mask import _fa4
+from compiled_mask._checks import _DEFAULT_BLOCK_SIZE, _block_sizes, _check_positive, _check_rounds
 from compiled_mask._flex import flex_eagle3_attention
 from compiled_mask.block_mask import _static_eagle3_block_mask
 
 __all__ = ["Eagle3BlockMask", "Eagle3Attention"]
 
-_BACKENDS = {"flex": flex_eagle3_attention}
+_BACKENDS = {"flex": flex_eagle3_attention, "fa4": _fa4.fa4_eagle3_attention}
 
 
 class Eagle3BlockMask(nn.Module):
@@ -87,9 +88,12 @@ class Eagle3Attention(nn.Module):
     Args:
         q_len: queries per round (Q_LEN).
         max_rounds: rounds the K/V buffer holds.
-        backend: ``"flex"``: flex_attention (Triton on CUDA, C++ on CPU).
+        backend: ``"flex"``: flex_attention (Triton on CUDA, C++ on CPU); ``"fa4"``:
+            FlashAttention-4 through flex_attention's FLASH lowering (CUDA SM90+, bf16/fp16,
+            compiled; needs ``pip install 'compiled-mask[fa4]'``).
         block_size: an int or ``(Q_BLOCK_SIZE, KV_BLOCK_SIZE)``, KV_BLOCK_SIZE dividing
-            Q_BLOCK_SIZE.
+            Q_BLOCK_SIZE. Default: 128 for flex; for fa4 (128, 128) on Hopper and (256, 128) on
+            Blackwell, read from the inputs' device.
         scale: softmax scale; default ``1 / sqrt(D)``.
         kernel_options: passed to flex_attention.
     """
@@ -100,17 +104,28 @@ class Eagle3Attention(nn.Module):
         max_rounds: int,
         *,
         backend: str = "flex",
-        block_size: int | tuple[int, int] = 128,
+        block_size: int | tuple[int, int] | None = None,
         scale: float | None = None,
         kernel_options: dict | None = None,
     ) -> None:
         super().__init__()
+        where = type(self).__name__
         if backend not in _BACKENDS:
             raise ValueError(
-                f"Eagle3Attention: unknown backend={backend!r}; choose one of {sorted(_BACKENDS)}."
+                f"{where}: unknown backend={backend!r}; choose one of {sorted(_BACKENDS)}."
             )
+        _check_positive(where, q_len=q_len, max_rounds=max_rounds)
+        if backend == "fa4":
+            _fa4._check_fa4_installed(where)
+        if block_size is None and backend == "flex":
+            block_size = _DEFAULT_BLOCK_SIZE
+        self.block_size = None if block_size is None else _block_sizes(where, block_size)
+        if backend == "fa4" and self.block_size is not None:
+            _fa4._check_fa4_block_size(where, self.block_size)
+        self.q_len = q_len
+        self.max_rounds = max_rounds
+        self.kv_len = q_len * max_rounds
         self.backend = backend
-        self.block_mask = Eagle3BlockMask(q_len, max_rounds, block_size=block_size)
         self.scale = scale
         self.kernel_options = kernel_options
 
@@ -121,22 +136,38 @@ class Eagle3Attention(nn.Module):
             q: ``[B, Hq, Q_LEN, D]``.
             k: ``[B, Hkv, Q_LEN * max_rounds, D]``, Hq a multiple of Hkv (GQA).
             v: ``[B, Hkv, Q_LEN * max_rounds, Dv]``.
-            rounds: live rounds, a 0-d int tensor on q's device (one graph for all values) or an
-                int in [1, max_rounds].
+            rounds: live rounds, a 0-d int tensor on q's device (one graph for all values; a
+                value outside [1, max_rounds] is clamped), or eagerly an int in that range.
 
         Returns:
             ``[B, Hq, Q_LEN, Dv]``.
         """
-        mask = self.block_mask
-        _check_qkv(q, k, v, mask.q_len, mask.kv_len)
-        _check_rounds(type(self).__name__, rounds, mask.max_rounds, q.device)
-        block_mask = mask(rounds, device=q.device)
+        where = type(self).__name__
+        _check_qkv(q, k, v, self.q_len, self.kv_len)
+        _check_rounds(where, rounds, self.max_rounds, q.device)
+        if self.backend == "fa4":
+            _fa4._check_fa4_device(where, q.device)
+            if q.dtype not in (torch.bfloat16, torch.float16):
+                raise ValueError(
+                    f"{where}: backend='fa4' takes bf16 or fp16 inputs, got {q.dtype}. "
+                    "Cast q, k, v (e.g. .bfloat16()) or use backend='flex'."
+                )
+        block_mask = _static_eagle3_block_mask(
+            self.q_len, self.max_rounds, *self.block_size_for(q.device), 1, 1, rounds, q.device
+        )
         return _BACKENDS[self.backend](
             q, k, v, block_mask, scale=self.scale, kernel_options=self.kernel_options
         )
 
+    def block_size_for(self, device: torch.device) -> tuple[int, int]:
+        """The (Q_BLOCK_SIZE, KV_BLOCK_SIZE) used for inputs on ``device``."""
+        return self.block_size or _fa4.fa4_default_block_size(device)
+
     def extra_repr(self) -> str:
-        return f"backend={self.backend!r}"
+        return (
+            f"q_len={self.q_len}, max_rounds={self.max_rounds}, backend={self.backend!r}, "
+            f"block_size={self.block_size}"
+        )
 
 
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor, q_len: int, kv_len: int) -> None:

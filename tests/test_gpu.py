@@ -53,7 +53,7 @@ def _qkv(B, Hq, Hkv, Q_LEN, KV_LEN, D, dtype, seed=0):
     [
         (1000, 7, 7, 8, 2, 64, 128),  # Q_LEN not a block multiple, GQA, 7 rounds
         (1000, 7, 1, 8, 2, 64, 128),  # 1 live round of 7
-        (1024, 4, 3, 4, 4, 128, (128, 64)),  # rectangular blocks, dead last round
+        (1024, 4, 3, 4, 4, 128, (256, 128)),  # Blackwell layout through flex-Triton, dead round
     ],
 )
 def test_forward_backward_vs_float64(q_len, max_rounds, live, Hq, Hkv, D, block_size):
@@ -72,8 +72,9 @@ def test_forward_backward_vs_float64(q_len, max_rounds, live, Hq, Hkv, D, block_
     for name, g, w in zip("qkv", grads, want_grads):
         assert rel_err(g, w) < 1e-2, name
     # Dead rounds get no gradient at all.
-    assert grads[1][:, :, q_len * live :].abs().max() == 0
-    assert grads[2][:, :, q_len * live :].abs().max() == 0
+    if live < max_rounds:
+        assert grads[1][:, :, q_len * live :].abs().max() == 0
+        assert grads[2][:, :, q_len * live :].abs().max() == 0
 
 
 def test_ttt_loop_forward_backward_one_graph():

@@ -65,7 +65,7 @@ def reference_step(model: DraftLayer, x: Tensor, k_buf: Tensor, v_buf: Tensor, r
     q, _, _ = model.project(x)
     kv_len = model.q_len * r
     block_mask = create_block_mask(eagle3_mask_mod(model.q_len), None, None, model.q_len, kv_len,
-                                   device=x.device, BLOCK_SIZE=model.attn.block_mask.block_size)
+                                   device=x.device, BLOCK_SIZE=model.attn.block_size_for(x.device))
     with warnings.catch_warnings():  # eager flex on purpose: it evaluates mask_mod densely
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         out = flex_attention(q, k_buf[:, :, :kv_len], v_buf[:, :, :kv_len],
@@ -81,27 +81,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--block-size", type=int, nargs="+", default=[128])
+    parser.add_argument("--block-size", type=int, nargs="+", default=None,
+                        help="Q_BLOCK_SIZE [KV_BLOCK_SIZE]; default: the backend's")
     parser.add_argument("--backend", default="flex")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
-    block_size = tuple(args.block_size) if len(args.block_size) == 2 else args.block_size[0]
+    block_size = args.block_size and (tuple(args.block_size) if len(args.block_size) == 2 else args.block_size[0])
     device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
 
     model = DraftLayer(args.q_len, args.rounds, args.hidden, args.heads, args.kv_heads,
-                       block_size, args.backend).to(device)
+                       block_size, args.backend).to(device, dtype)
     counter = GraphCounter()
     compiled = torch.compile(model, backend=counter, fullgraph=True)
-    masks = Eagle3BlockMask(args.q_len, args.rounds, block_size=block_size)
+    masks = Eagle3BlockMask(args.q_len, args.rounds, block_size=model.attn.block_size_for(device))
 
-    x = torch.randn(args.batch, args.q_len, args.hidden, device=device)
+    x = torch.randn(args.batch, args.q_len, args.hidden, device=device, dtype=dtype)
     kv_shape = (args.batch, args.kv_heads, args.q_len * args.rounds, model.head_dim)
-    k_buf = torch.zeros(kv_shape, device=device)
-    v_buf = torch.zeros(kv_shape, device=device)
+    k_buf = torch.zeros(kv_shape, device=device, dtype=dtype)
+    v_buf = torch.zeros(kv_shape, device=device, dtype=dtype)
     print(f"Eagle3 TTT demo: Q_LEN={args.q_len}, rounds 1..{args.rounds}, batch={args.batch}, "
-          f"heads={args.heads}/{args.kv_heads}, block={block_size}, backend={args.backend}, "
-          f"device={device}, torch {torch.__version__}")
+          f"heads={args.heads}/{args.kv_heads}, block={model.attn.block_size_for(device)}, "
+          f"backend={args.backend}, "
+          f"device={device}, dtype={args.dtype}, torch {torch.__version__}")
     print(f"{'rounds':>6} {'FULL':>5} {'PARTIAL':>7} {'max |diff|':>11} {'step ms':>9}")
 
     start = time.perf_counter()

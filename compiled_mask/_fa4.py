@@ -1,0 +1,107 @@
+"""The FA4 backend: FlashAttention-4 (``flash-attn-4``, CuTe DSL) inside the compiled graph.
+
+It goes through flex_attention's ``BACKEND="FLASH"`` lowering, which turns the flex HOP into
+FA4's block-sparse forward and backward kernels under torch.compile. The kv-direction tensors feed
+FA4's forward, the q-direction tensors its backward. FA4 refuses SymInts in mask_mod ("NYI: score_mod
+or mask_mod captures a dynamic scalar"), which the static-width form never produces: every int in
+our mask_mod is a Python constant, and the live-round count is a captured CUDA tensor.
+
+Importing compiled_mask never imports FA4; asking for ``backend="fa4"`` without it raises an error
+that says how to install it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+_INSTALL_HINT = "Install it with: pip install 'compiled-mask[fa4]' (the flash-attn-4 package)."
+# FA4's tiles are 128 wide in both directions on SM90 and SM100 (m tile 128 x q_stage 2 = 256 on
+# SM100); a sparse block must be a multiple of the tile (flash_attn/cute/block_sparsity.py).
+_FA4_TILE = 128
+
+
+@functools.cache
+def fa4_available() -> bool:
+    """Whether ``flash_attn.cute`` (FlashAttention-4) can be imported."""
+    try:
+        return importlib.util.find_spec("flash_attn.cute") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def _check_fa4_installed(where: str) -> None:
+    if not fa4_available():
+        raise ModuleNotFoundError(
+            f"{where}: backend='fa4' needs FlashAttention-4 (flash_attn.cute), which is not "
+            f"installed. {_INSTALL_HINT} Or use backend='flex'."
+        )
+
+
+@torch.compiler.assume_constant_result
+def _capability_major(device_index: int) -> int:
+    return torch.cuda.get_device_capability(device_index)[0]
+
+
+def fa4_default_block_size(device: torch.device) -> tuple[int, int]:
+    """FA4's BlockMask layout for ``device``: (128, 128) on Hopper (SM90), (256, 128) on SM100+."""
+    return (128, 128) if _capability_major(device.index or 0) == 9 else (256, 128)
+
+
+def _check_fa4_device(where: str, device: torch.device) -> None:
+    """FA4 runs on CUDA GPUs of compute capability 9.0 (Hopper) or newer (Blackwell)."""
+    if device.type != "cuda":
+        raise ValueError(
+            f"{where}: backend='fa4' runs on CUDA GPUs (Hopper SM90, Blackwell SM100+), got "
+            f"inputs on {device}. Use backend='flex' elsewhere."
+        )
+    major = _capability_major(device.index or 0)
+    if major < 9:
+        raise ValueError(
+            f"{where}: backend='fa4' needs a Hopper (SM90) or Blackwell (SM100+) GPU, but "
+            f"{device} is sm_{major}x. Use backend='flex' on this GPU."
+        )
+
+
+def _check_fa4_block_size(where: str, block_size: tuple[int, int]) -> None:
+    q_bs, kv_bs = block_size
+    if q_bs % _FA4_TILE or kv_bs % _FA4_TILE:
+        raise ValueError(
+            f"{where}: backend='fa4' needs block sizes that are multiples of its {_FA4_TILE}-wide "
+            f"tiles, got block_size={block_size}. Use (128, 128) on Hopper or (256, 128) on "
+            "Blackwell, or leave block_size=None to pick from the device."
+        )
+
+
+def fa4_eagle3_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    block_mask: BlockMask,
+    *,
+    scale: float | None,
+    kernel_options: dict | None,
+) -> Tensor:
+    """FA4 over ``block_mask`` via flex_attention's FLASH lowering (compile it: eager flex would
+    run its dense reference path instead).
+
+    Args:
+        q: ``[B, Hq, Q_LEN, D]``; k, v: ``[B, Hkv, KV_LEN, D]``, Hq a multiple of Hkv; bf16/fp16.
+        block_mask: the Eagle3 BlockMask in FA4's layout (fa4_default_block_size).
+
+    Returns:
+        ``[B, Hq, Q_LEN, D]``.
+    """
+    return flex_attention(
+        q,
+        k,
+        v,
+        block_mask=block_mask,
+        scale=scale,
+        enable_gqa=q.size(1) != k.size(1),
+        kernel_options={**(kernel_options or {}), "BACKEND": "FLASH"},
+    )

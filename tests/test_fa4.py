@@ -1,0 +1,184 @@
+"""The FA4 backend: selection and errors on any machine; numerics and graphs on a GPU with FA4."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+import torch._inductor.utils
+from helpers import assert_same_blocks, dense_reference_attention, eagle3_dense, reference_block_mask
+
+from compiled_mask import Eagle3Attention, eagle3_block_mask
+from compiled_mask import _fa4
+from compiled_mask.inspect import GraphCounter, watch_recompiles
+
+
+@pytest.fixture
+def fa4_installed(monkeypatch):
+    """Pretend flash_attn.cute is importable (to reach the checks behind that one)."""
+    monkeypatch.setattr(_fa4, "fa4_available", lambda: True)
+
+
+def test_missing_fa4_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(_fa4, "fa4_available", lambda: False)
+    with pytest.raises(ModuleNotFoundError, match=r"needs FlashAttention-4 .* pip install 'compiled-mask\[fa4\]'"):
+        Eagle3Attention(128, 4, backend="fa4")
+
+
+def test_fa4_on_cpu_is_refused(fa4_installed):
+    attn = Eagle3Attention(128, 2, backend="fa4", block_size=128)
+    q = torch.randn(1, 2, 128, 64, dtype=torch.bfloat16)
+    k = torch.randn(1, 2, 256, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"backend='fa4' runs on CUDA GPUs .* got inputs on cpu\. Use backend='flex'"):
+        attn(q, k, k.clone(), torch.tensor(1))
+
+
+@pytest.mark.parametrize("block_size", [64, (256, 64), (192, 64)])
+def test_fa4_block_size_must_fit_its_tiles(fa4_installed, block_size):
+    with pytest.raises(ValueError, match=r"multiples of its 128-wide tiles"):
+        Eagle3Attention(128, 4, backend="fa4", block_size=block_size)
+
+
+@pytest.mark.parametrize("major, expected", [(9, (128, 128)), (10, (256, 128)), (12, (256, 128))])
+def test_fa4_default_block_size_follows_the_device(fa4_installed, monkeypatch, major, expected):
+    monkeypatch.setattr(_fa4, "_capability_major", lambda index: major)
+    attn = Eagle3Attention(128, 4, backend="fa4")
+    assert attn.block_size_for(torch.device("cuda", 0)) == expected
+    assert Eagle3Attention(128, 4).block_size_for(torch.device("cuda", 0)) == (128, 128)  # flex
+
+
+def test_fa4_refuses_old_gpus(monkeypatch):
+    monkeypatch.setattr(_fa4, "_capability_major", lambda index: 8)
+    with pytest.raises(ValueError, match=r"needs a Hopper \(SM90\) or Blackwell \(SM100\+\) GPU, but cuda:0 is sm_8x"):
+        _fa4._check_fa4_device("Eagle3Attention", torch.device("cuda", 0))
+
+
+def test_fa4_refuses_float32(fa4_installed, monkeypatch):
+    # Meta tensors stand in for CUDA ones: only metadata is read before the kernel runs.
+    monkeypatch.setattr(_fa4, "_check_fa4_device", lambda where, device: None)
+    q, k = torch.empty(1, 2, 128, 64, device="meta"), torch.empty(1, 2, 256, 64, device="meta")
+    with pytest.raises(ValueError, match=r"backend='fa4' takes bf16 or fp16 inputs, got torch.float32"):
+        Eagle3Attention(128, 2, backend="fa4")(q, k, k.clone(), torch.tensor(1, device="meta"))
+
+
+@pytest.mark.parametrize("Q_LEN, rounds", [(1024, 4), (1000, 7), (8192, 8)])
+def test_blackwell_layout_matches_create_block_mask(Q_LEN, rounds):
+    """The (256, 128) tensors FA4 reads on SM100+, exactly."""
+    ours = eagle3_block_mask(Q_LEN, Q_LEN * rounds, device="cpu", BLOCK_SIZE=(256, 128))
+    assert_same_blocks(ours, reference_block_mask(Q_LEN, Q_LEN * rounds, (256, 128)))
+
+
+# ----------------------------------------------------------------------------- GPU, with FA4
+
+
+def _needs_fa4():
+    if not torch.cuda.is_available() or not _fa4.fa4_available():
+        pytest.skip("needs CUDA and flash_attn.cute")
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("needs SM90+")
+
+
+@pytest.fixture
+def fresh_compile_state():
+    torch._dynamo.reset()
+    with torch._inductor.utils.fresh_cache():
+        yield
+    torch._dynamo.reset()
+
+
+def rel_err(got, want):
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
+def _qkv(B, Hq, Hkv, Q_LEN, KV_LEN, D, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    make = lambda *shape: torch.randn(*shape, device="cuda", dtype=dtype, generator=g)  # noqa: E731
+    return (make(B, Hq, Q_LEN, D).requires_grad_(), make(B, Hkv, KV_LEN, D).requires_grad_(),
+            make(B, Hkv, KV_LEN, D).requires_grad_())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_size", [(128, 128), (256, 128)])
+def test_fa4_accepts_our_tensors(block_size):
+    """FA4's own shape validation (flash_attn/cute/block_sparsity.py) on our tensors."""
+    _needs_fa4()
+    from flash_attn.cute.block_sparsity import (
+        BlockSparseTensorsTorch,
+        infer_block_sparse_expected_shapes,
+        normalize_block_sparse_tensors,
+    )
+
+    Q_LEN, KV_LEN = 8192, 8192 * 7
+    bm = eagle3_block_mask(Q_LEN, KV_LEN, device="cuda", BLOCK_SIZE=block_size)
+    fields = BlockSparseTensorsTorch._fields
+    kwargs = dict(mask_block_cnt=bm.kv_num_blocks, mask_block_idx=bm.kv_indices,
+                  full_block_cnt=bm.full_kv_num_blocks, full_block_idx=bm.full_kv_indices)
+    if "block_size" in fields:
+        kwargs["block_size"] = block_size
+    tensors = BlockSparseTensorsTorch(**kwargs)
+    q_stage = block_size[0] // 128
+    count_shape, index_shape, _ = infer_block_sparse_expected_shapes(
+        tensors, batch_size=2, num_head=8, seqlen_q=Q_LEN, seqlen_k=KV_LEN, m_block_size=128,
+        n_block_size=128, q_stage=q_stage, context="", sparse_block_size_q=block_size[0],
+        sparse_block_size_kv=block_size[1])
+    normalize_block_sparse_tensors(tensors, expected_count_shape=count_shape,
+                                   expected_index_shape=index_shape)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "q_len, max_rounds, live, Hq, Hkv, D, dtype",
+    [
+        (1024, 7, 7, 8, 2, 128, torch.bfloat16),  # GQA, 7 rounds
+        (1024, 7, 1, 8, 2, 64, torch.bfloat16),  # 1 live round, d=64
+        (1000, 4, 3, 4, 4, 128, torch.float16),  # Q_LEN not a block multiple, fp16
+        (1000, 7, 7, 8, 2, 64, torch.bfloat16),  # unaligned, GQA, 7 rounds
+    ],
+)
+def test_fa4_forward_backward_vs_float64_and_flex(fresh_compile_state, q_len, max_rounds, live, Hq, Hkv, D, dtype):
+    _needs_fa4()
+    q, k, v = _qkv(2, Hq, Hkv, q_len, q_len * max_rounds, D, dtype)
+    dout = torch.randn(2, Hq, q_len, D, device="cuda", dtype=dtype)
+    rounds = torch.tensor(live, device="cuda")
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    allowed = eagle3_dense(q_len, q_len * max_rounds, live_kv_len=q_len * live).cuda()
+    want = dense_reference_attention(q64, k64, v64, allowed)
+    want_grads = torch.autograd.grad(want, (q64, k64, v64), dout.double())
+
+    errors = {}
+    for backend in ("fa4", "flex"):
+        attn = torch.compile(Eagle3Attention(q_len, max_rounds, backend=backend), fullgraph=True)
+        out = attn(q, k, v, rounds)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+        errors[backend] = [rel_err(out, want)] + [rel_err(g, w) for g, w in zip(grads, want_grads)]
+    print("rel errors out/dq/dk/dv:", errors)
+    for fa4_err, flex_err in zip(errors["fa4"], errors["flex"]):
+        assert fa4_err < 1e-2
+        assert fa4_err <= 1.25 * flex_err  # no worse than flex-Triton (up to rounding noise)
+
+
+@pytest.mark.gpu
+def test_fa4_ttt_loop_one_graph_forward_backward(fresh_compile_state):
+    _needs_fa4()
+    counter = GraphCounter()
+    attn = torch.compile(Eagle3Attention(1024, 8, backend="fa4"), backend=counter, fullgraph=True)
+    q, k, v = _qkv(1, 8, 2, 1024, 1024 * 8, 128, torch.bfloat16)
+    with watch_recompiles() as reasons:
+        for r in range(1, 9):
+            attn(q, k, v, torch.tensor(r, device="cuda")).sum().backward()
+    assert counter.graphs == 1, reasons
+    assert reasons == []
+
+
+@pytest.mark.gpu
+def test_fa4_cuda_graph_forward(fresh_compile_state):
+    _needs_fa4()
+    compiled = torch.compile(Eagle3Attention(1024, 4, backend="fa4"), mode="reduce-overhead", fullgraph=True)
+    q, k, v = (t.detach() for t in _qkv(1, 8, 2, 1024, 4096, 128, torch.bfloat16))
+    rounds = [torch.tensor(r, device="cuda") for r in (1, 2, 3, 4)]
+    with torch.no_grad():
+        for _ in range(3):  # warm-up, record, replay
+            outs = [compiled(q, k, v, r).clone() for r in rounds]
+        for r, out in zip(rounds, outs):
+            allowed = eagle3_dense(1024, 4096, live_kv_len=1024 * int(r)).cuda()
+            assert rel_err(out, dense_reference_attention(q, k, v, allowed)) < 1e-2
