@@ -13,6 +13,12 @@ Note [static widths]
     shape then depends on Python ints only: one graph serves every step, and FA4 (which refuses
     SymInts in mask_mod) can take it. The live count is clamped to [1, ceil(KV_LEN / Q_LEN)] in the
     graph, so no value of it can index outside the tensors.
+
+Note [fused build]
+    On CUDA the op runs one Triton kernel (``_triton_blocks.py``) that writes all eight tensors;
+    elsewhere it runs the torch-ops version in ``_blocks.py``, which is also the reference the
+    kernel is tested against on the GPU. The op is opaque to Inductor either way, so the graph
+    around it sees one node with shapes known from ints.
 """
 
 from __future__ import annotations
@@ -56,6 +62,12 @@ def _eagle3_block_mask_op(
         ``kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, q_num_blocks, q_indices,
         full_q_num_blocks, full_q_indices``, int32; shapes in :func:`_fake`.
     """
+    if device.type == "cuda":  # one fused kernel (Note [fused build])
+        from compiled_mask._triton_blocks import eagle3_block_tensors_triton
+
+        return eagle3_block_tensors_triton(
+            Q_LEN, KV_LEN, Q_BLOCK_SIZE, KV_BLOCK_SIZE, B, H, rounds, device
+        )
     live_kv_len = KV_LEN if rounds is None else _live_kv_len(rounds, Q_LEN, KV_LEN)
     return eagle3_block_tensors(
         Q_LEN, KV_LEN, Q_BLOCK_SIZE, KV_BLOCK_SIZE, B, H, live_kv_len, device

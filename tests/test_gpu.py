@@ -6,6 +6,8 @@ access cannot poison the others: ``python tools/run_gpu_tests.py`` (README, "GPU
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 import torch._dynamo
@@ -13,6 +15,8 @@ import torch._inductor.utils
 from helpers import assert_same_blocks, dense_reference_attention, eagle3_dense, reference_block_mask
 
 from compiled_mask import Eagle3Attention, eagle3_block_mask
+from compiled_mask._blocks import eagle3_block_tensors
+from compiled_mask._op import _eagle3_block_mask_op, _live_kv_len
 from compiled_mask.inspect import GraphCounter, watch_recompiles
 
 pytestmark = pytest.mark.gpu
@@ -37,6 +41,46 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 def test_large_shapes_match_create_block_mask(Q_LEN, KV_LEN, BLOCK_SIZE):
     ours = eagle3_block_mask(Q_LEN, KV_LEN, device="cuda", BLOCK_SIZE=BLOCK_SIZE)
     assert_same_blocks(ours, reference_block_mask(Q_LEN, KV_LEN, BLOCK_SIZE, device="cuda"))
+
+
+def _fused_vs_torch_ops(Q_LEN, KV_LEN, q_bs, kv_bs, B, H, rounds):
+    cuda = torch.device("cuda")
+    rounds_t = None if rounds is None else torch.tensor(rounds, device=cuda)
+    fused = _eagle3_block_mask_op(Q_LEN, KV_LEN, q_bs, kv_bs, B, H, cuda, rounds_t)
+    live = KV_LEN if rounds is None else _live_kv_len(rounds_t, Q_LEN, KV_LEN)
+    want = eagle3_block_tensors(Q_LEN, KV_LEN, q_bs, kv_bs, B, H, live, cuda)
+    for i, (f, w) in enumerate(zip(fused, want)):
+        assert f.shape == w.shape and f.dtype == w.dtype, i
+        assert torch.equal(f, w), (Q_LEN, KV_LEN, q_bs, kv_bs, B, H, rounds, i)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        (65536, 65536 * 8, 128, 128, 1, 1, None),  # 4096-wide rows: several chunks per row
+        (4096, 4096 * 8, 32, 16, 1, 1, 5),  # 2048-wide rows, live rounds
+        (32768, 32768 * 8, 256, 128, 2, 2, 3),  # Blackwell layout, B and H copies
+        (1, 9, 1, 1, 1, 1, None),
+        (3000, 3000 * 8, 128, 128, 1, 1, 0),  # clamped live count
+        (3000, 3000 * 8, 128, 128, 1, 1, 2**40),
+    ],
+)
+def test_fused_kernel_matches_torch_ops(case):
+    """The CUDA op (one Triton kernel) writes exactly what the torch-ops reference writes."""
+    _fused_vs_torch_ops(*case)
+
+
+def test_fused_kernel_fuzz():
+    rng = random.Random(0)
+    for _ in range(300):
+        kv_bs = rng.choice([1, 2, 16, 64, 128])
+        q_bs = kv_bs * rng.choice([1, 2, 4])
+        Q_LEN = rng.randint(1, 3000)
+        KV_LEN = Q_LEN * rng.randint(1, 8) + rng.randint(0, Q_LEN - 1)
+        if (-(-Q_LEN // q_bs)) * (-(-KV_LEN // kv_bs)) > 2_000_000:
+            q_bs, kv_bs = 128, 128
+        rounds = rng.choice([None, rng.randint(-1, -(-KV_LEN // Q_LEN) + 1)])
+        _fused_vs_torch_ops(Q_LEN, KV_LEN, q_bs, kv_bs, rng.randint(1, 2), rng.randint(1, 2), rounds)
 
 
 def _qkv(B, Hq, Hkv, Q_LEN, KV_LEN, D, dtype, seed=0):
