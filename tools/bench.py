@@ -1,0 +1,431 @@
+"""Benchmarks: mask build and attention per TTT step, against create_block_mask and the causal floor.
+
+    python tools/bench.py                 # full run (GPU), under 10 minutes on an H100/H200
+    python tools/bench.py --quick         # a subset, under 5 minutes
+    python tools/bench.py --smoke         # tiny sizes on whatever device (CI runs this on CPU)
+    python tools/bench.py --out DIR       # where bench.json / bench.md / bench.png go
+
+Three tables, one run, all rows side by side:
+1. mask build: compiled_mask's op eagerly and inside a compiled function, create_block_mask eager
+   and compiled; median device time of the kernels (profiler), median host wall per call, peak
+   extra memory, kernels launched;
+2. attention per TTT step (mask + attention, fwd and fwd+bwd): Eagle3Attention with each backend,
+   flex_attention on create_block_mask's mask (mask prebuilt), and the floor: causal-only SDPA on
+   the first Q_LEN keys (the suffix rounds add only Q_LEN * (rounds - 1) useful pairs);
+3. compile cost: cold compile time and graph count of a TTT loop of rounds 1..8, per backend.
+
+Timing: CUDA events through triton.testing.do_bench (median, after warm-up), fresh random inputs,
+several input sets rotated so the cache does not flatter small sizes; on CPU (--smoke) a
+perf_counter median. Every number is printed with the card's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch._dynamo
+import torch._inductor.utils
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+from compiled_mask import Eagle3Attention, eagle3_mask_mod
+from compiled_mask._fa4 import fa4_available
+from compiled_mask._op import _eagle3_block_mask_op
+from compiled_mask.block_mask import _static_eagle3_block_mask
+from compiled_mask.inspect import GraphCounter
+
+ROTATE = 3  # input sets cycled through while timing
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn, device: torch.device, reps: int) -> float:
+    """Median wall of one call in ms: CUDA events (do_bench) on GPU, perf_counter on CPU."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=max(reps, 50), return_mode="median")
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def host_us_per_call(fn, device: torch.device, calls: int) -> float:
+    """Host wall per call in µs, calls issued back to back (the GPU may still be busy after)."""
+    fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - t0) / calls * 1e6
+    _sync(device)
+    return host
+
+
+def kernel_profile(fn, device: torch.device, calls: int = 5) -> tuple[float, float]:
+    """(median device µs of the kernels one call launches, kernels per call), by the profiler."""
+    if device.type != "cuda":
+        return float("nan"), float("nan")
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    _sync(device)
+    per_call_us, per_call_n = [], []
+    for _ in range(calls):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            _sync(device)
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        per_call_us.append(sum(e.time_range.elapsed_us() for e in kernels))
+        per_call_n.append(len(kernels))
+    return statistics.median(per_call_us), statistics.median(per_call_n)
+
+
+def peak_extra_mib(fn, device: torch.device) -> float:
+    """Peak memory a call allocates beyond what was allocated before it, in MiB (CUDA only)."""
+    if device.type != "cuda":
+        return float("nan")
+    gc.collect()
+    torch.cuda.empty_cache()
+    _sync(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = fn()
+    _sync(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del out
+    return peak / 2**20
+
+
+# ----------------------------------------------------------------------------- 1. mask build
+
+
+def mask_build_rows(device, q_lens, rounds_list, block_sizes, reps) -> list[dict]:
+    rows = []
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 8 * 2**30
+    for q_bs, kv_bs in block_sizes:
+        for q_len in q_lens:
+            for rounds in rounds_list:
+                kv_len = q_len * rounds
+                n_q, n_kv = -(-q_len // q_bs), -(-kv_len // kv_bs)
+                out_mib = 4 * 2 * (n_q + n_kv + 2 * n_q * n_kv) / 2**20
+                live = [torch.tensor(rounds, device=device) for _ in range(ROTATE)]
+                it = iter(range(10**9))
+
+                def op_eager():
+                    return _eagle3_block_mask_op(q_len, kv_len, q_bs, kv_bs, 1, 1, device,
+                                                 live[next(it) % ROTATE])
+
+                def build(r):
+                    bm = _static_eagle3_block_mask(q_len, rounds, q_bs, kv_bs, 1, 1, r, device)
+                    return bm.as_tuple()[2:10]
+
+                compiled_build = torch.compile(build, fullgraph=True)
+
+                def op_compiled():
+                    return compiled_build(live[next(it) % ROTATE])
+
+                mask_mod = eagle3_mask_mod(q_len)
+
+                def cbm(compile_: bool):
+                    return lambda: create_block_mask(mask_mod, 1, 1, q_len, kv_len, device=device,
+                                                     BLOCK_SIZE=(q_bs, kv_bs), _compile=compile_)
+
+                methods = [("compiled_mask op, eager", op_eager),
+                           ("compiled_mask op, in torch.compile", op_compiled),
+                           ("create_block_mask, eager", cbm(False)),
+                           ("create_block_mask, _compile=True", cbm(True))]
+                for name, fn in methods:
+                    row = dict(table="mask_build", method=name, Q_LEN=q_len, rounds=rounds,
+                               BLOCK_SIZE=f"{q_bs}x{kv_bs}", out_MiB=round(out_mib, 3))
+                    # create_block_mask's dense grid: ~16 B per pair eager (int64 index grids),
+                    # ~1 B compiled; skip where it would not fit.
+                    per_pair = 16 if name.endswith("eager") and "create" in name else 1
+                    if "create" in name and q_len * kv_len * per_pair > 0.7 * free:
+                        row["skipped"] = f"needs ~{q_len * kv_len * per_pair / 2**30:.0f} GiB"
+                        rows.append(row)
+                        continue
+                    try:
+                        row["device_us"], row["kernels"] = kernel_profile(fn, device)
+                        row["host_us"] = host_us_per_call(fn, device, calls=max(3, reps))
+                        row["wall_ms"] = median_ms(fn, device, reps)
+                        row["peak_extra_MiB"] = peak_extra_mib(fn, device)
+                    except torch.OutOfMemoryError:
+                        row["skipped"] = "out of memory"
+                        torch.cuda.empty_cache()
+                    rows.append(row)
+                    print(_fmt_row(row), flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------- 2. attention
+
+
+def _inputs(device, dtype, B, Hq, Hkv, q_len, kv_len, D, grad):
+    g = torch.Generator(device=device).manual_seed(0)
+    sets = []
+    for _ in range(ROTATE):
+        q = torch.randn(B, Hq, q_len, D, device=device, dtype=dtype, generator=g)
+        k = torch.randn(B, Hkv, kv_len, D, device=device, dtype=dtype, generator=g)
+        v = torch.randn(B, Hkv, kv_len, D, device=device, dtype=dtype, generator=g)
+        dout = torch.randn(B, Hq, q_len, D, device=device, dtype=dtype, generator=g)
+        sets.append(tuple(t.requires_grad_(grad) for t in (q, k, v)) + (dout,))
+    return sets
+
+
+def _step(attend, sets, backward):
+    it = iter(range(10**9))
+
+    def fn():
+        q, k, v, dout = sets[next(it) % ROTATE]
+        out = attend(q, k, v)
+        if backward:
+            torch.autograd.grad(out, (q, k, v), dout)
+        return out
+
+    return fn
+
+
+def attention_rows(device, dtype, q_len, rounds_list, heads, D, backends, reps, backward_modes):
+    Hq, Hkv = heads
+    max_rounds = max(rounds_list)
+    compiled = {b: torch.compile(Eagle3Attention(q_len, max_rounds, backend=b), fullgraph=True)
+                for b in backends}
+    flex = torch.compile(flex_attention, fullgraph=True)
+    rows = []
+    for backward in backward_modes:
+        sets = _inputs(device, dtype, 1, Hq, Hkv, q_len, q_len * max_rounds, D, backward)
+        for rounds in rounds_list:
+            kv_len = q_len * rounds
+            live = torch.tensor(rounds, device=device)
+            methods = [(f"Eagle3Attention({b!r}), mask in-graph",
+                        lambda q, k, v, attn=attn: attn(q, k, v, live))
+                       for b, attn in compiled.items()]
+            bm = create_block_mask(eagle3_mask_mod(q_len), 1, 1, q_len, kv_len, device=device)
+            methods.append(("flex_attention + create_block_mask (prebuilt)",
+                            lambda q, k, v: flex(q, k[:, :, :kv_len], v[:, :, :kv_len],
+                                                 block_mask=bm, enable_gqa=True)))
+            methods.append(("floor: causal SDPA on the first Q_LEN keys",
+                            lambda q, k, v: F.scaled_dot_product_attention(
+                                q, k[:, :, :q_len], v[:, :, :q_len], is_causal=True,
+                                enable_gqa=True)))
+            results = []
+            for name, attend in methods:
+                row = dict(table="attention", method=name, Q_LEN=q_len, rounds=rounds,
+                           heads=f"{Hq}/{Hkv}", D=D, dtype=str(dtype).removeprefix("torch."),
+                           pass_="fwd+bwd" if backward else "fwd")
+                try:
+                    with torch.no_grad() if not backward else contextlib.nullcontext():
+                        row["ms"] = median_ms(_step(attend, sets, backward), device, reps)
+                except Exception as e:  # noqa: BLE001 - a backend that cannot run is a row too
+                    row["skipped"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                results.append(row)
+            floor = results[-1].get("ms")
+            for row in results:
+                if floor and "ms" in row:
+                    row["x_floor"] = round(row["ms"] / floor, 3)
+                rows.append(row)
+                print(_fmt_row(row), flush=True)
+        del sets
+    return rows
+
+
+# ----------------------------------------------------------------------------- 3. compile cost
+
+
+def compile_rows(device, dtype, q_len, max_rounds, heads, D, backends, backward) -> list[dict]:
+    Hq, Hkv = heads
+    rows = []
+    for backend in backends:
+        torch._dynamo.reset()
+        counter = GraphCounter()
+        row = dict(table="compile", method=f"Eagle3Attention({backend!r})", Q_LEN=q_len,
+                   rounds=f"1..{max_rounds}", pass_="fwd+bwd" if backward else "fwd")
+        try:
+            with torch._inductor.utils.fresh_cache():
+                attn = torch.compile(Eagle3Attention(q_len, max_rounds, backend=backend),
+                                     backend=counter, fullgraph=True)
+                (q, k, v, dout), = _inputs(device, dtype, 1, Hq, Hkv, q_len, q_len * max_rounds,
+                                           D, backward)[:1]
+                times = []
+                for r in range(1, max_rounds + 1):
+                    t0 = time.perf_counter()
+                    with torch.no_grad() if not backward else contextlib.nullcontext():
+                        out = attn(q, k, v, torch.tensor(r, device=device))
+                        if backward:
+                            torch.autograd.grad(out, (q, k, v), dout)
+                    _sync(device)
+                    times.append(time.perf_counter() - t0)
+            row.update(cold_s=round(times[0], 2), later_steps_ms=round(1e3 * statistics.median(times[1:]), 2)
+                       if len(times) > 1 else None, graphs=counter.graphs)
+        except Exception as e:  # noqa: BLE001
+            row["skipped"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        rows.append(row)
+        print(_fmt_row(row), flush=True)
+    torch._dynamo.reset()
+    return rows
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return "n/a" if math.isnan(v) else (f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}")
+    return str(v)
+
+
+def _fmt_row(row: dict) -> str:
+    return "  ".join(f"{k}={_fmt(v)}" for k, v in row.items() if k != "table")
+
+
+TABLES = {
+    "mask_build": ["method", "Q_LEN", "rounds", "BLOCK_SIZE", "device_us", "kernels", "host_us",
+                   "wall_ms", "peak_extra_MiB", "out_MiB", "skipped"],
+    "attention": ["method", "Q_LEN", "rounds", "heads", "D", "dtype", "pass_", "ms", "x_floor",
+                  "skipped"],
+    "compile": ["method", "Q_LEN", "rounds", "pass_", "cold_s", "later_steps_ms", "graphs",
+                "skipped"],
+}
+
+
+def markdown(rows: list[dict]) -> str:
+    out = []
+    for table, cols in TABLES.items():
+        mine = [r for r in rows if r["table"] == table]
+        if not mine:
+            continue
+        cols = [c for c in cols if any(c in r for r in mine)]
+        out.append(f"\n### {table.replace('_', ' ')}\n")
+        out.append("| " + " | ".join(c.rstrip("_") for c in cols) + " |")
+        out.append("|" + "---|" * len(cols))
+        out += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in mine]
+    return "\n".join(out) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, label in ((axes[0], "wall_ms", "wall per call (ms)"),
+                           (axes[1], "device_us", "device time of kernels (µs)")):
+        series: dict[str, list] = {}
+        for r in rows:
+            if r["table"] == "mask_build" and r.get(key) == r.get(key) and key in r:
+                series.setdefault(f"{r['method']} ({r['rounds']} rounds, {r['BLOCK_SIZE']})", []
+                                  ).append((r["Q_LEN"], r[key]))
+        for name, pts in sorted(series.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("Q_LEN")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=6)
+    fig.suptitle("Eagle3 mask build")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def environment(device: torch.device) -> dict:
+    env = dict(torch=torch.__version__, python=platform.python_version(), device=str(device))
+    if device.type == "cuda":
+        import triton
+
+        env.update(card=torch.cuda.get_device_name(device), triton=triton.__version__)
+        if fa4_available():
+            import importlib.metadata as md
+
+            env["flash_attn_4"] = md.version("flash-attn-4")
+    else:
+        env["card"] = f"CPU ({platform.processor() or platform.machine()})"
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="a subset, under 5 minutes on a GPU")
+    mode.add_argument("--smoke", action="store_true", help="tiny sizes, any device (CI)")
+    parser.add_argument("--only", choices=list(TABLES), nargs="+", default=list(TABLES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+
+    if args.smoke:
+        q_lens, rounds_list, blocks, reps = [256, 1024], [1, 4], [(128, 128)], 3
+        att = dict(q_len=256, rounds_list=[1, 2], heads=(4, 2), D=32, reps=3)
+        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    elif args.quick:
+        q_lens, rounds_list, blocks, reps = [4096, 32768], [1, 8], [(128, 128)], 20
+        att = dict(q_len=8192, rounds_list=[1, 7], heads=(32, 8), D=128, reps=20)
+        dtype = torch.bfloat16
+    else:
+        q_lens, rounds_list, blocks, reps = [1024, 4096, 16384, 32768, 65536], [1, 4, 8], \
+            [(128, 128)], 30
+        att = dict(q_len=8192, rounds_list=[1, 4, 7], heads=(32, 8), D=128, reps=30)
+        dtype = torch.bfloat16
+    backends = ["flex"] + (["fa4"] if device.type == "cuda" and fa4_available() else [])
+    backward_modes = [False] if device.type == "cpu" else [False, True]
+
+    env = environment(device)
+    print("environment:", json.dumps(env), flush=True)
+    rows: list[dict] = []
+    if "mask_build" in args.only:
+        rows += mask_build_rows(device, q_lens, rounds_list, blocks, reps)
+        if not args.smoke:  # the Blackwell layout, on a subset
+            rows += mask_build_rows(device, [32768], [8], [(256, 128)], reps)
+    if "attention" in args.only:
+        rows += attention_rows(device, dtype, att["q_len"], att["rounds_list"], att["heads"],
+                               att["D"], backends, att["reps"], backward_modes)
+    if "compile" in args.only:
+        rows += compile_rows(device, dtype, att["q_len"] if not args.smoke else 128,
+                             8 if not args.smoke else 3, att["heads"], att["D"], backends,
+                             backward=device.type == "cuda")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    md_text = (f"Card: {env['card']}; torch {env['torch']}"
+               + (f", triton {env['triton']}" if "triton" in env else "")
+               + (f", flash-attn-4 {env['flash_attn_4']}" if "flash_attn_4" in env else "")
+               + f"\n\nCommand: python tools/bench.py {' '.join(sys.argv[1:] if argv is None else argv)}\n"
+               + markdown(rows))
+    (args.out / "bench.md").write_text(md_text)
+    (args.out / "bench.json").write_text(json.dumps(dict(environment=env, rows=rows), indent=1))
+    plotted = plot(rows, args.out / "bench.png")
+    print(md_text)
+    print(f"wrote {args.out}/bench.md, bench.json" + (", bench.png" if plotted else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
