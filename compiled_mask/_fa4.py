@@ -3,8 +3,15 @@
 It goes through flex_attention's ``BACKEND="FLASH"`` lowering, which turns the flex HOP into
 FA4's block-sparse forward and backward kernels under torch.compile. The kv-direction tensors feed
 FA4's forward, the q-direction tensors its backward. FA4 refuses SymInts in mask_mod ("NYI: score_mod
-or mask_mod captures a dynamic scalar"), which the static-width form never produces: every int in
-our mask_mod is a Python constant, and the live-round count is a captured CUDA tensor.
+or mask_mod captures a dynamic scalar"), which the static-width form never produces.
+
+Note [FA4 mask_mod]
+    torch 2.11's CuTe DSL lowering of mask_mod cannot load a captured 0-d tensor (the live-round
+    count): it fails with "Expected TensorSSA, but got <class 'int'>" in fwd+bwd and with an
+    UnboundLocalError in the forward-only graph (H200, flash-attn-4 4.0.0b36). So FA4 gets the
+    plain Eagle3 mask_mod, which captures nothing and is exact when Q_LEN is a multiple of
+    KV_BLOCK_SIZE (``_static_eagle3_block_mask``): the block tensors alone keep dead rounds out.
+    Other Q_LEN raise, and so does eager use (eager flex evaluates mask_mod on the whole grid).
 
 Importing compiled_mask never imports FA4; asking for ``backend="fa4"`` without it raises an error
 that says how to install it.
@@ -74,6 +81,23 @@ def _check_fa4_block_size(where: str, block_size: tuple[int, int]) -> None:
             f"{where}: backend='fa4' needs block sizes that are multiples of its {_FA4_TILE}-wide "
             f"tiles, got block_size={block_size}. Use (128, 128) on Hopper or (256, 128) on "
             "Blackwell, or leave block_size=None to pick from the device."
+        )
+
+
+def _check_fa4_call(where: str, q_len: int, block_size: tuple[int, int]) -> None:
+    """FA4 runs compiled, on a Q_LEN that is a multiple of KV_BLOCK_SIZE (Note [FA4 mask_mod])."""
+    if not torch.compiler.is_compiling():
+        raise ValueError(
+            f"{where}: backend='fa4' runs inside torch.compile only (flex_attention lowers to FA4 "
+            "there; eagerly it would run its dense reference path). Compile the model: "
+            "torch.compile(model, fullgraph=True), or use backend='flex' eagerly."
+        )
+    if q_len % block_size[1]:
+        raise NotImplementedError(
+            f"{where}: backend='fa4' with q_len={q_len} not a multiple of KV_BLOCK_SIZE="
+            f"{block_size[1]} is not supported yet (torch 2.11's FA4 lowering cannot read the "
+            "live-round tensor in mask_mod). Pad Q_LEN to a multiple of "
+            f"{block_size[1]}, or use backend='flex'."
         )
 
 

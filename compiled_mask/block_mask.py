@@ -87,11 +87,22 @@ def _static_eagle3_block_mask(
     H: int,
     rounds: Tensor | int,
     device: torch.device,
+    *,
+    live_check_in_mask_mod: bool = True,
 ) -> BlockMask:
-    """The static-width BlockMask for ``rounds`` live rounds (Note [static widths]); no checks."""
+    """The static-width BlockMask for ``rounds`` live rounds (Note [static widths]); no checks.
+
+    ``live_check_in_mask_mod=False`` gives the plain Eagle3 mask_mod, which captures nothing. It is
+    exact only in a compiled kernel and only when Q_LEN is a multiple of KV_BLOCK_SIZE: then the
+    live end Q_LEN * rounds is a block boundary, no listed block holds a dead key, and mask_mod is
+    never evaluated on one (Note [live keys in mask_mod]; the FA4 backend needs this).
+    """
     KV_LEN = Q_LEN * max_rounds
     if not isinstance(rounds, Tensor):
         rounds = torch.tensor(rounds, device=device)
     tensors = _eagle3_block_mask_op(Q_LEN, KV_LEN, q_bs, kv_bs, B, H, device, rounds)
-    mask_mod = _live_eagle3_mask_mod(Q_LEN, rounds)
+    if live_check_in_mask_mod:
+        mask_mod = _live_eagle3_mask_mod(Q_LEN, rounds)
+    else:
+        mask_mod = eagle3_mask_mod(Q_LEN)
     return BlockMask((Q_LEN, KV_LEN), *tensors, BLOCK_SIZE=(q_bs, kv_bs), mask_mod=mask_mod)

@@ -145,6 +145,7 @@ class Eagle3Attention(nn.Module):
         where = type(self).__name__
         _check_qkv(q, k, v, self.q_len, self.kv_len)
         _check_rounds(where, rounds, self.max_rounds, q.device)
+        block_size = self.block_size_for(q.device)
         if self.backend == "fa4":
             _fa4._check_fa4_device(where, q.device)
             if q.dtype not in (torch.bfloat16, torch.float16):
@@ -152,8 +153,10 @@ class Eagle3Attention(nn.Module):
                     f"{where}: backend='fa4' takes bf16 or fp16 inputs, got {q.dtype}. "
                     "Cast q, k, v (e.g. .bfloat16()) or use backend='flex'."
                 )
+            _fa4._check_fa4_call(where, self.q_len, block_size)
         block_mask = _static_eagle3_block_mask(
-            self.q_len, self.max_rounds, *self.block_size_for(q.device), 1, 1, rounds, q.device
+            self.q_len, self.max_rounds, *block_size, 1, 1, rounds, q.device,
+            live_check_in_mask_mod=self.backend != "fa4",  # Note [FA4 mask_mod] in _fa4.py
         )
         return _BACKENDS[self.backend](
             q, k, v, block_mask, scale=self.scale, kernel_options=self.kernel_options

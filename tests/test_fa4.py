@@ -58,7 +58,27 @@ def test_fa4_refuses_float32(fa4_installed, monkeypatch):
     monkeypatch.setattr(_fa4, "_check_fa4_device", lambda where, device: None)
     q, k = torch.empty(1, 2, 128, 64, device="meta"), torch.empty(1, 2, 256, 64, device="meta")
     with pytest.raises(ValueError, match=r"backend='fa4' takes bf16 or fp16 inputs, got torch.float32"):
-        Eagle3Attention(128, 2, backend="fa4")(q, k, k.clone(), torch.tensor(1, device="meta"))
+        Eagle3Attention(128, 2, backend="fa4", block_size=128)(q, k, k.clone(), torch.tensor(1, device="meta"))
+
+
+def _meta_bf16(q_len, rounds):
+    q = torch.empty(1, 2, q_len, 64, device="meta", dtype=torch.bfloat16)
+    k = torch.empty(1, 2, q_len * rounds, 64, device="meta", dtype=torch.bfloat16)
+    return q, k, k.clone(), torch.tensor(1, device="meta")
+
+
+def test_fa4_refuses_eager_use(fa4_installed, monkeypatch):
+    """Eagerly flex would run its dense path, not FA4 (and without the live check in mask_mod)."""
+    monkeypatch.setattr(_fa4, "_check_fa4_device", lambda where, device: None)
+    with pytest.raises(ValueError, match=r"backend='fa4' runs inside torch.compile only"):
+        Eagle3Attention(128, 2, backend="fa4", block_size=128)(*_meta_bf16(128, 2))
+
+
+def test_fa4_refuses_q_len_off_the_kv_blocks(fa4_installed, monkeypatch):
+    monkeypatch.setattr(_fa4, "_check_fa4_device", lambda where, device: None)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with pytest.raises(NotImplementedError, match=r"q_len=200 not a multiple of KV_BLOCK_SIZE=128 .* Pad Q_LEN"):
+        Eagle3Attention(200, 2, backend="fa4", block_size=128)(*_meta_bf16(200, 2))
 
 
 @pytest.mark.parametrize("Q_LEN, rounds", [(1024, 4), (1000, 7), (8192, 8)])
@@ -131,8 +151,8 @@ def test_fa4_accepts_our_tensors(block_size):
     [
         (1024, 7, 7, 8, 2, 128, torch.bfloat16),  # GQA, 7 rounds
         (1024, 7, 1, 8, 2, 64, torch.bfloat16),  # 1 live round, d=64
-        (1000, 4, 3, 4, 4, 128, torch.float16),  # Q_LEN not a block multiple, fp16
-        (1000, 7, 7, 8, 2, 64, torch.bfloat16),  # unaligned, GQA, 7 rounds
+        (1024, 4, 3, 4, 4, 128, torch.float16),  # fp16, a dead last round
+        (384, 7, 7, 8, 2, 64, torch.bfloat16),  # Q_LEN a multiple of 128 but not of 256
     ],
 )
 def test_fa4_forward_backward_vs_float64_and_flex(fresh_compile_state, q_len, max_rounds, live, Hq, Hkv, D, dtype):
