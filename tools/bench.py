@@ -39,11 +39,12 @@ import torch._inductor.utils
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from compiled_mask import Eagle3Attention, eagle3_mask_mod
-from compiled_mask._fa4 import fa4_available
-from compiled_mask._op import _eagle3_block_mask_op
-from compiled_mask.block_mask import _static_eagle3_block_mask
-from compiled_mask.inspect import GraphCounter
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone, uninstalled
+from compiled_mask import Eagle3Attention, eagle3_mask_mod  # noqa: E402
+from compiled_mask._fa4 import fa4_available  # noqa: E402
+from compiled_mask._op import _eagle3_block_mask_op  # noqa: E402
+from compiled_mask.block_mask import _static_eagle3_block_mask  # noqa: E402
+from compiled_mask.inspect import GraphCounter  # noqa: E402
 
 ROTATE = 3  # input sets cycled through while timing
 

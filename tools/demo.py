@@ -12,52 +12,19 @@ flex_attention on the truncated keys.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from compiled_mask import Eagle3Attention, Eagle3BlockMask, eagle3_mask_mod
-from compiled_mask.inspect import GraphCounter
-
-
-class DraftLayer(nn.Module):
-    """One Eagle3-style draft layer step: project, write this round's K/V, attend, project back."""
-
-    def __init__(self, q_len: int, max_rounds: int, hidden: int, heads: int, kv_heads: int,
-                 block_size: int | tuple[int, int], backend: str) -> None:
-        super().__init__()
-        self.q_len, self.heads, self.kv_heads = q_len, heads, kv_heads
-        self.head_dim = hidden // heads
-        self.q_proj = nn.Linear(hidden, heads * self.head_dim)
-        self.kv_proj = nn.Linear(hidden, 2 * kv_heads * self.head_dim)
-        self.o_proj = nn.Linear(heads * self.head_dim, hidden)
-        self.attn = Eagle3Attention(q_len, max_rounds, block_size=block_size, backend=backend)
-
-    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.heads, self.head_dim)  # [B, S, Hq, D]
-        kv = self.kv_proj(x).view(B, S, 2, self.kv_heads, self.head_dim)  # [B, S, 2, Hkv, D]
-        # contiguous(): Inductor's CPU flex kernel (torch 2.13) fails on a transposed view.
-        q = q.transpose(1, 2).contiguous()  # [B, Hq, S, D]
-        k, v = kv.permute(2, 0, 3, 1, 4).contiguous()  # 2 x [B, Hkv, S, D]
-        return q, k, v
-
-    def finish(self, x: Tensor, attn_out: Tensor) -> Tensor:
-        B, S, _ = x.shape
-        return x + self.o_proj(attn_out.transpose(1, 2).reshape(B, S, -1))  # [B, S, hidden]
-
-    def forward(self, x: Tensor, k_buf: Tensor, v_buf: Tensor, rounds: Tensor):
-        """One TTT step: returns the next hidden states and the K/V buffers with round ``rounds``."""
-        q, k, v = self.project(x)
-        # Write this step's round at [(rounds - 1) * Q_LEN, rounds * Q_LEN): tensor offsets, so
-        # the step number never becomes a graph constant.
-        slots = (rounds - 1) * self.q_len + torch.arange(self.q_len, device=x.device)  # [S]
-        k_buf = k_buf.index_copy(2, slots, k)  # [B, Hkv, Q_LEN * max_rounds, D]
-        v_buf = v_buf.index_copy(2, slots, v)
-        return self.finish(x, self.attn(q, k_buf, v_buf, rounds)), k_buf, v_buf
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone, uninstalled
+from compiled_mask import Eagle3BlockMask, eagle3_mask_mod  # noqa: E402
+from compiled_mask.examples import DraftLayer  # noqa: E402
+from compiled_mask.inspect import GraphCounter  # noqa: E402
 
 
 def reference_step(model: DraftLayer, x: Tensor, k_buf: Tensor, v_buf: Tensor, r: int) -> Tensor:

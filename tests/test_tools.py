@@ -1,0 +1,169 @@
+"""The guard/recompile report (compiled-mask-guards) and the mask picture (compiled-mask-show)."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+import torch._dynamo
+import torch._inductor.utils
+from expecttest import TestCase
+
+from compiled_mask.cli import guards, show
+from compiled_mask.inspect import guard_group, parse_graph_break_log, parse_guard_tree
+
+
+@pytest.fixture(autouse=True)
+def fresh_compile_state():
+    torch._dynamo.reset()
+    with torch._inductor.utils.fresh_cache():
+        yield
+    torch._dynamo.reset()
+
+
+class TestGuardReport(TestCase):
+    def test_demo_model_one_graph_per_q_len(self):
+        report = guards.run(guards.DEFAULT_MODEL, [64, 128], 8, torch.device("cpu"))
+        self.assertTrue(report.ok)
+        self.assertExpectedInline(guards.format_report(report, guards=False), """\
+model: compiled_mask.examples:demo_model  device: cpu  Q_LEN: 64 128  rounds: 1..8  forward
+graphs compiled: 2 (2 Q_LEN value(s) x 8 steps)
+recompiles:
+  Q_LEN=128 rounds=1: 0/0: tensor 'x' size mismatch at index 1. expected 64, actual 128
+graph breaks: none
+verdict: OK
+  Q_LEN=64: 1 graph for 8 steps: OK
+  Q_LEN=128: 1 graph for 8 steps: OK""")
+        # The guards of the first graph: the inputs' shapes, and the model's ints as constants.
+        first = report.guards[0]
+        self.assertExpectedInline("\n".join(first["tensor match"][:4] + first["constant"]), """\
+TENSOR_MATCH: L['x'] float32 size=[1, 64, 64] stride=[4096, 64, 1]
+TENSOR_MATCH: L['k_buf'] float32 size=[1, 2, 512, 16] stride=[16384, 8192, 16, 1]
+TENSOR_MATCH: L['v_buf'] float32 size=[1, 2, 512, 16] stride=[16384, 8192, 16, 1]
+TENSOR_MATCH: L['rounds'] int64 size=[] stride=[]
+EQUALS_MATCH: L['self'].heads == 4
+EQUALS_MATCH: L['self'].q_len == 64
+EQUALS_MATCH: L['self']._modules['attn'].q_len == 64
+EQUALS_MATCH: L['self']._modules['attn'].kv_len == 512
+EQUALS_MATCH: L['self']._modules['attn'].backend == 'flex'
+EQUALS_MATCH: L['self']._modules['attn'].block_size == (128, 128)
+EQUALS_MATCH: L['self']._modules['attn'].max_rounds == 8
+EQUALS_MATCH: L['self'].head_dim == 16
+EQUALS_MATCH: L['self'].kv_heads == 2""")
+
+    def test_int_lengths_recompile_and_fail_the_expectation(self):
+        report = guards.run("bad_models:int_lengths", [64], 4, torch.device("cpu"))
+        self.assertFalse(report.ok)
+        self.assertGreater(report.graphs, 1)
+        self.assertEqual(report.recompiles[0].rounds, 2)
+        self.assertIn("kv_len == 64", report.recompiles[0].reason)
+        self.assertIn("Q_LEN=64: 4 graphs for 4 steps: recompile at rounds=2", report.verdicts()[0])
+        torch._dynamo.reset()
+        self.assertEqual(guards.main(["--model", "bad_models:int_lengths", "--q-len", "64",
+                                      "--max-rounds", "3", "--expect-graphs", "1"]), 1)
+
+    def test_item_graph_break_is_reported_with_its_line(self):
+        report = guards.run("bad_models:item_rounds", [64], 3, torch.device("cpu"))
+        self.assertFalse(report.ok)
+        (brk,) = report.graph_breaks
+        self.assertRegex(brk.where, r"bad_models\.py:\d+ `kv_len = q.size\(2\) \* int\(rounds.item\(\)\)`")
+        self.assertIn("Tensor.item()", brk.reason)
+
+    def test_json_and_exit_code(self):
+        import contextlib
+        import io
+
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = guards.main(["--q-len", "64", "--max-rounds", "3", "--json", "--expect-graphs", "1"])
+        data = json.loads(out.getvalue())
+        self.assertEqual((code, data["ok"], data["graphs"]), (0, True, 1))
+        self.assertEqual(data["verdicts"], ["Q_LEN=64: 1 graph for 3 steps: OK"])
+
+
+GUARD_TREE = """\
+TREE_GUARD_MANAGER:
++- RootGuardManager
+| +- GLOBAL_STATE: ___check_global_state() against {"grad_mode":false}
+| +- GuardManager: source=L['q'], accessed_by=FrameLocalsGuardAccessor(key='q', framelocals_idx=1)
+| | +- TENSOR_MATCH: check_tensor(L['q'], Tensor, DispatchKeySet(CPU, BackendSelect), torch.float32, device=None, requires_grad=False, size=[1, 2, 64, 8], stride=[1024, 512, 8, 1])  # if t.dim() != 4:  # modules.py:180
+| | +- NO_TENSOR_ALIASING
+| +- LAMBDA_GUARD: 2 <= L['q'].size()[2]  # bm = ...  # demo.py:7
+| +- EQUALS_MATCH: L['self'].q_len == 64
+| +- ID_MATCH: ___check_obj_id(L['self'], 140234567890123), type=<class 'X'>
+"""
+
+
+def test_parse_guard_tree():
+    parsed = parse_guard_tree(GUARD_TREE)
+    assert parsed == [
+        ("GLOBAL_STATE", '___check_global_state() against {"grad_mode":false}'),
+        ("TENSOR_MATCH", "L['q'] float32 size=[1, 2, 64, 8] stride=[1024, 512, 8, 1]"),
+        ("NO_TENSOR_ALIASING", ""),
+        ("LAMBDA_GUARD", "2 <= L['q'].size()[2]"),
+        ("EQUALS_MATCH", "L['self'].q_len == 64"),
+        ("ID_MATCH", "___check_obj_id(L['self'], <id>), type=<class 'X'>"),
+    ]
+    assert [guard_group(*g) for g in parsed] == [
+        "global/config", "tensor match", "identity/type", "shape/stride", "constant", "identity/type"]
+
+
+def test_parse_graph_break_log():
+    record = (
+        "Graph break in user code at /x/model.py:37\n"
+        "Graph Break Reason: Encountered graph break when attempting to trace CALL: a call:\n\n"
+        "Unsupported Tensor.item() call with capture_scalar_outputs=False\n"
+        "  Explanation: ...\n"
+    )
+    assert parse_graph_break_log(record) == (
+        "/x/model.py", 37, "Unsupported Tensor.item() call with capture_scalar_outputs=False")
+    suppressed = ("Graph break (user stack suppressed due to duplicate graph break) in user code at "
+                  "/x/model.py:9\nGraph Break Reason: Tensor.tolist")
+    assert parse_graph_break_log(suppressed) == ("/x/model.py", 9, "Tensor.tolist")
+    assert parse_graph_break_log("something else") is None
+
+
+class TestShowMask(TestCase):
+    def test_text_map(self):
+        bm = show.build(300, 1000, (128, 64), None)
+        self.assertExpectedInline(show.text_map(bm, 300, 1000), """\
+round 1   2    3    4 
+    0 ++..+++..+++..++
+  128 ##++..+++..+++..
+  256 +++++...++...++.
+# FULL 2   + PARTIAL 27   . empty 19   (3 x 16 blocks of 128x64; rows start at the query shown)""")
+
+    def test_live_rounds_and_dense(self):
+        bm = show.build(6, 18, (2, 2), 2)
+        self.assertExpectedInline(show.text_map(bm, 6, 18) + "\n" + show.dense_map(bm, 6, 18), """\
+round 1  2  3  
+    0 +..+.....
+    2 #+..+....
+    4 ##+..+...
+# FULL 3   + PARTIAL 6   . empty 18   (3 x 9 blocks of 2x2; rows start at the query shown)
+#.....|#.....|......
+##....|.#....|......
+###...|..#...|......
+####..|...#..|......
+#####.|....#.|......
+######|.....#|......""")
+
+    def test_dense_refuses_big_grids(self):
+        bm = show.build(1000, 4000, (128, 128), None)
+        with self.assertRaisesRegex(ValueError, r"Q_LEN \* KV_LEN = 4000000 is over"):
+            show.dense_map(bm, 1000, 4000)
+
+    def test_png(self):
+        pytest.importorskip("matplotlib")
+        import tempfile
+        from pathlib import Path
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "mask.png"
+            self.assertEqual(show.main(["--q-len", "300", "--rounds", "4", "--png", str(path)]), 0)
+            data = path.read_bytes()
+        self.assertEqual(data[:8], b"\x89PNG\r\n\x1a\n")
+        width, height = struct.unpack(">II", data[16:24])  # IHDR
+        self.assertEqual((width, height), (800, 400))
