@@ -6,14 +6,16 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask
 
-from compiled_mask import _fa4
+from compiled_mask import _fa4, _split
 from compiled_mask._checks import _DEFAULT_BLOCK_SIZE, _block_sizes, _check_positive, _check_rounds
 from compiled_mask._flex import flex_eagle3_attention
 from compiled_mask.block_mask import _static_eagle3_block_mask
 
 __all__ = ["Eagle3BlockMask", "Eagle3Attention"]
 
-_BACKENDS = {"flex": flex_eagle3_attention, "fa4": _fa4.fa4_eagle3_attention}
+# Backends that run a kernel over the Eagle3 BlockMask; "split" needs no mask (_split.py).
+_MASK_BACKENDS = {"flex": flex_eagle3_attention, "fa4": _fa4.fa4_eagle3_attention}
+_BACKENDS = (*_MASK_BACKENDS, "split")
 
 
 class Eagle3BlockMask(nn.Module):
@@ -90,7 +92,9 @@ class Eagle3Attention(nn.Module):
         max_rounds: rounds the K/V buffer holds.
         backend: ``"flex"``: flex_attention (Triton on CUDA, C++ on CPU); ``"fa4"``:
             FlashAttention-4 through flex_attention's FLASH lowering (CUDA SM90+, bf16/fp16,
-            compiled; needs ``pip install 'compiled-mask[fa4]'``).
+            compiled; needs ``pip install 'compiled-mask[fa4]'``); ``"split"``: causal flash
+            attention (SDPA's flash kernel) plus the suffix diagonals as one dot product per
+            query and round, merged by log-sum-exp (no block mask; any Q_LEN; ``_split.py``).
         block_size: an int or ``(Q_BLOCK_SIZE, KV_BLOCK_SIZE)``, KV_BLOCK_SIZE dividing
             Q_BLOCK_SIZE. Default: 128 for flex; for fa4 (128, 128) on Hopper and (256, 128) on
             Blackwell, read from the inputs' device.
@@ -117,6 +121,11 @@ class Eagle3Attention(nn.Module):
         _check_positive(where, q_len=q_len, max_rounds=max_rounds)
         if backend == "fa4":
             _fa4._check_fa4_installed(where)
+        if backend == "split" and (block_size is not None or kernel_options is not None):
+            raise ValueError(
+                f"{where}: backend='split' uses no block mask: block_size and kernel_options do "
+                f"not apply (got block_size={block_size}, kernel_options={kernel_options})."
+            )
         if block_size is None and backend == "flex":
             block_size = _DEFAULT_BLOCK_SIZE
         self.block_size = None if block_size is None else _block_sizes(where, block_size)
@@ -145,6 +154,10 @@ class Eagle3Attention(nn.Module):
         where = type(self).__name__
         _check_qkv(q, k, v, self.q_len, self.kv_len)
         _check_rounds(where, rounds, self.max_rounds, q.device)
+        if self.backend == "split":
+            if not isinstance(rounds, Tensor):
+                rounds = torch.tensor(rounds, device=q.device)
+            return _split.split_eagle3_attention(q, k, v, rounds, q_len=self.q_len, scale=self.scale)
         block_size = self.block_size_for(q.device)
         if self.backend == "fa4":
             _fa4._check_fa4_device(where, q.device)
@@ -158,12 +171,15 @@ class Eagle3Attention(nn.Module):
             self.q_len, self.max_rounds, *block_size, 1, 1, rounds, q.device,
             live_check_in_mask_mod=self.backend != "fa4",  # Note [FA4 mask_mod] in _fa4.py
         )
-        return _BACKENDS[self.backend](
+        return _MASK_BACKENDS[self.backend](
             q, k, v, block_mask, scale=self.scale, kernel_options=self.kernel_options
         )
 
     def block_size_for(self, device: torch.device) -> tuple[int, int]:
-        """The (Q_BLOCK_SIZE, KV_BLOCK_SIZE) used for inputs on ``device``."""
+        """The (Q_BLOCK_SIZE, KV_BLOCK_SIZE) of the mask for inputs on ``device`` (for "split",
+        which needs no mask, flex's default: what a BlockMask of the same attention would use)."""
+        if self.backend == "split":
+            return (_DEFAULT_BLOCK_SIZE, _DEFAULT_BLOCK_SIZE)
         return self.block_size or _fa4.fa4_default_block_size(device)
 
     def extra_repr(self) -> str:

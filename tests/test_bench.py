@@ -18,5 +18,7 @@ def test_bench_smoke(tmp_path):
     tables = {r["table"] for r in rows}
     assert tables == {"mask_build", "attention", "compile"}
     assert all("skipped" not in r for r in rows), [r for r in rows if "skipped" in r]
-    assert [r["graphs"] for r in rows if r["table"] == "compile"] == [1]
+    compile_rows = [r for r in rows if r["table"] == "compile"]
+    assert [r["method"] for r in compile_rows] == ["Eagle3Attention('flex')", "Eagle3Attention('split')"]
+    assert all(r["graphs"] == 1 for r in compile_rows)
     assert (tmp_path / "bench.md").read_text().count("| compiled_mask op, eager |") == 4

@@ -41,7 +41,8 @@ def test_mask_mod_error():
         ((0, 4), {}, r"q_len must be >= 1, got q_len=0"),
         ((64, 0), {}, r"max_rounds must be >= 1, got max_rounds=0"),
         ((64, 4), {"block_size": (64, 128)}, r"KV_BLOCK_SIZE must divide Q_BLOCK_SIZE"),
-        ((64, 4), {"backend": "sdpa"}, r"unknown backend='sdpa'; choose one of \['fa4', 'flex'\]"),
+        ((64, 4), {"backend": "split", "block_size": 64}, r"backend='split' uses no block mask"),
+        ((64, 4), {"backend": "sdpa"}, r"unknown backend='sdpa'; choose one of \['fa4', 'flex', 'split'\]"),
     ],
 )
 def test_module_construction_errors(args, kwargs, match):

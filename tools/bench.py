@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             [(128, 128)], 30
         att = dict(q_len=8192, rounds_list=[1, 4, 7], heads=(32, 8), D=128, reps=30)
         dtype = torch.bfloat16
-    backends = ["flex"] + (["fa4"] if device.type == "cuda" and fa4_available() else [])
+    backends = ["flex", "split"] + (["fa4"] if device.type == "cuda" and fa4_available() else [])
     backward_modes = [False] if device.type == "cpu" else [False, True]
 
     env = environment(device)

@@ -1,0 +1,155 @@
+"""backend="split": causal flash + suffix diagonals merged by log-sum-exp, forward and backward.
+
+It needs no flex_attention, so unlike the block-mask backends its backward runs on CPU: outputs
+and gradients are checked here against a float64 dense reference, eagerly and compiled.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+import torch._inductor.utils
+from expecttest import TestCase
+from helpers import dense_reference_attention, eagle3_dense
+
+from compiled_mask import Eagle3Attention
+from compiled_mask.inspect import GraphCounter, compile_summary, watch_recompiles
+
+
+def rel_err(got, want):
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
+def _case(B, Hq, Hkv, q_len, max_rounds, D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda *shape: torch.randn(*shape, generator=g).to(dtype)  # noqa: E731
+    q = make(B, Hq, q_len, D).requires_grad_()
+    k = make(B, Hkv, q_len * max_rounds, D).requires_grad_()
+    v = make(B, Hkv, q_len * max_rounds, D).requires_grad_()
+    return q, k, v, make(B, Hq, q_len, D)
+
+
+def _reference(q, k, v, dout, q_len, live):
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    allowed = eagle3_dense(q_len, k.shape[2], live_kv_len=q_len * live)
+    out = dense_reference_attention(q64, k64, v64, allowed)
+    return out, torch.autograd.grad(out, (q64, k64, v64), dout.double())
+
+
+# (B, Hq, Hkv, q_len, max_rounds, live, D, dtype, tolerance)
+CASES = [
+    (2, 4, 2, 100, 4, 3, 16, torch.float32, 1e-5),  # Q_LEN off any block size, GQA, a dead round
+    (1, 4, 4, 64, 7, 7, 32, torch.float32, 1e-5),  # 7 live rounds
+    (1, 8, 2, 130, 5, 1, 16, torch.float32, 1e-5),  # 1 live round: the suffix is all dead
+    (1, 4, 2, 128, 4, 4, 32, torch.bfloat16, 1e-2),  # bf16
+]
+
+
+@pytest.mark.parametrize("B, Hq, Hkv, q_len, max_rounds, live, D, dtype, tol", CASES)
+def test_forward_backward_vs_float64(B, Hq, Hkv, q_len, max_rounds, live, D, dtype, tol):
+    q, k, v, dout = _case(B, Hq, Hkv, q_len, max_rounds, D, dtype)
+    attn = Eagle3Attention(q_len, max_rounds, backend="split")
+    out = attn(q, k, v, torch.tensor(live))
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    want, want_grads = _reference(q, k, v, dout, q_len, live)
+    assert out.dtype == dtype
+    assert rel_err(out, want) < tol
+    for name, g, w in zip("qkv", grads, want_grads):
+        assert g.dtype == dtype and rel_err(g, w) < tol, name
+    if live < max_rounds:  # dead rounds get exactly no gradient
+        assert grads[1][:, :, q_len * live :].abs().max() == 0
+        assert grads[2][:, :, q_len * live :].abs().max() == 0
+
+
+def test_int_rounds_eagerly_and_out_of_range_tensor_clamps():
+    q, k, v, _ = _case(1, 4, 2, 50, 3, 16, torch.float32)
+    attn = Eagle3Attention(50, 3, backend="split")
+    with torch.no_grad():
+        torch.testing.assert_close(attn(q, k, v, 2), attn(q, k, v, torch.tensor(2)))
+        torch.testing.assert_close(attn(q, k, v, torch.tensor(9)), attn(q, k, v, torch.tensor(3)))
+        torch.testing.assert_close(attn(q, k, v, torch.tensor(-1)), attn(q, k, v, torch.tensor(1)))
+
+
+@pytest.fixture
+def fresh_compile_state():
+    torch._dynamo.reset()
+    with torch._inductor.utils.fresh_cache():
+        yield
+    torch._dynamo.reset()
+
+
+class TestSplitCompiled(TestCase):
+    @pytest.fixture(autouse=True)
+    def _fresh(self, fresh_compile_state):
+        pass
+
+    def test_ttt_loop_forward_backward_one_graph(self):
+        """Compiled fwd+bwd over rounds 1..7: one graph, each step equal to the reference."""
+        q_len, max_rounds = 100, 7
+        counter = GraphCounter()
+        attn = torch.compile(Eagle3Attention(q_len, max_rounds, backend="split"), backend=counter,
+                             fullgraph=True)
+        q, k, v, dout = _case(1, 4, 2, q_len, max_rounds, 16, torch.float32, seed=3)
+        with watch_recompiles() as reasons:
+            for live in range(1, max_rounds + 1):
+                out = attn(q, k, v, torch.tensor(live))
+                grads = torch.autograd.grad(out, (q, k, v), dout)
+                want, want_grads = _reference(q, k, v, dout, q_len, live)
+                assert rel_err(out, want) < 1e-5
+                assert all(rel_err(g, w) < 1e-5 for g, w in zip(grads, want_grads))
+        self.assertExpectedInline(compile_summary(counter, reasons), """\
+graphs: 1
+recompiles: none""")
+
+
+def test_forward_matches_compiled_flex():
+    """The same function as the block-mask backend, on the same inputs (CPU: forward only)."""
+    q_len, max_rounds, live = 200, 4, 3
+    q, k, v = (t.detach() for t in _case(1, 4, 2, q_len, max_rounds, 16, torch.float32, seed=5)[:3])
+    flex = torch.compile(Eagle3Attention(q_len, max_rounds, backend="flex"), fullgraph=True)
+    split = Eagle3Attention(q_len, max_rounds, backend="split")
+    with torch.no_grad():
+        torch.testing.assert_close(split(q, k, v, torch.tensor(live)),
+                                   flex(q, k, v, torch.tensor(live)), rtol=0, atol=2e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "q_len, max_rounds, live, Hq, Hkv, D",
+    [(1000, 7, 7, 8, 2, 128), (1024, 7, 1, 8, 2, 64), (1024, 4, 3, 4, 4, 128)],
+)
+def test_split_cuda_vs_float64_and_flex(fresh_compile_state, q_len, max_rounds, live, Hq, Hkv, D):
+    """On CUDA the causal part runs SDPA's flash kernel; bf16 fwd+bwd no worse than flex."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    make = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)  # noqa: E731
+    q, k, v = (make(2, Hq, q_len, D), make(2, Hkv, q_len * max_rounds, D), make(2, Hkv, q_len * max_rounds, D))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    dout = make(2, Hq, q_len, D)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    allowed = eagle3_dense(q_len, q_len * max_rounds, live_kv_len=q_len * live).cuda()
+    want = dense_reference_attention(q64, k64, v64, allowed)
+    want_grads = torch.autograd.grad(want, (q64, k64, v64), dout.double())
+    errors = {}
+    for backend in ("split", "flex"):
+        attn = torch.compile(Eagle3Attention(q_len, max_rounds, backend=backend), fullgraph=True)
+        out = attn(q, k, v, torch.tensor(live, device="cuda"))
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+        errors[backend] = [rel_err(out, want)] + [rel_err(a, b) for a, b in zip(grads, want_grads)]
+    print("rel errors out/dq/dk/dv:", errors)
+    for split_err, flex_err in zip(errors["split"], errors["flex"]):
+        assert split_err < 1e-2
+        assert split_err <= 1.25 * flex_err
+
+
+@pytest.mark.gpu
+def test_split_cuda_ttt_loop_one_graph(fresh_compile_state):
+    counter = GraphCounter()
+    attn = torch.compile(Eagle3Attention(1024, 8, backend="split"), backend=counter, fullgraph=True)
+    make = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    q, k, v = (make(1, 8, 1024, 128).requires_grad_(), make(1, 2, 8192, 128).requires_grad_(),
+               make(1, 2, 8192, 128).requires_grad_())
+    with watch_recompiles() as reasons:
+        for r in range(1, 9):
+            attn(q, k, v, torch.tensor(r, device="cuda")).sum().backward()
+    assert counter.graphs == 1, reasons
