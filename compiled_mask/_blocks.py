@@ -22,6 +22,30 @@ def _ceil_div(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
+def _doc_layout(
+    Q_LEN: int, seq_lens: Tensor | None, doc_ids: Tensor | None, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Per-sample query validity and document start, the two facts the block rule needs.
+
+    Returns:
+        ``valid [B', Q_LEN]`` bool (a real, non-padding position: ``q < seq_lens[b]`` and
+        ``doc_ids[b, q] != -1``) and ``start [B', Q_LEN]`` int64 (first position of q's document,
+        0 without documents); B' is the batch of ``seq_lens``/``doc_ids``, or 1. With contiguous
+        documents, "kv <= q in q's document" is exactly ``start[q] <= kv <= q``.
+    """
+    pos = torch.arange(Q_LEN, device=device)  # [Q_LEN]
+    valid = torch.ones(1, Q_LEN, dtype=torch.bool, device=device)  # [1, Q_LEN]
+    start = torch.zeros(1, Q_LEN, dtype=torch.int64, device=device)  # [1, Q_LEN]
+    if doc_ids is not None:
+        valid = doc_ids != -1  # [B, Q_LEN]
+        new_doc = torch.ones_like(valid)
+        new_doc[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+        start = torch.where(new_doc, pos, 0).cummax(-1).values  # [B, Q_LEN]
+    if seq_lens is not None:
+        valid = valid & (pos < seq_lens.unsqueeze(-1))  # [B, Q_LEN]
+    return valid, start.expand(valid.shape[0], Q_LEN)  # [B', Q_LEN] each
+
+
 def eagle3_block_flags(
     Q_LEN: int,
     KV_LEN: int,
@@ -29,6 +53,8 @@ def eagle3_block_flags(
     KV_BLOCK_SIZE: int,
     live_kv_len: int | Tensor,
     device: torch.device,
+    seq_lens: Tensor | None = None,
+    doc_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """PARTIAL and FULL flags of every (q-block, kv-block) pair of the Eagle3 mask.
 
@@ -39,43 +65,86 @@ def eagle3_block_flags(
             itself, or a 0-d int tensor (the static-width TTT form, Note [static widths] in
             ``_op.py``). Keys at or past it are padding, as past KV_LEN for create_block_mask.
         device: where to build.
+        seq_lens: optional ``[B]`` valid length of each sample; doc_ids: optional ``[B, Q_LEN]``
+            document of each position (contiguous documents, -1 for padding). See
+            ``eagle3_mask_mod`` for the semantics.
 
     Returns:
-        ``(partial, full)``, two bool tensors ``[n_q, n_kv]`` with n_q = ceil(Q_LEN / Q_BLOCK_SIZE)
-        and n_kv = ceil(KV_LEN / KV_BLOCK_SIZE).
+        ``(partial, full)``, two bool tensors ``[B', n_q, n_kv]`` with n_q = ceil(Q_LEN /
+        Q_BLOCK_SIZE), n_kv = ceil(KV_LEN / KV_BLOCK_SIZE), and B' the batch of seq_lens/doc_ids
+        (1 without them).
     """
     n_q = _ceil_div(Q_LEN, Q_BLOCK_SIZE)
     n_kv = _ceil_div(KV_LEN, KV_BLOCK_SIZE)
+    valid, start = _doc_layout(Q_LEN, seq_lens, doc_ids, device)  # [B', Q_LEN] each
+    B = valid.shape[0]
+    # Lookup tables over query positions x in [0, Q_LEN]: valid queries before x, and the first
+    # valid query at or after x (Q_LEN if none).
+    n_before = torch.nn.functional.pad(valid.cumsum(-1), (1, 0))  # [B', Q_LEN + 1]
+    pos = torch.arange(Q_LEN, device=device)  # [Q_LEN]
+    first_at = torch.where(valid, pos, Q_LEN).flip(-1).cummin(-1).values.flip(-1)  # [B', Q_LEN]
+    first_at = torch.nn.functional.pad(first_at, (0, 1), value=Q_LEN)  # [B', Q_LEN + 1]
+
+    def at(table: Tensor, index: Tensor) -> Tensor:
+        """``table[b, index]`` for every sample b; index broadcasts to [n_q, n_kv] or [B', ...]."""
+        index = index.expand(B, n_q, n_kv).reshape(B, -1)  # [B', n_q * n_kv]
+        return table.gather(1, index).view(B, n_q, n_kv)  # [B', n_q, n_kv]
+
+    def n_valid(lo: Tensor, hi: Tensor) -> Tensor:
+        """Valid queries in [lo, hi] (0 when lo > hi)."""
+        return (at(n_before, (hi + 1).clamp(0, Q_LEN)) - at(n_before, lo.clamp(0, Q_LEN))).clamp(min=0)
+
     # Query rows [q_lo, q_hi] of each q-block, clipped to Q_LEN.
     q_lo = torch.arange(n_q, device=device).unsqueeze(-1) * Q_BLOCK_SIZE  # [n_q, 1]
     q_hi = (q_lo + Q_BLOCK_SIZE).clamp(max=Q_LEN) - 1  # [n_q, 1]
     q_whole = q_lo + Q_BLOCK_SIZE <= Q_LEN  # [n_q, 1]
+    q_all_valid = n_valid(q_lo, q_hi) == q_hi - q_lo + 1  # [B', n_q, n_kv]
     # Key columns [kv_lo, kv_end) of each kv-block, clipped to the live keys.
     kv_lo = torch.arange(n_kv, device=device).unsqueeze(0) * KV_BLOCK_SIZE  # [1, n_kv]
     kv_end = (kv_lo + KV_BLOCK_SIZE).clamp(max=live_kv_len)  # [1, n_kv]
     kv_whole = kv_lo + KV_BLOCK_SIZE <= live_kv_len  # [1, n_kv]
 
-    # Causal part: keys [kv_lo, min(kv_end, Q_LEN)), allowed where kv <= q. Some pair attends iff
-    # the smallest key is <= the largest query; every pair does iff the largest key is <= the
-    # smallest query (an empty part is vacuously "every").
+    # Causal part: keys [kv_lo, causal_end), allowed for a valid q where start[q] <= kv <= q. Some
+    # pair attends iff the first valid query q* >= max(q_lo, kv_lo) lies in the block and its
+    # document starts at or before the last key (start is non-decreasing in q, so q* is the best
+    # candidate). Every pair does iff all queries are valid, the last key is <= the first query,
+    # and the first key is >= the last query's document start. (Empty parts: "every" holds.)
     causal_end = kv_end.clamp(max=Q_LEN)  # [1, n_kv]
-    causal_any = (kv_lo < causal_end) & (kv_lo <= q_hi)  # [n_q, n_kv]
-    causal_all = (kv_lo >= causal_end) | (causal_end - 1 <= q_lo)  # [n_q, n_kv]
+    q_star = at(first_at, torch.maximum(q_lo, kv_lo).clamp(max=Q_LEN))  # [B', n_q, n_kv]
+    causal_any = (
+        (kv_lo < causal_end) & (q_star <= q_hi) & (at(start, q_star.clamp(max=Q_LEN - 1)) < causal_end)
+    )  # [B', n_q, n_kv]
+    causal_all = (kv_lo >= causal_end) | (
+        q_all_valid & (causal_end - 1 <= q_lo) & (kv_lo >= at(start, q_hi))
+    )  # [B', n_q, n_kv]
 
-    # Suffix part: keys [max(kv_lo, Q_LEN), kv_end), allowed where (kv - q) % Q_LEN == 0. Over the
-    # block, kv - q takes every integer in [d_lo, d_hi] (d_lo >= 1), and a pair attends iff its
-    # difference is a multiple of Q_LEN. So: some pair iff the interval holds a multiple; every
-    # pair iff all its integers are multiples.
+    # Suffix part: keys [suffix_lo, kv_end) with suffix_lo = max(kv_lo, Q_LEN); key kv attends
+    # query q iff kv % Q_LEN == q and q is valid. So some pair attends iff a valid query of the
+    # block is among the residues kv % Q_LEN of those keys: all of [0, Q_LEN) when there are at
+    # least Q_LEN keys, else the cyclic interval [a, b] (wrapping when a > b). Every pair does iff
+    # every difference kv - q in [d_lo, d_hi] (d_lo >= 1) is a multiple of Q_LEN and every query
+    # of the block is valid.
     suffix_lo = kv_lo.clamp(min=Q_LEN)  # [1, n_kv]
     suffix_nonempty = suffix_lo < kv_end  # [1, n_kv]
+    a = suffix_lo % Q_LEN  # [1, n_kv]
+    b = (kv_end - 1) % Q_LEN  # [1, n_kv]
+    hits = torch.where(
+        kv_end - suffix_lo >= Q_LEN,
+        n_valid(q_lo, q_hi),
+        torch.where(
+            a <= b,
+            n_valid(torch.maximum(q_lo, a), torch.minimum(q_hi, b)),
+            n_valid(torch.maximum(q_lo, a), q_hi) + n_valid(q_lo, torch.minimum(q_hi, b)),
+        ),
+    )  # [B', n_q, n_kv]
+    suffix_any = suffix_nonempty & (hits > 0)  # [B', n_q, n_kv]
     d_lo = suffix_lo - q_hi  # [n_q, n_kv]
     d_hi = kv_end - 1 - q_lo  # [n_q, n_kv]
     multiples = d_hi.div(Q_LEN, rounding_mode="floor") - (d_lo - 1).div(Q_LEN, rounding_mode="floor")
-    suffix_any = suffix_nonempty & (multiples > 0)  # [n_q, n_kv]
-    suffix_all = ~suffix_nonempty | (multiples == d_hi - d_lo + 1)  # [n_q, n_kv]
+    suffix_all = ~suffix_nonempty | ((multiples == d_hi - d_lo + 1) & q_all_valid)  # [B', n_q, n_kv]
 
-    full = q_whole & kv_whole & causal_all & suffix_all  # [n_q, n_kv]
-    partial = (causal_any | suffix_any) & ~full  # [n_q, n_kv]
+    full = q_whole & kv_whole & causal_all & suffix_all  # [B', n_q, n_kv]
+    partial = (causal_any | suffix_any) & ~full  # [B', n_q, n_kv]
     return partial, full
 
 
@@ -101,6 +170,8 @@ def eagle3_block_tensors(
     H: int,
     live_kv_len: int | Tensor,
     device: torch.device,
+    seq_lens: Tensor | None = None,
+    doc_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The eight BlockMask tensors of the Eagle3 mask, in ``BlockMask(...)`` argument order.
 
@@ -108,13 +179,15 @@ def eagle3_block_tensors(
         ``kv_num_blocks [B, H, n_q]``, ``kv_indices [B, H, n_q, n_kv]``, ``full_kv_num_blocks``,
         ``full_kv_indices`` (same shapes), ``q_num_blocks [B, H, n_kv]``,
         ``q_indices [B, H, n_kv, n_q]``, ``full_q_num_blocks``, ``full_q_indices`` (same shapes);
-        all int32, contiguous, new memory (every (b, h) row set is the same mask).
+        all int32, contiguous, new memory. Every head shares its sample's mask; without
+        seq_lens/doc_ids every sample shares one mask. B must then be 1 or their batch.
     """
     partial, full = eagle3_block_flags(
-        Q_LEN, KV_LEN, Q_BLOCK_SIZE, KV_BLOCK_SIZE, live_kv_len, device
-    )
+        Q_LEN, KV_LEN, Q_BLOCK_SIZE, KV_BLOCK_SIZE, live_kv_len, device, seq_lens, doc_ids
+    )  # [B', n_q, n_kv] each, B' in (1, B)
     tensors = []
     for flags in (partial, full, partial.mT, full.mT):
         for t in _compact(flags):
-            tensors.append(t.expand(B, H, *t.shape).contiguous())  # [B, H, rows(, width)]
+            t = t.unsqueeze(1)  # [B', 1, rows(, width)]
+            tensors.append(t.expand(B, H, *t.shape[2:]).contiguous())  # [B, H, rows(, width)]
     return tuple(tensors)

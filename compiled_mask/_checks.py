@@ -74,13 +74,63 @@ def _check_rounds(where: str, rounds: torch.Tensor | int, max_rounds: int, devic
                 f"{where}: rounds must be in [1, max_rounds={max_rounds}], got rounds={rounds}."
             )
         return
-    if rounds.dim() != 0 or rounds.dtype.is_floating_point or rounds.dtype.is_complex or rounds.dtype == torch.bool:
+    if rounds.dim() != 0 or not _is_int(rounds):
         raise ValueError(
             f"{where}: rounds must be a 0-d int tensor, got shape {tuple(rounds.shape)} and "
             f"dtype {rounds.dtype}. Use torch.tensor(r, device=...)."
         )
-    if rounds.device != device:
+    if not _same_device(rounds.device, device):
         raise ValueError(
             f"{where}: rounds is on {rounds.device} but the attention inputs are on {device}. "
             f"Create it there once: torch.tensor(r, device={str(device)!r})."
         )
+
+
+def _is_int(t: torch.Tensor) -> bool:
+    return not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
+
+
+def _same_device(a: torch.device, b: torch.device | str) -> bool:
+    """Same device, where an index-less device ("cuda") matches any index of its type."""
+    a, b = torch.device(a), torch.device(b)
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def _check_doc_layout(
+    where: str,
+    Q_LEN: int,
+    B: int,
+    seq_lens: torch.Tensor | None,
+    doc_ids: torch.Tensor | None,
+    device: torch.device | str,
+) -> int:
+    """Check ``seq_lens [B]`` / ``doc_ids [B, Q_LEN]`` (metadata only) and return the mask's batch.
+
+    Values are not read (that would sync): a length above Q_LEN acts as Q_LEN, one <= 0 makes the
+    sample all padding, and documents must be contiguous runs (``eagle3_mask_mod``).
+    """
+    batch = None
+    for name, t, rank, shape in (("seq_lens", seq_lens, 1, "[B]"), ("doc_ids", doc_ids, 2, "[B, Q_LEN]")):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.dim() != rank or not _is_int(t):
+            got = f"shape {tuple(t.shape)} and dtype {t.dtype}" if isinstance(t, torch.Tensor) else repr(t)
+            raise ValueError(f"{where}: {name} must be an int tensor {shape}, got {got}.")
+        if not _same_device(t.device, device):
+            raise ValueError(f"{where}: {name} is on {t.device} but the mask is built on {device}. Move it there.")
+        if batch is not None and t.shape[0] != batch:
+            raise ValueError(
+                f"{where}: seq_lens and doc_ids must have one batch size, got {batch} and {t.shape[0]}."
+            )
+        batch = t.shape[0]
+    if doc_ids is not None and doc_ids.shape[1] != Q_LEN:
+        raise ValueError(
+            f"{where}: doc_ids must be [B, Q_LEN={Q_LEN}], got shape {tuple(doc_ids.shape)}."
+        )
+    if batch is None:
+        return B
+    if B not in (1, batch):
+        raise ValueError(
+            f"{where}: B={B} but seq_lens/doc_ids have batch {batch}. Leave B=1 or pass B={batch}."
+        )
+    return batch

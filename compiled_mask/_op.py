@@ -16,8 +16,9 @@ Note [static widths]
 
 Note [fused build]
     On CUDA the op runs one Triton kernel (``_triton_blocks.py``) that writes all eight tensors;
-    elsewhere it runs the torch-ops version in ``_blocks.py``, which is also the reference the
-    kernel is tested against on the GPU. The op is opaque to Inductor either way, so the graph
+    elsewhere, and for padded/packed batches (seq_lens, doc_ids) on CUDA too, it runs the
+    torch-ops version in ``_blocks.py``, which is also the reference the kernel is tested against
+    on the GPU. The op is opaque to Inductor either way, so the graph
     around it sees one node with shapes known from ints.
 """
 
@@ -47,6 +48,8 @@ def _eagle3_block_mask_op(
     H: int,
     device: torch.device,
     rounds: Tensor | None,
+    seq_lens: Tensor | None,
+    doc_ids: Tensor | None,
 ) -> _Tensors8:
     """Build the eight BlockMask tensors of the Eagle3 mask (private; arguments are unchecked).
 
@@ -57,12 +60,14 @@ def _eagle3_block_mask_op(
         device: where the outputs live.
         rounds: ``None`` (all KV_LEN keys live) or a 0-d int tensor on ``device`` with the number
             of live rounds (Note [static widths]).
+        seq_lens, doc_ids: ``None``, or ``[B]`` valid lengths / ``[B, Q_LEN]`` document ids on
+            ``device`` (``eagle3_mask_mod``); B must then equal their batch.
 
     Returns:
         ``kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, q_num_blocks, q_indices,
         full_q_num_blocks, full_q_indices``, int32; shapes in :func:`_fake`.
     """
-    if device.type == "cuda":  # one fused kernel (Note [fused build])
+    if device.type == "cuda" and seq_lens is None and doc_ids is None:  # Note [fused build]
         from compiled_mask._triton_blocks import eagle3_block_tensors_triton
 
         return eagle3_block_tensors_triton(
@@ -70,7 +75,7 @@ def _eagle3_block_mask_op(
         )
     live_kv_len = KV_LEN if rounds is None else _live_kv_len(rounds, Q_LEN, KV_LEN)
     return eagle3_block_tensors(
-        Q_LEN, KV_LEN, Q_BLOCK_SIZE, KV_BLOCK_SIZE, B, H, live_kv_len, device
+        Q_LEN, KV_LEN, Q_BLOCK_SIZE, KV_BLOCK_SIZE, B, H, live_kv_len, device, seq_lens, doc_ids
     )
 
 
@@ -84,6 +89,8 @@ def _fake(
     H: int,
     device: torch.device,
     rounds: Tensor | None,
+    seq_lens: Tensor | None,
+    doc_ids: Tensor | None,
 ) -> _Tensors8:
     # Shapes from the int arguments only: no data reads, so no sync and no data-dependent guard.
     n_q = _ceil_div(Q_LEN, Q_BLOCK_SIZE)

@@ -6,9 +6,9 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, _mask_mod_signature
 
-from compiled_mask._checks import _block_sizes, _check_lengths, _check_positive
+from compiled_mask._checks import _block_sizes, _check_doc_layout, _check_lengths, _check_positive
 from compiled_mask._op import _eagle3_block_mask_op
-from compiled_mask.mask_mod import _eagle3_allowed, eagle3_mask_mod
+from compiled_mask.mask_mod import _eagle3_allowed, _eagle3_sample_allowed, eagle3_mask_mod
 
 __all__ = ["eagle3_block_mask"]
 
@@ -21,6 +21,8 @@ def eagle3_block_mask(
     H: int | None = 1,
     device: torch.device | str = "cuda",
     BLOCK_SIZE: int | tuple[int, int] = 128,
+    seq_lens: Tensor | None = None,
+    doc_ids: Tensor | None = None,
 ) -> BlockMask:
     """The Eagle3 BlockMask for ``Q_LEN`` queries and ``KV_LEN`` keys, built in O(blocks).
 
@@ -40,10 +42,16 @@ def eagle3_block_mask(
         device: where the mask lives.
         BLOCK_SIZE: an int or ``(Q_BLOCK_SIZE, KV_BLOCK_SIZE)`` with KV_BLOCK_SIZE dividing
             Q_BLOCK_SIZE, e.g. 128 (flex default, FA4 on Hopper) or (256, 128) (FA4 on Blackwell).
+        seq_lens: optional int tensor ``[B]``: valid length of each sample (padded batches).
+        doc_ids: optional int tensor ``[B, Q_LEN]``: document of each position, -1 for padding
+            (packed batches). With either, the mask has one row set per sample (B = their batch;
+            H stays as given), blocks of padding or of pairs across documents are absent, and
+            changing their values never recompiles.
 
     Returns:
-        A BlockMask with ``seq_lengths=(Q_LEN, KV_LEN)`` and ``mask_mod=eagle3_mask_mod(Q_LEN)``,
-        whose tensors have shapes ``[B, H, n_q]`` / ``[B, H, n_q, n_kv]`` (and the transposes).
+        A BlockMask with ``seq_lengths=(Q_LEN, KV_LEN)`` and ``mask_mod=eagle3_mask_mod(Q_LEN,
+        seq_lens=..., doc_ids=...)``, whose tensors have shapes ``[B, H, n_q]`` /
+        ``[B, H, n_q, n_kv]`` (and the transposes).
     """
     where = "eagle3_block_mask"
     B = 1 if B is None else B
@@ -51,12 +59,19 @@ def eagle3_block_mask(
     _check_lengths(where, Q_LEN, KV_LEN)
     _check_positive(where, B=B, H=H)
     q_bs, kv_bs = _block_sizes(where, BLOCK_SIZE)
-    tensors = _eagle3_block_mask_op(Q_LEN, KV_LEN, q_bs, kv_bs, B, H, torch.device(device), None)
-    return BlockMask((Q_LEN, KV_LEN), *tensors, BLOCK_SIZE=(q_bs, kv_bs), mask_mod=eagle3_mask_mod(Q_LEN))
+    B = _check_doc_layout(where, Q_LEN, B, seq_lens, doc_ids, device)
+    tensors = _eagle3_block_mask_op(
+        Q_LEN, KV_LEN, q_bs, kv_bs, B, H, torch.device(device), None, seq_lens, doc_ids
+    )
+    mask_mod = eagle3_mask_mod(Q_LEN, seq_lens=seq_lens, doc_ids=doc_ids)
+    return BlockMask((Q_LEN, KV_LEN), *tensors, BLOCK_SIZE=(q_bs, kv_bs), mask_mod=mask_mod)
 
 
-def _live_eagle3_mask_mod(Q_LEN: int, rounds: Tensor) -> _mask_mod_signature:
-    """The Eagle3 rule restricted to the keys of the first ``rounds`` rounds (a 0-d int tensor).
+def _live_eagle3_mask_mod(
+    Q_LEN: int, rounds: Tensor, seq_lens: Tensor | None = None, doc_ids: Tensor | None = None
+) -> _mask_mod_signature:
+    """The Eagle3 rule restricted to the keys of the first ``rounds`` rounds (a 0-d int tensor),
+    and to each sample's valid positions and documents when given (``eagle3_mask_mod``).
 
     Note [live keys in mask_mod]
         The block tensors already leave out every block wholly past the live keys, but a kernel
@@ -73,7 +88,10 @@ def _live_eagle3_mask_mod(Q_LEN: int, rounds: Tensor) -> _mask_mod_signature:
 
     def eagle3_live_mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         live = (kv_idx < Q_LEN) | (kv_idx < rounds * Q_LEN)
-        return _eagle3_allowed(q_idx, kv_idx, Q_LEN) & live
+        allowed = _eagle3_allowed(q_idx, kv_idx, Q_LEN) & live
+        if seq_lens is None and doc_ids is None:
+            return allowed
+        return allowed & _eagle3_sample_allowed(b, q_idx, kv_idx, Q_LEN, seq_lens, doc_ids)
 
     return eagle3_live_mask
 
@@ -88,6 +106,8 @@ def _static_eagle3_block_mask(
     rounds: Tensor | int,
     device: torch.device,
     *,
+    seq_lens: Tensor | None = None,
+    doc_ids: Tensor | None = None,
     live_check_in_mask_mod: bool = True,
 ) -> BlockMask:
     """The static-width BlockMask for ``rounds`` live rounds (Note [static widths]); no checks.
@@ -100,9 +120,9 @@ def _static_eagle3_block_mask(
     KV_LEN = Q_LEN * max_rounds
     if not isinstance(rounds, Tensor):
         rounds = torch.tensor(rounds, device=device)
-    tensors = _eagle3_block_mask_op(Q_LEN, KV_LEN, q_bs, kv_bs, B, H, device, rounds)
+    tensors = _eagle3_block_mask_op(Q_LEN, KV_LEN, q_bs, kv_bs, B, H, device, rounds, seq_lens, doc_ids)
     if live_check_in_mask_mod:
-        mask_mod = _live_eagle3_mask_mod(Q_LEN, rounds)
+        mask_mod = _live_eagle3_mask_mod(Q_LEN, rounds, seq_lens, doc_ids)
     else:
-        mask_mod = eagle3_mask_mod(Q_LEN)
+        mask_mod = eagle3_mask_mod(Q_LEN, seq_lens=seq_lens, doc_ids=doc_ids)
     return BlockMask((Q_LEN, KV_LEN), *tensors, BLOCK_SIZE=(q_bs, kv_bs), mask_mod=mask_mod)

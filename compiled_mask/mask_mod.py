@@ -7,6 +7,7 @@ custom op, the attention backends) is tested against :func:`eagle3_mask_mod` eva
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import _mask_mod_signature
 
@@ -20,7 +21,24 @@ def _eagle3_allowed(q_idx: Tensor, kv_idx: Tensor, Q_LEN: int) -> Tensor:
     return causal | suffix
 
 
-def eagle3_mask_mod(Q_LEN: int) -> _mask_mod_signature:
+def _eagle3_sample_allowed(
+    b: Tensor, q_idx: Tensor, kv_idx: Tensor, Q_LEN: int,
+    seq_lens: Tensor | None, doc_ids: Tensor | None,
+) -> Tensor:
+    """The per-sample restrictions of :func:`eagle3_mask_mod` (True where there are none)."""
+    kv_pos = kv_idx % Q_LEN  # the key's position inside its round
+    allowed = torch.ones_like(q_idx >= 0)
+    if seq_lens is not None:
+        allowed = allowed & (q_idx < seq_lens[b]) & (kv_pos < seq_lens[b])
+    if doc_ids is not None:
+        doc = doc_ids[b, q_idx]
+        allowed = allowed & (doc != -1) & (doc_ids[b, kv_pos] == doc)
+    return allowed
+
+
+def eagle3_mask_mod(
+    Q_LEN: int, *, seq_lens: Tensor | None = None, doc_ids: Tensor | None = None
+) -> _mask_mod_signature:
     """The reference Eagle3 ``mask_mod`` for ``Q_LEN`` query positions.
 
     Query ``q_idx`` (``0 <= q_idx < Q_LEN``) may attend key ``kv_idx`` iff::
@@ -32,9 +50,19 @@ def eagle3_mask_mod(Q_LEN: int) -> _mask_mod_signature:
     ``Q_LEN`` simply ends in a partial round. This is the ``mask_mod`` of TorchSpec's
     ``generate_eagle3_mask(Q_LEN, KV_LEN)``.
 
+    Padded and packed batches restrict it per sample b (with ``kv_pos = kv_idx % Q_LEN``, the
+    key's position inside its round):
+
+    - ``seq_lens[b]``: only ``q_idx < seq_lens[b]`` and ``kv_pos < seq_lens[b]`` attend;
+    - ``doc_ids[b]``: only pairs in one document, ``doc_ids[b, q_idx] == doc_ids[b, kv_pos]``,
+      and never a position marked -1 (padding). Documents must be contiguous runs of positions
+      (the block math relies on it); a suffix key ``kv_pos == q_idx`` is in q's document anyway.
+
     Args:
         Q_LEN: number of query positions (the length of one round). A Python int, or a SymInt
             inside a compiled region.
+        seq_lens: optional int tensor ``[B]``, the valid length of each sample.
+        doc_ids: optional int tensor ``[B, Q_LEN]``, the document of each position (-1: padding).
 
     Returns:
         A ``mask_mod(b, h, q_idx, kv_idx) -> Tensor[bool]`` for ``create_block_mask`` and
@@ -42,8 +70,16 @@ def eagle3_mask_mod(Q_LEN: int) -> _mask_mod_signature:
     """
     if isinstance(Q_LEN, int) and Q_LEN < 1:
         raise ValueError(f"eagle3_mask_mod: Q_LEN must be a positive int, got Q_LEN={Q_LEN}.")
+    if seq_lens is None and doc_ids is None:
 
-    def eagle3_mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        return _eagle3_allowed(q_idx, kv_idx, Q_LEN)
+        def eagle3_mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            return _eagle3_allowed(q_idx, kv_idx, Q_LEN)
 
-    return eagle3_mask
+        return eagle3_mask
+
+    def eagle3_batch_mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return _eagle3_allowed(q_idx, kv_idx, Q_LEN) & _eagle3_sample_allowed(
+            b, q_idx, kv_idx, Q_LEN, seq_lens, doc_ids
+        )
+
+    return eagle3_batch_mask

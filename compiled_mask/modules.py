@@ -7,7 +7,13 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask
 
 from compiled_mask import _fa4, _split
-from compiled_mask._checks import _DEFAULT_BLOCK_SIZE, _block_sizes, _check_positive, _check_rounds
+from compiled_mask._checks import (
+    _DEFAULT_BLOCK_SIZE,
+    _block_sizes,
+    _check_doc_layout,
+    _check_positive,
+    _check_rounds,
+)
 from compiled_mask._flex import flex_eagle3_attention
 from compiled_mask.block_mask import _static_eagle3_block_mask
 
@@ -53,24 +59,37 @@ class Eagle3BlockMask(nn.Module):
         self.B = B
         self.H = H
 
-    def forward(self, rounds: Tensor | int, *, device: torch.device | str | None = None) -> BlockMask:
+    def forward(
+        self,
+        rounds: Tensor | int,
+        *,
+        seq_lens: Tensor | None = None,
+        doc_ids: Tensor | None = None,
+        device: torch.device | str | None = None,
+    ) -> BlockMask:
         """The BlockMask for ``rounds`` live rounds.
 
         Args:
-            rounds: live rounds, a 0-d int tensor (clamped to [1, max_rounds] in the graph) or an
-                int in that range (an int is a graph constant: a new value recompiles).
+            rounds: live rounds, a 0-d int tensor (clamped to [1, max_rounds] in the graph) or,
+                eagerly, an int in that range.
+            seq_lens: optional ``[B]`` valid length of each sample; doc_ids: optional
+                ``[B, q_len]`` document of each position, -1 for padding (``eagle3_mask_mod``).
+                Tensors: new values never recompile.
             device: where to build when ``rounds`` is an int (default: CPU); a tensor's own
                 device is used otherwise.
 
         Returns:
             A BlockMask with ``seq_lengths=(q_len, q_len * max_rounds)``.
         """
+        where = type(self).__name__
         if isinstance(rounds, Tensor):
             device = rounds.device
         device = torch.device("cpu" if device is None else device)
-        _check_rounds(type(self).__name__, rounds, self.max_rounds, device)
+        _check_rounds(where, rounds, self.max_rounds, device)
+        B = _check_doc_layout(where, self.q_len, self.B, seq_lens, doc_ids, device)
         return _static_eagle3_block_mask(
-            self.q_len, self.max_rounds, *self.block_size, self.B, self.H, rounds, device
+            self.q_len, self.max_rounds, *self.block_size, B, self.H, rounds, device,
+            seq_lens=seq_lens, doc_ids=doc_ids,
         )
 
     def extra_repr(self) -> str:
@@ -138,7 +157,16 @@ class Eagle3Attention(nn.Module):
         self.scale = scale
         self.kernel_options = kernel_options
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, rounds: Tensor | int) -> Tensor:
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        rounds: Tensor | int,
+        *,
+        seq_lens: Tensor | None = None,
+        doc_ids: Tensor | None = None,
+    ) -> Tensor:
         """Attention of ``q`` over the live rounds of the K/V buffer.
 
         Args:
@@ -147,6 +175,10 @@ class Eagle3Attention(nn.Module):
             v: ``[B, Hkv, Q_LEN * max_rounds, Dv]``.
             rounds: live rounds, a 0-d int tensor on q's device (one graph for all values; a
                 value outside [1, max_rounds] is clamped), or eagerly an int in that range.
+            seq_lens: optional ``[B]`` valid length of each sample (padded batch); doc_ids:
+                optional ``[B, Q_LEN]`` document of each position, -1 for padding (packed
+                batch); see ``eagle3_mask_mod``. Query rows with nothing to attend (padding)
+                come out as zeros, with zero gradients. Backend "flex" only, for now.
 
         Returns:
             ``[B, Hq, Q_LEN, Dv]``.
@@ -154,6 +186,17 @@ class Eagle3Attention(nn.Module):
         where = type(self).__name__
         _check_qkv(q, k, v, self.q_len, self.kv_len)
         _check_rounds(where, rounds, self.max_rounds, q.device)
+        if seq_lens is not None or doc_ids is not None:
+            if self.backend != "flex":
+                raise NotImplementedError(
+                    f"{where}: seq_lens/doc_ids with backend={self.backend!r} are not supported "
+                    "yet; use backend='flex'."
+                )
+            batch = _check_doc_layout(where, self.q_len, 1, seq_lens, doc_ids, q.device)
+            if batch != q.size(0):
+                raise ValueError(
+                    f"{where}: seq_lens/doc_ids have batch {batch} but q has batch {q.size(0)}."
+                )
         if self.backend == "split":
             if not isinstance(rounds, Tensor):
                 rounds = torch.tensor(rounds, device=q.device)
@@ -167,8 +210,10 @@ class Eagle3Attention(nn.Module):
                     "Cast q, k, v (e.g. .bfloat16()) or use backend='flex'."
                 )
             _fa4._check_fa4_call(where, self.q_len, block_size)
+        B = 1 if seq_lens is None and doc_ids is None else q.size(0)
         block_mask = _static_eagle3_block_mask(
-            self.q_len, self.max_rounds, *block_size, 1, 1, rounds, q.device,
+            self.q_len, self.max_rounds, *block_size, B, 1, rounds, q.device,
+            seq_lens=seq_lens, doc_ids=doc_ids,
             live_check_in_mask_mod=self.backend != "fa4",  # Note [FA4 mask_mod] in _fa4.py
         )
         return _MASK_BACKENDS[self.backend](

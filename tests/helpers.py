@@ -19,11 +19,11 @@ PAIRS = (
 )
 
 
-def reference_block_mask(Q_LEN, KV_LEN, BLOCK_SIZE=128, B=1, H=1, device="cpu") -> BlockMask:
+def reference_block_mask(Q_LEN, KV_LEN, BLOCK_SIZE=128, B=1, H=1, device="cpu",
+                         seq_lens=None, doc_ids=None) -> BlockMask:
     """The ground truth: create_block_mask on the reference mask_mod."""
-    return create_block_mask(
-        eagle3_mask_mod(Q_LEN), B, H, Q_LEN, KV_LEN, device=device, BLOCK_SIZE=BLOCK_SIZE
-    )
+    mask_mod = eagle3_mask_mod(Q_LEN, seq_lens=seq_lens, doc_ids=doc_ids)
+    return create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device=device, BLOCK_SIZE=BLOCK_SIZE)
 
 
 def listed(num: Tensor, indices: Tensor) -> Tensor:
@@ -72,22 +72,33 @@ def ceil_div(a: int, b: int) -> int:
 
 
 def dense_reference_attention(q, k, v, allowed: Tensor, scale=None) -> Tensor:
-    """float64 softmax attention over the pairs ``allowed [Q_LEN, KV_LEN]``; GQA by repetition."""
+    """float64 softmax attention over the pairs ``allowed`` (``[Q_LEN, KV_LEN]`` or
+    ``[B, 1, Q_LEN, KV_LEN]``); GQA by repetition; rows with no allowed key give zeros."""
     q, k, v = (t.double() for t in (q, k, v))
     groups = q.size(1) // k.size(1)
     k = k.repeat_interleave(groups, dim=1)  # [B, Hq, KV_LEN, D]
     v = v.repeat_interleave(groups, dim=1)  # [B, Hq, KV_LEN, Dv]
     scale = 1 / math.sqrt(q.size(-1)) if scale is None else scale
     scores = (q @ k.transpose(-1, -2)) * scale  # [B, Hq, Q_LEN, KV_LEN]
-    scores = scores.masked_fill(~allowed.to(scores.device), float("-inf"))
-    return scores.softmax(-1) @ v  # [B, Hq, Q_LEN, Dv]
+    allowed = allowed.to(scores.device)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = scores.softmax(-1).nan_to_num(0.0)  # empty rows: 0/0 -> 0
+    return probs @ v  # [B, Hq, Q_LEN, Dv]
 
 
-def eagle3_dense(Q_LEN: int, KV_LEN: int, live_kv_len: int | None = None) -> Tensor:
-    """The reference mask on the whole grid, ``[Q_LEN, KV_LEN]`` bool; keys >= live_kv_len dead."""
+def eagle3_dense(Q_LEN: int, KV_LEN: int, live_kv_len: int | None = None,
+                 seq_lens=None, doc_ids=None) -> Tensor:
+    """The reference mask on the whole grid, ``[Q_LEN, KV_LEN]`` bool (``[B, 1, Q_LEN, KV_LEN]``
+    with seq_lens/doc_ids); keys >= live_kv_len dead."""
     q = torch.arange(Q_LEN).unsqueeze(-1)
     kv = torch.arange(KV_LEN).unsqueeze(0)
-    allowed = eagle3_mask_mod(Q_LEN)(None, None, q, kv)
+    if seq_lens is not None or doc_ids is not None:
+        B = (seq_lens if seq_lens is not None else doc_ids).shape[0]
+        mask_mod = eagle3_mask_mod(Q_LEN, seq_lens=seq_lens, doc_ids=doc_ids)
+        b = torch.arange(B).view(B, 1, 1, 1)
+        allowed = mask_mod(b, None, q, kv)  # [B, 1, Q_LEN, KV_LEN]
+    else:
+        allowed = eagle3_mask_mod(Q_LEN)(None, None, q, kv)
     if live_kv_len is not None:
         allowed = allowed & (kv < live_kv_len)
     return allowed

@@ -46,7 +46,7 @@ def test_large_shapes_match_create_block_mask(Q_LEN, KV_LEN, BLOCK_SIZE):
 def _fused_vs_torch_ops(Q_LEN, KV_LEN, q_bs, kv_bs, B, H, rounds):
     cuda = torch.device("cuda")
     rounds_t = None if rounds is None else torch.tensor(rounds, device=cuda)
-    fused = _eagle3_block_mask_op(Q_LEN, KV_LEN, q_bs, kv_bs, B, H, cuda, rounds_t)
+    fused = _eagle3_block_mask_op(Q_LEN, KV_LEN, q_bs, kv_bs, B, H, cuda, rounds_t, None, None)
     live = KV_LEN if rounds is None else _live_kv_len(rounds_t, Q_LEN, KV_LEN)
     want = eagle3_block_tensors(Q_LEN, KV_LEN, q_bs, kv_bs, B, H, live, cuda)
     for i, (f, w) in enumerate(zip(fused, want)):

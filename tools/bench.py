@@ -136,7 +136,7 @@ def mask_build_rows(device, q_lens, rounds_list, block_sizes, reps) -> list[dict
 
                 def op_eager():
                     return _eagle3_block_mask_op(q_len, kv_len, q_bs, kv_bs, 1, 1, device,
-                                                 live[next(it) % ROTATE])
+                                                 live[next(it) % ROTATE], None, None)
 
                 def build(r):
                     bm = _static_eagle3_block_mask(q_len, rounds, q_bs, kv_bs, 1, 1, r, device)

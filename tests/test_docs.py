@@ -1,0 +1,220 @@
+"""Padded (seq_lens) and packed (doc_ids) batches: exact block parity, attention, one graph."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+import torch._inductor.utils
+from helpers import (
+    PAIRS,
+    assert_same_blocks,
+    ceil_div,
+    dense_reference_attention,
+    eagle3_dense,
+    listed,
+    reference_block_mask,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from compiled_mask import Eagle3Attention, Eagle3BlockMask, eagle3_block_mask
+from compiled_mask.inspect import GraphCounter, watch_recompiles
+
+
+def docs(*rows):
+    """doc_ids from run lengths per sample: ``(3, 2, -4)`` = doc 0 x3, doc 1 x2, 4 padding."""
+    out = []
+    for row in rows:
+        ids, doc = [], 0
+        for n in row:
+            ids += [-1] * -n if n < 0 else [doc] * n
+            doc += n > 0
+        out.append(ids)
+    return torch.tensor(out)
+
+
+# (Q_LEN, KV_LEN, BLOCK_SIZE, seq_lens, doc_ids)
+GRID = [
+    (256, 768, 128, [256, 200, 1, 0], None),  # full, partial, one token, all padding
+    (300, 1000, 128, [300, 129, 450], None),  # Q_LEN off the blocks, length > Q_LEN
+    (100, 400, (64, 32), [37, 64], None),  # rectangular blocks
+    (12, 40, (4, 2), None, docs((5, 7), (12,), (3, -2, 4, -3), (-11, 1))),  # packed, padding
+    (256, 1024, 128, None, docs((100, 28, 128), (256,), (1, 1, 1, 253))),  # docs on/off blocks
+    (130, 390, (64, 32), [120, 130], docs((60, 70), (10, 50, -70))),  # both
+    (1, 5, 1, [1, 0], docs((1,), (-1,))),  # Q_LEN = 1
+]
+
+
+@pytest.mark.parametrize("Q_LEN, KV_LEN, BLOCK_SIZE, seq_lens, doc_ids", GRID)
+def test_matches_create_block_mask(Q_LEN, KV_LEN, BLOCK_SIZE, seq_lens, doc_ids):
+    seq_lens = None if seq_lens is None else torch.tensor(seq_lens)
+    B = (seq_lens if seq_lens is not None else doc_ids).shape[0]
+    ours = eagle3_block_mask(Q_LEN, KV_LEN, device="cpu", BLOCK_SIZE=BLOCK_SIZE,
+                             seq_lens=seq_lens, doc_ids=doc_ids)
+    assert ours.kv_num_blocks.shape[:2] == (B, 1)
+    ref = reference_block_mask(Q_LEN, KV_LEN, BLOCK_SIZE, B=B, seq_lens=seq_lens, doc_ids=doc_ids)
+    assert_same_blocks(ours, ref)
+
+
+def test_padding_blocks_are_absent_and_document_blocks_full():
+    """A sample of length 128 in a 512 bucket lists nothing past its length; inside one
+    document, blocks below the diagonal stay FULL."""
+    bm = eagle3_block_mask(512, 1024, device="cpu", seq_lens=torch.tensor([128, 512]))
+    assert bm.kv_num_blocks[0, 0].tolist() == [2, 0, 0, 0]  # q-block 0: diagonal + round 2
+    assert bm.full_kv_num_blocks[0, 0].tolist() == [0, 0, 0, 0]
+    assert bm.full_kv_num_blocks[1, 0].tolist() == [0, 1, 2, 3]
+    packed = eagle3_block_mask(512, 512, device="cpu", doc_ids=docs((256, 256)))
+    assert packed.full_kv_num_blocks[0, 0].tolist() == [0, 1, 0, 1]  # nothing across documents
+
+
+@st.composite
+def layouts(draw):
+    kv_bs = draw(st.sampled_from([1, 2, 8, 16, 64]))
+    q_bs = kv_bs * draw(st.sampled_from([1, 2, 4]))
+    Q_LEN = draw(st.integers(1, 160))
+    rounds = draw(st.integers(1, 4))
+    KV_LEN = Q_LEN * rounds + draw(st.integers(0, Q_LEN - 1))
+    if ceil_div(Q_LEN, q_bs) * ceil_div(KV_LEN, kv_bs) > 8_000:
+        q_bs, kv_bs = 64, 32
+    B = draw(st.integers(1, 3))
+    seq_lens = doc_ids = None
+    if draw(st.booleans()):
+        seq_lens = torch.tensor(draw(st.lists(st.integers(-1, Q_LEN + 2), min_size=B, max_size=B)))
+    if draw(st.booleans()) or seq_lens is None:
+        rows = []
+        for _ in range(B):
+            runs, left = [], Q_LEN
+            while left:  # documents (> 0) and padding (< 0); empty documents are skipped ids
+                n = draw(st.integers(1, left))
+                runs.append(-n if draw(st.integers(0, 3)) == 0 else n)
+                left -= n
+            rows.append(runs)
+        doc_ids = docs(*rows)
+        if draw(st.booleans()):  # empty documents: ids that never appear
+            doc_ids = torch.where(doc_ids >= 0, doc_ids * 2, doc_ids)
+    return Q_LEN, KV_LEN, (q_bs, kv_bs), B, seq_lens, doc_ids
+
+
+@settings(max_examples=200, deadline=None)
+@given(layouts())
+def test_fuzz_matches_create_block_mask(layout):
+    Q_LEN, KV_LEN, BLOCK_SIZE, B, seq_lens, doc_ids = layout
+    ours = eagle3_block_mask(Q_LEN, KV_LEN, device="cpu", BLOCK_SIZE=BLOCK_SIZE,
+                             seq_lens=seq_lens, doc_ids=doc_ids)
+    ref = reference_block_mask(Q_LEN, KV_LEN, BLOCK_SIZE, B=B, seq_lens=seq_lens, doc_ids=doc_ids)
+    assert_same_blocks(ours, ref)
+
+
+def test_static_width_with_documents():
+    q_len, max_rounds, block_size = 100, 4, (64, 32)
+    seq_lens, doc_ids = torch.tensor([90, 100]), docs((40, -10, 50), (30, 30, 40))
+    module = Eagle3BlockMask(q_len, max_rounds, block_size=block_size)
+    for r in range(1, max_rounds + 1):
+        ours = module(torch.tensor(r), seq_lens=seq_lens, doc_ids=doc_ids)
+        ref = reference_block_mask(q_len, q_len * r, block_size, B=2, seq_lens=seq_lens, doc_ids=doc_ids)
+        n_kv = ceil_div(q_len * r, block_size[1])
+        for num_name, idx_name in PAIRS:
+            got = listed(getattr(ours, num_name), getattr(ours, idx_name))
+            want = listed(getattr(ref, num_name), getattr(ref, idx_name))
+            if num_name.startswith(("kv", "full_kv")):
+                assert torch.equal(got[..., :n_kv], want) and not got[..., n_kv:].any()
+            else:
+                assert torch.equal(got[..., :n_kv, :], want) and not got[..., n_kv:, :].any()
+
+
+@pytest.fixture(scope="module")
+def compiled_flex_attention():
+    torch._dynamo.reset()
+    counter = GraphCounter()
+    with torch._inductor.utils.fresh_cache():
+        yield counter, torch.compile(Eagle3Attention(200, 3), backend=counter, fullgraph=True)
+    torch._dynamo.reset()
+
+
+def _qkv(B, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, 4, 200, 16, generator=g), torch.randn(B, 2, 600, 16, generator=g),
+            torch.randn(B, 2, 600, 16, generator=g))
+
+
+def test_attention_one_graph_zero_padding_rows(compiled_flex_attention):
+    """New seq_lens/doc_ids values and new rounds: same graph; padding rows are zeros."""
+    counter, attn = compiled_flex_attention
+    layouts = [
+        (torch.tensor([200, 77, 0]), None),
+        (None, docs((50, -20, 130), (200,), (-199, 1))),
+        (torch.tensor([150, 180, 10]), docs((100, 100), (1, 199), (10, 190))),
+    ]
+    with watch_recompiles() as reasons:
+        for i, (seq_lens, doc_ids) in enumerate(layouts):
+            if seq_lens is None:  # keep the graph's inputs the same: all-valid lengths
+                seq_lens = torch.tensor([200, 200, 200])
+            for r in (1, 2, 3):
+                q, k, v = _qkv(3, seed=10 * i + r)
+                out = attn(q, k, v, torch.tensor(r), seq_lens=seq_lens, doc_ids=doc_ids)
+                allowed = eagle3_dense(200, 600, live_kv_len=200 * r, seq_lens=seq_lens, doc_ids=doc_ids)
+                want = dense_reference_attention(q, k, v, allowed)
+                assert not out.isnan().any()
+                torch.testing.assert_close(out.double(), want, rtol=0, atol=2e-5)
+                empty = ~allowed.any(-1).squeeze(1)  # [B, Q_LEN] rows with nothing to attend
+                assert empty.any() or i == 1
+                assert (out.permute(0, 2, 1, 3)[empty] == 0).all()
+    assert reasons == [] or all("doc_ids" in r for r in reasons), reasons
+    # One graph without doc_ids, one with (doc_ids None vs a tensor is a different graph).
+    assert counter.graphs == 2, reasons
+
+
+@pytest.mark.parametrize("backend", ["split"])
+def test_other_backends_refuse_layouts_for_now(backend):
+    attn = Eagle3Attention(64, 2, backend=backend)
+    q, k = torch.randn(2, 2, 64, 8), torch.randn(2, 2, 128, 8)
+    with pytest.raises(NotImplementedError, match=r"seq_lens/doc_ids with backend='split' are not supported yet"):
+        attn(q, k, k.clone(), torch.tensor(1), seq_lens=torch.tensor([3, 64]))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(seq_lens=torch.tensor([[3]])), r"seq_lens must be an int tensor \[B\], got shape \(1, 1\)"),
+        (dict(seq_lens=torch.tensor([3.0])), r"seq_lens must be an int tensor \[B\], got shape \(1,\) and dtype torch.float32"),
+        (dict(doc_ids=torch.zeros(2, 10, dtype=torch.long)), r"doc_ids must be \[B, Q_LEN=12\], got shape \(2, 10\)"),
+        (dict(seq_lens=torch.tensor([1, 2]), doc_ids=torch.zeros(3, 12, dtype=torch.long)), r"one batch size, got 2 and 3"),
+        (dict(seq_lens=torch.tensor([1, 2]), B=3), r"B=3 but seq_lens/doc_ids have batch 2"),
+        (dict(seq_lens=torch.tensor([1, 2], device="meta")), r"seq_lens is on meta but the mask is built on cpu"),
+    ],
+)
+def test_layout_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        eagle3_block_mask(12, 24, device="cpu", **kwargs)
+
+
+def test_attention_batch_mismatch():
+    attn = Eagle3Attention(64, 2)
+    q, k = torch.randn(2, 2, 64, 8), torch.randn(2, 2, 128, 8)
+    with pytest.raises(ValueError, match=r"seq_lens/doc_ids have batch 3 but q has batch 2"):
+        attn(q, k, k.clone(), torch.tensor(1), seq_lens=torch.tensor([1, 2, 3]))
+
+
+@pytest.mark.gpu
+def test_cuda_padded_batch_forward_backward_no_nan():
+    """Padding rows: zero output and zero, finite gradients; the rest matches float64."""
+    torch._dynamo.reset()
+    attn = torch.compile(Eagle3Attention(1024, 4), fullgraph=True)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    make = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)  # noqa: E731
+    q, k, v = make(3, 8, 1024, 64), make(3, 2, 4096, 64), make(3, 2, 4096, 64)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    dout = make(3, 8, 1024, 64)
+    seq_lens = torch.tensor([1024, 300, 0], device="cuda")
+    doc_ids = docs((500, 524), (100, 200, -724), (-1024,)).cuda()
+    out = attn(q, k, v, torch.tensor(3, device="cuda"), seq_lens=seq_lens, doc_ids=doc_ids)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    allowed = eagle3_dense(1024, 4096, live_kv_len=3072, seq_lens=seq_lens.cpu(), doc_ids=doc_ids.cpu()).cuda()
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = dense_reference_attention(q64, k64, v64, allowed)
+    want_grads = torch.autograd.grad(want, (q64, k64, v64), dout.double())
+    for got, ref in zip((out, *grads), (want, *want_grads)):
+        assert torch.isfinite(got).all()
+        assert ((got.double() - ref).norm() / ref.norm()).item() < 1e-2
+    assert (out[2] == 0).all() and (grads[0][2] == 0).all()
