@@ -24,7 +24,9 @@ import importlib.util
 
 import torch
 from torch import Tensor
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask
+
+from compiled_mask._flex import flex_eagle3_attention
 
 _INSTALL_HINT = "Install it with: pip install 'compiled-mask[fa4]' (the flash-attn-4 package)."
 # FA4's tiles are 128 wide in both directions on SM90 and SM100 (m tile 128 x q_stage 2 = 256 on
@@ -120,12 +122,5 @@ def fa4_eagle3_attention(
     Returns:
         ``[B, Hq, Q_LEN, D]``.
     """
-    return flex_attention(
-        q,
-        k,
-        v,
-        block_mask=block_mask,
-        scale=scale,
-        enable_gqa=q.size(1) != k.size(1),
-        kernel_options={**(kernel_options or {}), "BACKEND": "FLASH"},
-    )
+    options = {**(kernel_options or {}), "BACKEND": "FLASH"}
+    return flex_eagle3_attention(q, k, v, block_mask, scale=scale, kernel_options=options)

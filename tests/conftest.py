@@ -1,5 +1,7 @@
 import pytest
 import torch
+import torch._dynamo
+import torch._inductor.utils
 
 
 def pytest_collection_modifyitems(config, items):
@@ -10,3 +12,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def fresh_compile_state():
+    """A reset dynamo and a fresh Inductor cache directory, for tests that count graphs or
+    compile with settings of their own (DESIGN.md: an old cache entry can hide a recompile)."""
+    torch._dynamo.reset()
+    with torch._inductor.utils.fresh_cache():
+        yield
+    torch._dynamo.reset()

@@ -67,6 +67,11 @@ def assert_same_blocks(ours: BlockMask, ref: BlockMask, *, broadcast=False) -> N
     assert torch.equal(ours.to_dense(), ref.to_dense())
 
 
+def rel_err(got: Tensor, want: Tensor) -> float:
+    """``||got - want|| / ||want||``, in float64."""
+    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 

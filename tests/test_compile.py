@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo
-import torch._inductor.utils
 from expecttest import TestCase
 from helpers import dense_reference_attention, eagle3_dense
 from torch import nn
@@ -46,12 +45,10 @@ def _inputs(q_len, max_rounds, seed=0):
 
 
 @pytest.fixture(autouse=True)
-def fresh_compile_state():
+def fresh_no_grad(fresh_compile_state):
     # no_grad: flex_attention has no backward on CPU (the fwd+bwd counts are GPU tests).
-    torch._dynamo.reset()
-    with torch._inductor.utils.fresh_cache(), torch.no_grad():
+    with torch.no_grad():
         yield
-    torch._dynamo.reset()
 
 
 class TestRecompiles(TestCase):

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch._dynamo
-import torch._inductor.utils
-from helpers import assert_same_blocks, dense_reference_attention, eagle3_dense, reference_block_mask
+from helpers import rel_err, assert_same_blocks, dense_reference_attention, eagle3_dense, reference_block_mask
 
 from compiled_mask import Eagle3Attention, eagle3_block_mask
 from compiled_mask import _fa4
@@ -96,18 +94,6 @@ def _needs_fa4():
         pytest.skip("needs CUDA and flash_attn.cute")
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("needs SM90+")
-
-
-@pytest.fixture
-def fresh_compile_state():
-    torch._dynamo.reset()
-    with torch._inductor.utils.fresh_cache():
-        yield
-    torch._dynamo.reset()
-
-
-def rel_err(got, want):
-    return ((got.double() - want).norm() / want.norm()).item()
 
 
 def _qkv(B, Hq, Hkv, Q_LEN, KV_LEN, D, dtype, seed=0):

@@ -10,28 +10,14 @@ import random
 
 import pytest
 import torch
-import torch._dynamo
-import torch._inductor.utils
-from helpers import assert_same_blocks, dense_reference_attention, eagle3_dense, reference_block_mask
+from helpers import rel_err, assert_same_blocks, dense_reference_attention, eagle3_dense, reference_block_mask
 
 from compiled_mask import Eagle3Attention, eagle3_block_mask
 from compiled_mask._blocks import eagle3_block_tensors
 from compiled_mask._op import _eagle3_block_mask_op, _live_kv_len
 from compiled_mask.inspect import GraphCounter, watch_recompiles
 
-pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(autouse=True)
-def fresh_compile_state():
-    torch._dynamo.reset()
-    with torch._inductor.utils.fresh_cache():
-        yield
-    torch._dynamo.reset()
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got.double() - want).norm() / want.norm()).item()
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("fresh_compile_state")]
 
 
 @pytest.mark.parametrize(

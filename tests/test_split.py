@@ -8,17 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch._dynamo
-import torch._inductor.utils
 from expecttest import TestCase
-from helpers import dense_reference_attention, eagle3_dense
+from helpers import rel_err, dense_reference_attention, eagle3_dense
 
 from compiled_mask import Eagle3Attention
 from compiled_mask.inspect import GraphCounter, compile_summary, watch_recompiles
-
-
-def rel_err(got, want):
-    return ((got.double() - want).norm() / want.norm()).item()
 
 
 def _case(B, Hq, Hkv, q_len, max_rounds, D, dtype, seed=0):
@@ -71,19 +65,8 @@ def test_int_rounds_eagerly_and_out_of_range_tensor_clamps():
         torch.testing.assert_close(attn(q, k, v, torch.tensor(-1)), attn(q, k, v, torch.tensor(1)))
 
 
-@pytest.fixture
-def fresh_compile_state():
-    torch._dynamo.reset()
-    with torch._inductor.utils.fresh_cache():
-        yield
-    torch._dynamo.reset()
-
-
+@pytest.mark.usefixtures("fresh_compile_state")
 class TestSplitCompiled(TestCase):
-    @pytest.fixture(autouse=True)
-    def _fresh(self, fresh_compile_state):
-        pass
-
     def test_ttt_loop_forward_backward_one_graph(self):
         """Compiled fwd+bwd over rounds 1..7: one graph, each step equal to the reference."""
         q_len, max_rounds = 100, 7

@@ -8,19 +8,12 @@ import struct
 import pytest
 import torch
 import torch._dynamo
-import torch._inductor.utils
 from expecttest import TestCase
 
 from compiled_mask.cli import guards, show
 from compiled_mask.inspect import guard_group, parse_graph_break_log, parse_guard_tree
 
-
-@pytest.fixture(autouse=True)
-def fresh_compile_state():
-    torch._dynamo.reset()
-    with torch._inductor.utils.fresh_cache():
-        yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_compile_state")
 
 
 class TestGuardReport(TestCase):
