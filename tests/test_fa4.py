@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import rel_err, assert_same_blocks, dense_reference_attention, eagle3_dense, reference_block_mask
+from helpers import (
+    assert_same_blocks,
+    dense_reference_attention,
+    eagle3_dense,
+    reference_block_mask,
+    rel_err,
+)
 
-from compiled_mask import Eagle3Attention, eagle3_block_mask
-from compiled_mask import _fa4
+from compiled_mask import Eagle3Attention, _fa4, eagle3_block_mask
 from compiled_mask.inspect import GraphCounter, watch_recompiles
 
 

@@ -10,7 +10,13 @@ import random
 
 import pytest
 import torch
-from helpers import rel_err, assert_same_blocks, dense_reference_attention, eagle3_dense, reference_block_mask
+from helpers import (
+    assert_same_blocks,
+    dense_reference_attention,
+    eagle3_dense,
+    reference_block_mask,
+    rel_err,
+)
 
 from compiled_mask import Eagle3Attention, eagle3_block_mask
 from compiled_mask._blocks import eagle3_block_tensors

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from expecttest import TestCase
-from helpers import rel_err, dense_reference_attention, eagle3_dense
+from helpers import dense_reference_attention, eagle3_dense, rel_err
 
 from compiled_mask import Eagle3Attention
 from compiled_mask.inspect import GraphCounter, compile_summary, watch_recompiles
