@@ -198,6 +198,11 @@ class Eagle3Attention(nn.Module):
                     f"{where}: seq_lens/doc_ids have batch {batch} but q has batch {q.size(0)}."
                 )
         if self.backend == "split":
+            if q.device.type == "cuda" and q.dtype not in (torch.bfloat16, torch.float16):
+                raise ValueError(
+                    f"{where}: backend='split' on CUDA runs SDPA's flash kernel, which takes bf16 "
+                    f"or fp16 inputs, got {q.dtype}. Cast q, k, v or use backend='flex'."
+                )
             if not isinstance(rounds, Tensor):
                 rounds = torch.tensor(rounds, device=q.device)
             return _split.split_eagle3_attention(q, k, v, rounds, q_len=self.q_len, scale=self.scale)

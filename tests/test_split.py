@@ -136,3 +136,11 @@ def test_split_cuda_ttt_loop_one_graph(fresh_compile_state):
         for r in range(1, 9):
             attn(q, k, v, torch.tensor(r, device="cuda")).sum().backward()
     assert counter.graphs == 1, reasons
+
+
+@pytest.mark.gpu
+def test_split_cuda_refuses_float32():
+    attn = Eagle3Attention(128, 2, backend="split")
+    q, k = torch.randn(1, 2, 128, 64, device="cuda"), torch.randn(1, 2, 256, 64, device="cuda")
+    with pytest.raises(ValueError, match=r"SDPA's flash kernel, which takes bf16 or fp16 inputs, got torch.float32"):
+        attn(q, k, k.clone(), torch.tensor(1, device="cuda"))
