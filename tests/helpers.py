@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
-from compiled_mask import eagle3_mask_mod
+from compiled_mask import Eagle3Attention, eagle3_mask_mod
+from compiled_mask.inspect import GraphCounter, watch_recompiles
 
 # The four (num, indices) pairs of a BlockMask, kv-direction first.
 PAIRS = (
@@ -107,3 +108,63 @@ def eagle3_dense(Q_LEN: int, KV_LEN: int, live_kv_len: int | None = None,
     if live_kv_len is not None:
         allowed = allowed & (kv < live_kv_len)
     return allowed
+
+
+def float64_reference(q, k, v, dout, allowed: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+    """Output and (dq, dk, dv) of :func:`dense_reference_attention` in float64."""
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out = dense_reference_attention(q64, k64, v64, allowed.to(q.device))
+    return out, torch.autograd.grad(out, (q64, k64, v64), dout.double())
+
+
+# ----------------------------------------------------------------------------- CUDA tests
+
+
+def cuda_qkv(B, Hq, Hkv, q_len, kv_len, D, dtype, seed=0):
+    """Random q, k, v (requiring grad) and dout on CUDA."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    make = lambda *shape: torch.randn(*shape, device="cuda", dtype=dtype, generator=g)  # noqa: E731
+    q, k, v = make(B, Hq, q_len, D), make(B, Hkv, kv_len, D), make(B, Hkv, kv_len, D)
+    return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), make(B, Hq, q_len, D)
+
+
+def backend_errors(backends, q_len, max_rounds, live, Hq, Hkv, D, dtype) -> dict[str, list[float]]:
+    """Relative errors of out, dq, dk, dv against float64, per compiled backend, on one input."""
+    q, k, v, dout = cuda_qkv(2, Hq, Hkv, q_len, q_len * max_rounds, D, dtype)
+    allowed = eagle3_dense(q_len, q_len * max_rounds, live_kv_len=q_len * live)
+    want, want_grads = float64_reference(q, k, v, dout, allowed)
+    errors = {}
+    for backend in backends:
+        attn = torch.compile(Eagle3Attention(q_len, max_rounds, backend=backend), fullgraph=True)
+        out = attn(q, k, v, torch.tensor(live, device="cuda"))
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+        errors[backend] = [rel_err(out, want)] + [rel_err(g, w) for g, w in zip(grads, want_grads)]
+    print("rel errors out/dq/dk/dv:", errors)
+    return errors
+
+
+def assert_ttt_loop_one_graph(backend, q_len, Hq, Hkv, D, max_rounds=8):
+    """A compiled fwd+bwd TTT loop over rounds 1..max_rounds compiles one graph."""
+    counter = GraphCounter()
+    attn = torch.compile(Eagle3Attention(q_len, max_rounds, backend=backend), backend=counter,
+                         fullgraph=True)
+    q, k, v, _ = cuda_qkv(1, Hq, Hkv, q_len, q_len * max_rounds, D, torch.bfloat16)
+    with watch_recompiles() as reasons:
+        for r in range(1, max_rounds + 1):
+            attn(q, k, v, torch.tensor(r, device="cuda")).sum().backward()
+    assert counter.graphs == 1, reasons
+    assert reasons == []
+
+
+def assert_cuda_graph_forward(backend, q_len, Hq, Hkv, D, max_rounds=4):
+    """mode="reduce-overhead": the static-shape step replays as a CUDA graph, and stays right."""
+    compiled = torch.compile(Eagle3Attention(q_len, max_rounds, backend=backend),
+                             mode="reduce-overhead", fullgraph=True)
+    q, k, v, _ = (t.detach() for t in cuda_qkv(1, Hq, Hkv, q_len, q_len * max_rounds, D, torch.bfloat16))
+    rounds = [torch.tensor(r, device="cuda") for r in range(1, max_rounds + 1)]
+    with torch.no_grad():
+        for _ in range(3):  # warm-up, record, replay
+            outs = [compiled(q, k, v, r).clone() for r in rounds]
+        for r, out in enumerate(outs, 1):
+            allowed = eagle3_dense(q_len, q_len * max_rounds, live_kv_len=q_len * r).cuda()
+            assert rel_err(out, dense_reference_attention(q, k, v, allowed)) < 1e-2

@@ -5,15 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import (
+    assert_cuda_graph_forward,
     assert_same_blocks,
-    dense_reference_attention,
-    eagle3_dense,
+    assert_ttt_loop_one_graph,
+    backend_errors,
     reference_block_mask,
-    rel_err,
 )
 
 from compiled_mask import Eagle3Attention, _fa4, eagle3_block_mask
-from compiled_mask.inspect import GraphCounter, watch_recompiles
 
 
 @pytest.fixture
@@ -101,13 +100,6 @@ def _needs_fa4():
         pytest.skip("needs SM90+")
 
 
-def _qkv(B, Hq, Hkv, Q_LEN, KV_LEN, D, dtype, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    make = lambda *shape: torch.randn(*shape, device="cuda", dtype=dtype, generator=g)  # noqa: E731
-    return (make(B, Hq, Q_LEN, D).requires_grad_(), make(B, Hkv, KV_LEN, D).requires_grad_(),
-            make(B, Hkv, KV_LEN, D).requires_grad_())
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("block_size", [(128, 128), (256, 128)])
 def test_fa4_accepts_our_tensors(block_size):
@@ -148,21 +140,7 @@ def test_fa4_accepts_our_tensors(block_size):
 )
 def test_fa4_forward_backward_vs_float64_and_flex(fresh_compile_state, q_len, max_rounds, live, Hq, Hkv, D, dtype):
     _needs_fa4()
-    q, k, v = _qkv(2, Hq, Hkv, q_len, q_len * max_rounds, D, dtype)
-    dout = torch.randn(2, Hq, q_len, D, device="cuda", dtype=dtype)
-    rounds = torch.tensor(live, device="cuda")
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    allowed = eagle3_dense(q_len, q_len * max_rounds, live_kv_len=q_len * live).cuda()
-    want = dense_reference_attention(q64, k64, v64, allowed)
-    want_grads = torch.autograd.grad(want, (q64, k64, v64), dout.double())
-
-    errors = {}
-    for backend in ("fa4", "flex"):
-        attn = torch.compile(Eagle3Attention(q_len, max_rounds, backend=backend), fullgraph=True)
-        out = attn(q, k, v, rounds)
-        grads = torch.autograd.grad(out, (q, k, v), dout)
-        errors[backend] = [rel_err(out, want)] + [rel_err(g, w) for g, w in zip(grads, want_grads)]
-    print("rel errors out/dq/dk/dv:", errors)
+    errors = backend_errors(("fa4", "flex"), q_len, max_rounds, live, Hq, Hkv, D, dtype)
     for fa4_err, flex_err in zip(errors["fa4"], errors["flex"]):
         assert fa4_err < 1e-2
         assert fa4_err <= 1.25 * flex_err  # no worse than flex-Triton (up to rounding noise)
@@ -171,25 +149,10 @@ def test_fa4_forward_backward_vs_float64_and_flex(fresh_compile_state, q_len, ma
 @pytest.mark.gpu
 def test_fa4_ttt_loop_one_graph_forward_backward(fresh_compile_state):
     _needs_fa4()
-    counter = GraphCounter()
-    attn = torch.compile(Eagle3Attention(1024, 8, backend="fa4"), backend=counter, fullgraph=True)
-    q, k, v = _qkv(1, 8, 2, 1024, 1024 * 8, 128, torch.bfloat16)
-    with watch_recompiles() as reasons:
-        for r in range(1, 9):
-            attn(q, k, v, torch.tensor(r, device="cuda")).sum().backward()
-    assert counter.graphs == 1, reasons
-    assert reasons == []
+    assert_ttt_loop_one_graph("fa4", 1024, 8, 2, 128)
 
 
 @pytest.mark.gpu
 def test_fa4_cuda_graph_forward(fresh_compile_state):
     _needs_fa4()
-    compiled = torch.compile(Eagle3Attention(1024, 4, backend="fa4"), mode="reduce-overhead", fullgraph=True)
-    q, k, v = (t.detach() for t in _qkv(1, 8, 2, 1024, 4096, 128, torch.bfloat16))
-    rounds = [torch.tensor(r, device="cuda") for r in (1, 2, 3, 4)]
-    with torch.no_grad():
-        for _ in range(3):  # warm-up, record, replay
-            outs = [compiled(q, k, v, r).clone() for r in rounds]
-        for r, out in zip(rounds, outs):
-            allowed = eagle3_dense(1024, 4096, live_kv_len=1024 * int(r)).cuda()
-            assert rel_err(out, dense_reference_attention(q, k, v, allowed)) < 1e-2
+    assert_cuda_graph_forward("fa4", 1024, 8, 2, 128)

@@ -11,9 +11,12 @@ import random
 import pytest
 import torch
 from helpers import (
+    assert_cuda_graph_forward,
     assert_same_blocks,
-    dense_reference_attention,
+    assert_ttt_loop_one_graph,
+    cuda_qkv,
     eagle3_dense,
+    float64_reference,
     reference_block_mask,
     rel_err,
 )
@@ -21,7 +24,6 @@ from helpers import (
 from compiled_mask import Eagle3Attention, eagle3_block_mask
 from compiled_mask._blocks import eagle3_block_tensors
 from compiled_mask._op import _eagle3_block_mask_op, _live_kv_len
-from compiled_mask.inspect import GraphCounter, watch_recompiles
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("fresh_compile_state")]
 
@@ -75,15 +77,6 @@ def test_fused_kernel_fuzz():
         _fused_vs_torch_ops(Q_LEN, KV_LEN, q_bs, kv_bs, rng.randint(1, 2), rng.randint(1, 2), rounds)
 
 
-def _qkv(B, Hq, Hkv, Q_LEN, KV_LEN, D, dtype, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    make = lambda *shape: torch.randn(*shape, device="cuda", dtype=dtype, generator=g)  # noqa: E731
-    q = make(B, Hq, Q_LEN, D).requires_grad_()
-    k = make(B, Hkv, KV_LEN, D).requires_grad_()
-    v = make(B, Hkv, KV_LEN, D).requires_grad_()
-    return q, k, v
-
-
 @pytest.mark.parametrize(
     "q_len, max_rounds, live, Hq, Hkv, D, block_size",
     [
@@ -94,15 +87,11 @@ def _qkv(B, Hq, Hkv, Q_LEN, KV_LEN, D, dtype, seed=0):
 )
 def test_forward_backward_vs_float64(q_len, max_rounds, live, Hq, Hkv, D, block_size):
     attn = torch.compile(Eagle3Attention(q_len, max_rounds, block_size=block_size), fullgraph=True)
-    q, k, v = _qkv(2, Hq, Hkv, q_len, q_len * max_rounds, D, torch.bfloat16)
-    dout = torch.randn(2, Hq, q_len, D, device="cuda", dtype=torch.bfloat16)
+    q, k, v, dout = cuda_qkv(2, Hq, Hkv, q_len, q_len * max_rounds, D, torch.bfloat16)
     out = attn(q, k, v, torch.tensor(live, device="cuda"))
     grads = torch.autograd.grad(out, (q, k, v), dout)
-
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     allowed = eagle3_dense(q_len, q_len * max_rounds, live_kv_len=q_len * live)
-    want = dense_reference_attention(q64, k64, v64, allowed.cuda())
-    want_grads = torch.autograd.grad(want, (q64, k64, v64), dout.double())
+    want, want_grads = float64_reference(q, k, v, dout, allowed)
 
     assert rel_err(out, want) < 1e-2
     for name, g, w in zip("qkv", grads, want_grads):
@@ -114,25 +103,8 @@ def test_forward_backward_vs_float64(q_len, max_rounds, live, Hq, Hkv, D, block_
 
 
 def test_ttt_loop_forward_backward_one_graph():
-    counter = GraphCounter()
-    attn = torch.compile(Eagle3Attention(512, 8), backend=counter, fullgraph=True)
-    q, k, v = _qkv(1, 4, 2, 512, 512 * 8, 64, torch.bfloat16)
-    with watch_recompiles() as reasons:
-        for r in range(1, 9):
-            attn(q, k, v, torch.tensor(r, device="cuda")).sum().backward()
-    assert counter.graphs == 1, reasons
-    assert reasons == []
+    assert_ttt_loop_one_graph("flex", 512, 4, 2, 64)
 
 
 def test_cuda_graph_forward():
-    """mode="reduce-overhead": the static-shape step replays as a CUDA graph."""
-    attn = Eagle3Attention(512, 4)
-    compiled = torch.compile(attn, mode="reduce-overhead", fullgraph=True)
-    q, k, v = (t.detach() for t in _qkv(1, 4, 2, 512, 2048, 64, torch.bfloat16))
-    rounds = [torch.tensor(r, device="cuda") for r in (1, 2, 3, 4)]
-    with torch.no_grad():
-        for _ in range(3):  # warm-up, record, replay
-            outs = [compiled(q, k, v, r).clone() for r in rounds]
-        for r, out in zip(rounds, outs):
-            allowed = eagle3_dense(512, 2048, live_kv_len=512 * int(r)).cuda()
-            assert rel_err(out, dense_reference_attention(q, k, v, allowed)) < 1e-2
+    assert_cuda_graph_forward("flex", 512, 4, 2, 64)

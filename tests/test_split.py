@@ -9,7 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 from expecttest import TestCase
-from helpers import dense_reference_attention, eagle3_dense, rel_err
+from helpers import (
+    assert_ttt_loop_one_graph,
+    backend_errors,
+    eagle3_dense,
+    float64_reference,
+    rel_err,
+)
 
 from compiled_mask import Eagle3Attention
 from compiled_mask.inspect import GraphCounter, compile_summary, watch_recompiles
@@ -22,13 +28,6 @@ def _case(B, Hq, Hkv, q_len, max_rounds, D, dtype, seed=0):
     k = make(B, Hkv, q_len * max_rounds, D).requires_grad_()
     v = make(B, Hkv, q_len * max_rounds, D).requires_grad_()
     return q, k, v, make(B, Hq, q_len, D)
-
-
-def _reference(q, k, v, dout, q_len, live):
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    allowed = eagle3_dense(q_len, k.shape[2], live_kv_len=q_len * live)
-    out = dense_reference_attention(q64, k64, v64, allowed)
-    return out, torch.autograd.grad(out, (q64, k64, v64), dout.double())
 
 
 # (B, Hq, Hkv, q_len, max_rounds, live, D, dtype, tolerance)
@@ -46,7 +45,8 @@ def test_forward_backward_vs_float64(B, Hq, Hkv, q_len, max_rounds, live, D, dty
     attn = Eagle3Attention(q_len, max_rounds, backend="split")
     out = attn(q, k, v, torch.tensor(live))
     grads = torch.autograd.grad(out, (q, k, v), dout)
-    want, want_grads = _reference(q, k, v, dout, q_len, live)
+    allowed = eagle3_dense(q_len, k.shape[2], live_kv_len=q_len * live)
+    want, want_grads = float64_reference(q, k, v, dout, allowed)
     assert out.dtype == dtype
     assert rel_err(out, want) < tol
     for name, g, w in zip("qkv", grads, want_grads):
@@ -78,7 +78,8 @@ class TestSplitCompiled(TestCase):
             for live in range(1, max_rounds + 1):
                 out = attn(q, k, v, torch.tensor(live))
                 grads = torch.autograd.grad(out, (q, k, v), dout)
-                want, want_grads = _reference(q, k, v, dout, q_len, live)
+                allowed = eagle3_dense(q_len, k.shape[2], live_kv_len=q_len * live)
+                want, want_grads = float64_reference(q, k, v, dout, allowed)
                 assert rel_err(out, want) < 1e-5
                 assert all(rel_err(g, w) < 1e-5 for g, w in zip(grads, want_grads))
         self.assertExpectedInline(compile_summary(counter, reasons), """\
@@ -104,22 +105,7 @@ def test_forward_matches_compiled_flex():
 )
 def test_split_cuda_vs_float64_and_flex(fresh_compile_state, q_len, max_rounds, live, Hq, Hkv, D):
     """On CUDA the causal part runs SDPA's flash kernel; bf16 fwd+bwd no worse than flex."""
-    g = torch.Generator(device="cuda").manual_seed(0)
-    make = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)  # noqa: E731
-    q, k, v = (make(2, Hq, q_len, D), make(2, Hkv, q_len * max_rounds, D), make(2, Hkv, q_len * max_rounds, D))
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
-    dout = make(2, Hq, q_len, D)
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    allowed = eagle3_dense(q_len, q_len * max_rounds, live_kv_len=q_len * live).cuda()
-    want = dense_reference_attention(q64, k64, v64, allowed)
-    want_grads = torch.autograd.grad(want, (q64, k64, v64), dout.double())
-    errors = {}
-    for backend in ("split", "flex"):
-        attn = torch.compile(Eagle3Attention(q_len, max_rounds, backend=backend), fullgraph=True)
-        out = attn(q, k, v, torch.tensor(live, device="cuda"))
-        grads = torch.autograd.grad(out, (q, k, v), dout)
-        errors[backend] = [rel_err(out, want)] + [rel_err(a, b) for a, b in zip(grads, want_grads)]
-    print("rel errors out/dq/dk/dv:", errors)
+    errors = backend_errors(("split", "flex"), q_len, max_rounds, live, Hq, Hkv, D, torch.bfloat16)
     for split_err, flex_err in zip(errors["split"], errors["flex"]):
         assert split_err < 1e-2
         assert split_err <= 1.25 * flex_err
@@ -127,15 +113,7 @@ def test_split_cuda_vs_float64_and_flex(fresh_compile_state, q_len, max_rounds, 
 
 @pytest.mark.gpu
 def test_split_cuda_ttt_loop_one_graph(fresh_compile_state):
-    counter = GraphCounter()
-    attn = torch.compile(Eagle3Attention(1024, 8, backend="split"), backend=counter, fullgraph=True)
-    make = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16)  # noqa: E731
-    q, k, v = (make(1, 8, 1024, 128).requires_grad_(), make(1, 2, 8192, 128).requires_grad_(),
-               make(1, 2, 8192, 128).requires_grad_())
-    with watch_recompiles() as reasons:
-        for r in range(1, 9):
-            attn(q, k, v, torch.tensor(r, device="cuda")).sum().backward()
-    assert counter.graphs == 1, reasons
+    assert_ttt_loop_one_graph("split", 1024, 8, 2, 128)
 
 
 @pytest.mark.gpu
