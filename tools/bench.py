@@ -288,6 +288,44 @@ def compile_rows(device, dtype, q_len, max_rounds, heads, D, backends, backward)
     return rows
 
 
+# ----------------------------------------------------------------------------- profile
+
+
+def profile_text(device, dtype, q_len, rounds, heads, D, backends, backward) -> str:
+    """Where one TTT step's time goes: the profiler's kernel table per backend (and the floor)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    Hq, Hkv = heads
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    sets = _inputs(device, dtype, 1, Hq, Hkv, q_len, q_len * rounds, D, backward)
+    live = torch.tensor(rounds, device=device)
+    methods = {f"Eagle3Attention({b!r})": torch.compile(Eagle3Attention(q_len, rounds, backend=b),
+                                                        fullgraph=True) for b in backends}
+    methods["floor: causal SDPA"] = None
+    out = []
+    for name, attn in methods.items():
+        attend = (lambda q, k, v, attn=attn: attn(q, k, v, live)) if attn is not None else (
+            lambda q, k, v: F.scaled_dot_product_attention(q, k[:, :, :q_len], v[:, :, :q_len],
+                                                           is_causal=True, enable_gqa=True))
+        fn = _step(attend, sets, backward)
+        try:
+            for _ in range(3):
+                fn()
+            _sync(device)
+            with profile(activities=activities) as prof:
+                for _ in range(ROTATE):
+                    fn()
+                _sync(device)
+        except Exception as e:  # noqa: BLE001 - a backend that cannot run says why
+            out.append(f"## {name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}\n")
+            continue
+        table = prof.key_averages().table(sort_by=sort_by, row_limit=18, max_name_column_width=70)
+        out.append(f"## {name}: Q_LEN={q_len}, rounds={rounds}, {ROTATE} steps, "
+                   f"{'fwd+bwd' if backward else 'fwd'}\n{table}\n")
+    return "\n".join(out)
+
+
 # ----------------------------------------------------------------------------- output
 
 
@@ -326,6 +364,8 @@ def markdown(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> bool:
+    if not any(r["table"] == "mask_build" for r in rows):
+        return False
     try:
         import matplotlib
 
@@ -377,6 +417,10 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--quick", action="store_true", help="a subset, under 5 minutes on a GPU")
     mode.add_argument("--smoke", action="store_true", help="tiny sizes, any device (CI)")
     parser.add_argument("--only", choices=list(TABLES), nargs="+", default=list(TABLES))
+    parser.add_argument("--backends", nargs="+", choices=["flex", "split", "fa4"],
+                        help="Eagle3Attention backends to time (default: all that can run here)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also write the top kernels of one fwd+bwd step per backend (profile.txt)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     args = parser.parse_args(argv)
@@ -396,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
             [(128, 128)], 30
         att = dict(q_len=8192, rounds_list=[1, 4, 7], heads=(32, 8), D=128, reps=30)
         dtype = torch.bfloat16
-    backends = ["flex", "split"] + (["fa4"] if device.type == "cuda" and fa4_available() else [])
+    backends = args.backends or (
+        ["flex", "split"] + (["fa4"] if device.type == "cuda" and fa4_available() else []))
     backward_modes = [False] if device.type == "cpu" else [False, True]
 
     env = environment(device)
@@ -415,6 +460,11 @@ def main(argv: list[str] | None = None) -> int:
                              backward=device.type == "cuda")
 
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.profile:
+        text = profile_text(device, dtype, att["q_len"], max(att["rounds_list"]), att["heads"],
+                            att["D"], backends, backward=device.type == "cuda")
+        (args.out / "profile.txt").write_text(text)
+        print(text)
     md_text = (f"Card: {env['card']}; torch {env['torch']}"
                + (f", triton {env['triton']}" if "triton" in env else "")
                + (f", flash-attn-4 {env['flash_attn_4']}" if "flash_attn_4" in env else "")
