@@ -111,9 +111,10 @@ class Eagle3Attention(nn.Module):
         max_rounds: rounds the K/V buffer holds.
         backend: ``"flex"``: flex_attention (Triton on CUDA, C++ on CPU); ``"fa4"``:
             FlashAttention-4 through flex_attention's FLASH lowering (CUDA SM90+, bf16/fp16,
-            compiled; needs ``pip install 'compiled-mask[fa4]'``); ``"split"``: causal flash
-            attention (SDPA's flash kernel) plus the suffix diagonals as one dot product per
-            query and round, merged by log-sum-exp (no block mask; any Q_LEN; ``_split.py``).
+            compiled; needs ``pip install 'compiled-mask[fa4]'``); ``"split"``: fused causal
+            attention (cuDNN's, as SDPA picks on Hopper; flash attention where cuDNN cannot run)
+            plus the suffix diagonals as one dot product per query and round, merged by
+            log-sum-exp (no block mask; any Q_LEN; ``_split.py``).
         block_size: an int or ``(Q_BLOCK_SIZE, KV_BLOCK_SIZE)``, KV_BLOCK_SIZE dividing
             Q_BLOCK_SIZE. Default: 128 for flex; for fa4 (128, 128) on Hopper and (256, 128) on
             Blackwell, read from the inputs' device.
@@ -200,8 +201,9 @@ class Eagle3Attention(nn.Module):
         if self.backend == "split":
             if q.device.type == "cuda" and q.dtype not in (torch.bfloat16, torch.float16):
                 raise ValueError(
-                    f"{where}: backend='split' on CUDA runs SDPA's flash kernel, which takes bf16 "
-                    f"or fp16 inputs, got {q.dtype}. Cast q, k, v or use backend='flex'."
+                    f"{where}: backend='split' on CUDA runs a fused causal kernel (cuDNN or flash "
+                    f"attention), which takes bf16 or fp16 inputs, got {q.dtype}. Cast q, k, v or "
+                    f"use backend='flex'."
                 )
             if not isinstance(rounds, Tensor):
                 rounds = torch.tensor(rounds, device=q.device)

@@ -17,7 +17,7 @@ from helpers import (
     rel_err,
 )
 
-from compiled_mask import Eagle3Attention
+from compiled_mask import Eagle3Attention, _split
 from compiled_mask.inspect import GraphCounter, compile_summary, watch_recompiles
 
 
@@ -99,12 +99,16 @@ def test_forward_matches_compiled_flex():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["cudnn", "flash"])
 @pytest.mark.parametrize(
     "q_len, max_rounds, live, Hq, Hkv, D",
     [(1000, 7, 7, 8, 2, 128), (1024, 7, 1, 8, 2, 64), (1024, 4, 3, 4, 4, 128)],
 )
-def test_split_cuda_vs_float64_and_flex(fresh_compile_state, q_len, max_rounds, live, Hq, Hkv, D):
-    """On CUDA the causal part runs SDPA's flash kernel; bf16 fwd+bwd no worse than flex."""
+def test_split_cuda_vs_float64_and_flex(fresh_compile_state, monkeypatch, kernel, q_len, max_rounds,
+                                        live, Hq, Hkv, D):
+    """On CUDA the causal part runs cuDNN (or flash); bf16 fwd+bwd no worse than flex."""
+    assert _split._causal_kernel(torch.empty(1, 1, 1, D, device="cuda")) == "cudnn"  # the default
+    monkeypatch.setattr(_split, "_causal_kernel", lambda q: kernel)
     errors = backend_errors(("split", "flex"), q_len, max_rounds, live, Hq, Hkv, D, torch.bfloat16)
     for split_err, flex_err in zip(errors["split"], errors["flex"]):
         assert split_err < 1e-2
@@ -120,5 +124,5 @@ def test_split_cuda_ttt_loop_one_graph(fresh_compile_state):
 def test_split_cuda_refuses_float32():
     attn = Eagle3Attention(128, 2, backend="split")
     q, k = torch.randn(1, 2, 128, 64, device="cuda"), torch.randn(1, 2, 256, 64, device="cuda")
-    with pytest.raises(ValueError, match=r"SDPA's flash kernel, which takes bf16 or fp16 inputs, got torch.float32"):
+    with pytest.raises(ValueError, match=r"fused causal kernel \(cuDNN or flash attention\), which takes bf16 or fp16 inputs, got torch.float32"):
         attn(q, k, k.clone(), torch.tensor(1, device="cuda"))

@@ -5,13 +5,15 @@
     python tools/bench.py --smoke         # tiny sizes on whatever device (CI runs this on CPU)
     python tools/bench.py --out DIR       # where bench.json / bench.md / bench.png go
 
-Three tables, one run, all rows side by side:
+Four tables, one run, all rows side by side:
 1. mask build: compiled_mask's op eagerly and inside a compiled function, create_block_mask eager
    and compiled; median device time of the kernels (profiler), median host wall per call, peak
    extra memory, kernels launched;
 2. attention per TTT step (mask + attention, fwd and fwd+bwd): Eagle3Attention with each backend,
    flex_attention on create_block_mask's mask (mask prebuilt), and the floor: causal-only SDPA on
    the first Q_LEN keys (the suffix rounds add only Q_LEN * (rounds - 1) useful pairs);
+   a padded batch (8 samples, valid lengths spread over the Q_LEN bucket) with and without
+   seq_lens, backend "flex";
 3. compile cost: cold compile time and graph count of a TTT loop of rounds 1..8, per backend.
 
 Timing: CUDA events through triton.testing.do_bench (median, after warm-up), fresh random inputs,
@@ -252,6 +254,41 @@ def attention_rows(device, dtype, q_len, rounds_list, heads, D, backends, reps, 
     return rows
 
 
+# ----------------------------------------------------------------------------- 2b. padded batch
+
+
+def padding_rows(device, dtype, q_len, rounds, heads, D, batch, reps) -> list[dict]:
+    """A padded batch: valid lengths spread over the Q_LEN bucket, with and without ``seq_lens``.
+
+    Without seq_lens the mask covers every position (the padding is attended and later masked out
+    of the loss); with them the blocks that hold only padding are skipped.
+    """
+    Hq, Hkv = heads
+    seq_lens = torch.linspace(q_len // batch, q_len, batch, device=device).round().long()
+    fill = seq_lens.sum().item() / (batch * q_len)
+    live = torch.tensor(rounds, device=device)
+    attn = torch.compile(Eagle3Attention(q_len, rounds, backend="flex"), fullgraph=True)
+    rows = []
+    for backward in [False] if device.type == "cpu" else [False, True]:
+        sets = _inputs(device, dtype, batch, Hq, Hkv, q_len, q_len * rounds, D, backward)
+        results = []
+        for name, kwargs in (("Eagle3Attention('flex'), no seq_lens", {}),
+                             ("Eagle3Attention('flex'), seq_lens", dict(seq_lens=seq_lens))):
+            row = dict(table="padding", method=name, B=batch, Q_LEN=q_len, rounds=rounds,
+                       heads=f"{Hq}/{Hkv}", D=D, fill=round(fill, 3),
+                       pass_="fwd+bwd" if backward else "fwd")
+            fn = _step(lambda q, k, v, kwargs=kwargs: attn(q, k, v, live, **kwargs), sets, backward)
+            with torch.no_grad() if not backward else contextlib.nullcontext():
+                row["ms"] = median_ms(fn, device, reps)
+            results.append(row)
+        for row in results:
+            row["x_no_seq_lens"] = round(row["ms"] / results[0]["ms"], 3)
+            rows.append(row)
+            print(_fmt_row(row), flush=True)
+        del sets
+    return rows
+
+
 # ----------------------------------------------------------------------------- 3. compile cost
 
 
@@ -344,6 +381,8 @@ TABLES = {
                    "wall_ms", "peak_extra_MiB", "out_MiB", "skipped"],
     "attention": ["method", "Q_LEN", "rounds", "heads", "D", "dtype", "pass_", "ms", "x_floor",
                   "skipped"],
+    "padding": ["method", "B", "Q_LEN", "rounds", "heads", "D", "fill", "pass_", "ms",
+                "x_no_seq_lens"],
     "compile": ["method", "Q_LEN", "rounds", "pass_", "cold_s", "later_steps_ms", "graphs",
                 "skipped"],
 }
@@ -454,6 +493,9 @@ def main(argv: list[str] | None = None) -> int:
     if "attention" in args.only:
         rows += attention_rows(device, dtype, att["q_len"], att["rounds_list"], att["heads"],
                                att["D"], backends, att["reps"], backward_modes)
+    if "padding" in args.only:
+        rows += padding_rows(device, dtype, att["q_len"], max(att["rounds_list"]), att["heads"],
+                             att["D"], 8 if not args.smoke else 2, att["reps"])
     if "compile" in args.only:
         rows += compile_rows(device, dtype, att["q_len"] if not args.smoke else 128,
                              8 if not args.smoke else 3, att["heads"], att["D"], backends,
