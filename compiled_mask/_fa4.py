@@ -9,9 +9,10 @@ Note [FA4 mask_mod]
     torch 2.11's CuTe DSL lowering of mask_mod cannot load a captured 0-d tensor (the live-round
     count): it fails with "Expected TensorSSA, but got <class 'int'>" in fwd+bwd and with an
     UnboundLocalError in the forward-only graph (H200, flash-attn-4 4.0.0b36). So FA4 gets the
-    plain Eagle3 mask_mod, which captures nothing and is exact when Q_LEN is a multiple of
-    KV_BLOCK_SIZE (``_static_eagle3_block_mask``): the block tensors alone keep dead rounds out.
-    Other Q_LEN raise, and so does eager use (eager flex evaluates mask_mod on the whole grid).
+    plain Eagle3 mask_mod, which captures nothing: the block tensors alone keep dead rounds out,
+    which is exact when Q_LEN is a multiple of KV_BLOCK_SIZE or Q_LEN >= Q_BLOCK_SIZE +
+    KV_BLOCK_SIZE - 1 (Note [when the plain mask_mod is exact] in ``block_mask.py``). Smaller
+    unaligned Q_LEN raise, and so does eager use (eager flex evaluates mask_mod on the whole grid).
 
 Importing compiled_mask never imports FA4; asking for ``backend="fa4"`` without it raises an error
 that says how to install it.
@@ -27,6 +28,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
 from compiled_mask._flex import flex_eagle3_attention
+from compiled_mask.block_mask import plain_mask_mod_is_exact
 
 _INSTALL_HINT = "Install it with: pip install 'compiled-mask[fa4]' (the flash-attn-4 package)."
 # FA4's tiles are 128 wide in both directions on SM90 and SM100 (m tile 128 x q_stage 2 = 256 on
@@ -87,19 +89,20 @@ def _check_fa4_block_size(where: str, block_size: tuple[int, int]) -> None:
 
 
 def _check_fa4_call(where: str, q_len: int, block_size: tuple[int, int]) -> None:
-    """FA4 runs compiled, on a Q_LEN that is a multiple of KV_BLOCK_SIZE (Note [FA4 mask_mod])."""
+    """FA4 runs compiled, on a Q_LEN where the plain mask_mod is exact (Note [FA4 mask_mod])."""
     if not torch.compiler.is_compiling():
         raise ValueError(
             f"{where}: backend='fa4' runs inside torch.compile only (flex_attention lowers to FA4 "
             "there; eagerly it would run its dense reference path). Compile the model: "
             "torch.compile(model, fullgraph=True), or use backend='flex' eagerly."
         )
-    if q_len % block_size[1]:
+    q_bs, kv_bs = block_size
+    if not plain_mask_mod_is_exact(q_len, q_bs, kv_bs):
         raise NotImplementedError(
-            f"{where}: backend='fa4' with q_len={q_len} not a multiple of KV_BLOCK_SIZE="
-            f"{block_size[1]} is not supported yet (torch 2.11's FA4 lowering cannot read the "
-            "live-round tensor in mask_mod). Pad Q_LEN to a multiple of "
-            f"{block_size[1]}, or use backend='flex'."
+            f"{where}: backend='fa4' with q_len={q_len} is not supported: below "
+            f"Q_BLOCK_SIZE + KV_BLOCK_SIZE - 1 = {q_bs + kv_bs - 1} it must be a multiple of "
+            f"KV_BLOCK_SIZE={kv_bs} (torch 2.11's FA4 lowering cannot read the live-round tensor "
+            f"in mask_mod). Pad Q_LEN to a multiple of {kv_bs}, or use backend='flex'."
         )
 
 

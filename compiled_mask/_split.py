@@ -83,12 +83,13 @@ def _causal_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     )
 
 
-# Note [suffix math as reductions]
-#     Each suffix term pairs query i only with key i of each round, so the products below are
-#     batched dot products over tiny dimensions (D, the rounds, the GQA group). Written as einsum
-#     they became fp32 bmm calls with inner size 1..7 (2.4 ms per step on an H200, more than the
-#     causal kernel's forward); written as broadcast multiply + sum, Inductor fuses each into one
-#     memory-bound reduction kernel that reads its inputs once.
+# Note [suffix kernels]
+#     Each suffix term pairs query i only with key i of each round: per query a few dot products
+#     of length D, memory-bound. Traced as torch ops they went badly on CUDA: as einsum, fp32 bmm
+#     calls with inner size 1..7 (2.4 ms per step on an H200, Q_LEN=8192, 7 rounds, 32/8 heads);
+#     as broadcast multiply + sum, Inductor's reductions still took 1.5 ms per fwd+bwd step. So the
+#     suffix is two custom ops: on CUDA, Triton kernels that read each tile once
+#     (``_triton_suffix.py``); elsewhere the torch math below, which is also their test reference.
 
 
 def _suffix_views(q: Tensor, k: Tensor, v: Tensor, q_len: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -115,24 +116,98 @@ def _suffix_scores(q6: Tensor, k6: Tensor, rounds: Tensor, scale: float) -> Tens
     return scores.masked_fill(suffix_round >= rounds, float("-inf"))
 
 
+def suffix_forward_reference(q: Tensor, k: Tensor, v: Tensor, out_c: Tensor, lse_c: Tensor,
+                             rounds: Tensor, q_len: int, scale: float) -> tuple[Tensor, Tensor]:
+    """Fold the live suffix rounds into the causal part: ``(out [B, Hq, L, Dv], lse [B, Hq, L])``.
+
+    ``out_c``/``lse_c``: the causal part's normalised output and fp32 log-sum-exp.
+    """
+    B, Hq, L, _ = q.shape
+    q6, k6, v6 = _suffix_views(q, k, v, q_len)
+    scores = _suffix_scores(q6, k6, rounds, scale)  # [B, Hkv, G, L, S]
+    lse_c5 = lse_c.reshape(scores.shape[:-1])  # [B, Hkv, G, L]
+    lse = torch.logaddexp(lse_c5, scores.logsumexp(-1))  # [B, Hkv, G, L]
+    p_s = torch.exp(scores - lse.unsqueeze(-1))  # [B, Hkv, G, L, S]
+    out_s = (p_s.unsqueeze(-1) * v6.float()).sum(-2)  # [B, Hkv, G, L, Dv]
+    out5 = torch.exp(lse_c5 - lse).unsqueeze(-1) * out_c.reshape(out_s.shape).float() + out_s
+    return out5.to(q.dtype).reshape(B, Hq, L, -1).contiguous(), lse.reshape(B, Hq, L).contiguous()
+
+
+@torch.library.custom_op("compiled_mask::eagle3_suffix_forward", mutates_args=())
+def suffix_forward(q: Tensor, k: Tensor, v: Tensor, out_c: Tensor, lse_c: Tensor, rounds: Tensor,
+                   q_len: int, scale: float) -> tuple[Tensor, Tensor]:
+    """:func:`suffix_forward_reference` as an op (Note [suffix kernels])."""
+    return suffix_forward_reference(q, k, v, out_c, lse_c, rounds, q_len, scale)
+
+
+@suffix_forward.register_kernel("cuda")
+def _(q, k, v, out_c, lse_c, rounds, q_len, scale):
+    from compiled_mask._triton_suffix import suffix_forward_triton
+
+    return suffix_forward_triton(q, k, v, out_c, lse_c, rounds, q_len, scale)
+
+
+@suffix_forward.register_fake
+def _(q, k, v, out_c, lse_c, rounds, q_len, scale):
+    B, Hq, L, _ = q.shape
+    return q.new_empty(B, Hq, L, v.shape[-1]), q.new_empty(B, Hq, L, dtype=torch.float32)
+
+
+def suffix_backward_reference(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                              rounds: Tensor, dq_c: Tensor, dk_c: Tensor, dv_c: Tensor, q_len: int,
+                              scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The full ``(dq, dk, dv)``: the causal part's gradients plus the suffix terms'.
+
+    ``out``/``lse`` are the merged ones; ``d*_c`` come from the causal kernel's backward given them
+    (Note [backward through the merge]); dead rounds get zero gradients.
+    """
+    B, Hq, L, _ = q.shape
+    Hkv = k.shape[1]
+    q6, k6, v6 = _suffix_views(q, k, v, q_len)
+    dout6 = dout.reshape(B, Hkv, Hq // Hkv, L, 1, -1).float()  # [B, Hkv, G, L, 1, Dv]
+    row = (dout6 * out.reshape(dout6.shape).float()).sum(-1)  # D = rowsum(dO * O): [B, Hkv, G, L, 1]
+    scores = _suffix_scores(q6, k6, rounds, scale)  # [B, Hkv, G, L, S]
+    p_s = torch.exp(scores - lse.reshape(row.shape))  # [B, Hkv, G, L, S]
+    dp_s = (dout6 * v6.float()).sum(-1)  # dO . v: [B, Hkv, G, L, S]
+    ds = (p_s * (dp_s - row) * scale).unsqueeze(-1)  # [B, Hkv, G, L, S, 1]
+    dq_s = (ds * k6.float()).sum(-2)  # [B, Hkv, G, L, D]
+    dk_s = (ds * q6.float()).sum(2)  # [B, Hkv, L, S, D]
+    dv_s = (p_s.unsqueeze(-1) * dout6).sum(2)  # [B, Hkv, L, S, Dv]
+    dq = (dq_c.float() + dq_s.view(B, Hq, L, -1)).to(q.dtype).contiguous()
+    dk = torch.cat([dk_c, dk_s.transpose(2, 3).reshape(B, Hkv, -1, k.shape[-1]).to(k.dtype)], dim=2)
+    dv = torch.cat([dv_c, dv_s.transpose(2, 3).reshape(B, Hkv, -1, v.shape[-1]).to(v.dtype)], dim=2)
+    return dq, dk, dv
+
+
+@torch.library.custom_op("compiled_mask::eagle3_suffix_backward", mutates_args=())
+def suffix_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                    rounds: Tensor, dq_c: Tensor, dk_c: Tensor, dv_c: Tensor, q_len: int,
+                    scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`suffix_backward_reference` as an op (Note [suffix kernels])."""
+    return suffix_backward_reference(dout, q, k, v, out, lse, rounds, dq_c, dk_c, dv_c, q_len, scale)
+
+
+@suffix_backward.register_kernel("cuda")
+def _(dout, q, k, v, out, lse, rounds, dq_c, dk_c, dv_c, q_len, scale):
+    from compiled_mask._triton_suffix import suffix_backward_triton
+
+    return suffix_backward_triton(dout, q, k, v, out, lse, rounds, dq_c, dk_c, dv_c, q_len, scale)
+
+
+@suffix_backward.register_fake
+def _(dout, q, k, v, out, lse, rounds, dq_c, dk_c, dv_c, q_len, scale):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format), k.new_empty(k.shape),
+            v.new_empty(v.shape))
+
+
 _SAVED = object()  # stands for a tensor of the kernel's saved tuple kept by save_for_backward
 
 
 class _Eagle3Split(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, rounds: Tensor, q_len: int, scale: float) -> Tensor:
-        B, Hq, L, _ = q.shape
-        Hkv = k.shape[1]
         out_c, lse_c, saved = _causal_forward(q, k[:, :, :q_len], v[:, :, :q_len], scale)
-        q6, k6, v6 = _suffix_views(q, k, v, q_len)
-        scores = _suffix_scores(q6, k6, rounds, scale)  # [B, Hkv, G, L, S]
-        lse_c5 = lse_c.view(scores.shape[:-1])  # [B, Hkv, G, L]
-        lse = torch.logaddexp(lse_c5, scores.logsumexp(-1))  # [B, Hkv, G, L]
-        p_s = torch.exp(scores - lse.unsqueeze(-1))  # [B, Hkv, G, L, S]
-        out_s = (p_s.unsqueeze(-1) * v6.float()).sum(-2)  # [B, Hkv, G, L, Dv]
-        out5 = torch.exp(lse_c5 - lse).unsqueeze(-1) * out_c.view_as(out_s).float() + out_s
-        out = out5.to(q.dtype).view(B, Hq, L, -1)  # [B, Hq, L, Dv]
-        lse = lse.view(B, Hq, L)  # [B, Hq, L]
+        out, lse = suffix_forward(q, k, v, out_c, lse_c, rounds, q_len, scale)
         tensors = [x for x in saved if isinstance(x, Tensor)]
         ctx.save_for_backward(q, k, v, rounds, out, lse, *tensors)
         ctx.saved_rest = [_SAVED if isinstance(x, Tensor) else x for x in saved]
@@ -145,24 +220,10 @@ class _Eagle3Split(torch.autograd.Function):
         tensors = iter(tensors)
         saved = tuple(next(tensors) if x is _SAVED else x for x in ctx.saved_rest)
         q_len, scale = ctx.q_len, ctx.scale
-        B, Hq, L, _ = q.shape
-        Hkv = k.shape[1]
         dout = dout.contiguous()
         dq_c, dk_c, dv_c = _causal_backward(dout, q, k[:, :, :q_len], v[:, :, :q_len], out, lse, saved,
                                             scale)
-        q6, k6, v6 = _suffix_views(q, k, v, q_len)
-        dout6 = dout.view(B, Hkv, Hq // Hkv, L, 1, -1).float()  # [B, Hkv, G, L, 1, Dv]
-        row = (dout6 * out.view_as(dout6).float()).sum(-1)  # D = rowsum(dO * O): [B, Hkv, G, L, 1]
-        scores = _suffix_scores(q6, k6, rounds, scale)  # [B, Hkv, G, L, S]
-        p_s = torch.exp(scores - lse.view(row.shape))  # [B, Hkv, G, L, S]
-        dp_s = (dout6 * v6.float()).sum(-1)  # dO . v: [B, Hkv, G, L, S]
-        ds = (p_s * (dp_s - row) * scale).unsqueeze(-1)  # [B, Hkv, G, L, S, 1]
-        dq_s = (ds * k6.float()).sum(-2)  # [B, Hkv, G, L, D]
-        dk_s = (ds * q6.float()).sum(2)  # [B, Hkv, L, S, D]
-        dv_s = (p_s.unsqueeze(-1) * dout6).sum(2)  # [B, Hkv, L, S, Dv]
-        dq = (dq_c.float() + dq_s.view(B, Hq, L, -1)).to(q.dtype)
-        dk = torch.cat([dk_c, dk_s.transpose(2, 3).reshape(B, Hkv, -1, k.shape[-1]).to(k.dtype)], dim=2)
-        dv = torch.cat([dv_c, dv_s.transpose(2, 3).reshape(B, Hkv, -1, v.shape[-1]).to(v.dtype)], dim=2)
+        dq, dk, dv = suffix_backward(dout, q, k, v, out, lse, rounds, dq_c, dk_c, dv_c, q_len, scale)
         return dq, dk, dv, None, None, None
 
 

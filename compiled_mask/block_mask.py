@@ -96,6 +96,24 @@ def _live_eagle3_mask_mod(
     return eagle3_live_mask
 
 
+def plain_mask_mod_is_exact(Q_LEN: int, q_bs: int, kv_bs: int) -> bool:
+    """Whether a compiled kernel given the live-round block tensors and the *plain* Eagle3 mask_mod
+    (no live check) computes exactly the live mask.
+
+    Note [when the plain mask_mod is exact]
+        Dead keys reach mask_mod only through the one PARTIAL kv-block that straddles the live
+        end r * Q_LEN; none exists when Q_LEN is a multiple of KV_BLOCK_SIZE. Otherwise take that
+        block [lo, lo + KV_BS), lo < r * Q_LEN. A dead key kv = r * Q_LEN + q' in it passes the
+        plain rule only with query q' <= KV_BS - 2, which lies in q-block 0 (KV_BS <= Q_BS). The
+        block is listed for a q-block only if some live key in it needs a query there: the last
+        round's diagonal (or, for r = 1, the causal keys) gives queries q >= lo - (r-1) * Q_LEN >
+        Q_LEN - KV_BS. So q-block 0 gets the block only if Q_BS - 1 > Q_LEN - KV_BS, and for
+        Q_LEN >= Q_BS + KV_BS - 1 no dead key is ever evaluated. (Checked by brute force against
+        the dense mask in tests/test_fa4.py; below the bound mismatches exist.)
+    """
+    return Q_LEN % kv_bs == 0 or Q_LEN >= q_bs + kv_bs - 1
+
+
 def _static_eagle3_block_mask(
     Q_LEN: int,
     max_rounds: int,
@@ -113,9 +131,8 @@ def _static_eagle3_block_mask(
     """The static-width BlockMask for ``rounds`` live rounds (Note [static widths]); no checks.
 
     ``live_check_in_mask_mod=False`` gives the plain Eagle3 mask_mod, which captures nothing. It is
-    exact only in a compiled kernel and only when Q_LEN is a multiple of KV_BLOCK_SIZE: then the
-    live end Q_LEN * rounds is a block boundary, no listed block holds a dead key, and mask_mod is
-    never evaluated on one (Note [live keys in mask_mod]; the FA4 backend needs this).
+    exact only in a compiled kernel (which evaluates mask_mod on PARTIAL blocks alone) and only
+    where :func:`plain_mask_mod_is_exact` says so (the FA4 backend needs this).
     """
     KV_LEN = Q_LEN * max_rounds
     if not isinstance(rounds, Tensor):

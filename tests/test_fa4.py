@@ -9,10 +9,12 @@ from helpers import (
     assert_same_blocks,
     assert_ttt_loop_one_graph,
     backend_errors,
+    eagle3_dense,
     reference_block_mask,
 )
 
-from compiled_mask import Eagle3Attention, _fa4, eagle3_block_mask
+from compiled_mask import Eagle3Attention, _fa4, eagle3_block_mask, eagle3_mask_mod
+from compiled_mask.block_mask import _static_eagle3_block_mask, plain_mask_mod_is_exact
 
 
 @pytest.fixture
@@ -76,11 +78,58 @@ def test_fa4_refuses_eager_use(fa4_installed, monkeypatch):
         Eagle3Attention(128, 2, backend="fa4", block_size=128)(*_meta_bf16(128, 2))
 
 
-def test_fa4_refuses_q_len_off_the_kv_blocks(fa4_installed, monkeypatch):
+def test_fa4_refuses_small_q_len_off_the_kv_blocks(fa4_installed, monkeypatch):
     monkeypatch.setattr(_fa4, "_check_fa4_device", lambda where, device: None)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    with pytest.raises(NotImplementedError, match=r"q_len=200 not a multiple of KV_BLOCK_SIZE=128 .* Pad Q_LEN"):
+    with pytest.raises(NotImplementedError, match=r"q_len=200 is not supported: below Q_BLOCK_SIZE \+ "
+                       r"KV_BLOCK_SIZE - 1 = 255 it must be a multiple of KV_BLOCK_SIZE=128 .* Pad Q_LEN"):
         Eagle3Attention(200, 2, backend="fa4", block_size=128)(*_meta_bf16(200, 2))
+
+
+@pytest.mark.parametrize("q_len, block_size", [(128, (128, 128)), (255, (128, 128)), (1000, (128, 128)),
+                                               (383, (256, 128)), (8192, (256, 128))])
+def test_fa4_accepts_q_len_where_the_plain_mask_mod_is_exact(monkeypatch, q_len, block_size):
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    _fa4._check_fa4_call("where", q_len, block_size)  # no error
+
+
+def _kernel_view(bm, mask_mod, q_len, kv_len):
+    """What a block-sparse kernel computes from ``bm``: FULL blocks whole, PARTIAL ones via mask_mod."""
+    q_bs, kv_bs = bm.BLOCK_SIZE
+    q_idx, kv_idx = torch.arange(q_len)[:, None], torch.arange(kv_len)[None, :]
+    by_mask_mod = mask_mod(torch.tensor(0), torch.tensor(0), q_idx, kv_idx)
+    seen = torch.zeros(q_len, kv_len, dtype=torch.bool)
+    for full, num, idx in ((True, bm.full_kv_num_blocks, bm.full_kv_indices),
+                           (False, bm.kv_num_blocks, bm.kv_indices)):
+        for row in range(num.shape[2]):
+            for col in idx[0, 0, row, : num[0, 0, row]].tolist():
+                block = (slice(row * q_bs, (row + 1) * q_bs), slice(col * kv_bs, (col + 1) * kv_bs))
+                seen[block] = True if full else by_mask_mod[block]
+    return seen
+
+
+@pytest.mark.parametrize("block_size", [(128, 128), (256, 128), (64, 32)])
+def test_plain_mask_mod_exactness_rule(block_size):
+    """Note [when the plain mask_mod is exact], by brute force: where plain_mask_mod_is_exact says
+    so, the live-round block tensors with the plain mask_mod give exactly the live mask, for every
+    live count; below the bound some unaligned Q_LEN does not (the rule is not vacuous)."""
+    q_bs, kv_bs = block_size
+    bound = q_bs + kv_bs - 1
+    inexact = []
+    for q_len in sorted({1, kv_bs - 1, kv_bs + 3, q_bs + 1, bound - 2, bound - 1, bound, bound + 5,
+                         2 * q_bs + kv_bs // 2, 3 * kv_bs}):
+        max_rounds = 3
+        kv_len = q_len * max_rounds
+        for live in range(1, max_rounds + 1):
+            bm = _static_eagle3_block_mask(q_len, max_rounds, q_bs, kv_bs, 1, 1, live, "cpu",
+                                           live_check_in_mask_mod=False)
+            want = eagle3_dense(q_len, kv_len, live_kv_len=q_len * live)
+            exact = torch.equal(_kernel_view(bm, eagle3_mask_mod(q_len), q_len, kv_len), want)
+            if plain_mask_mod_is_exact(q_len, q_bs, kv_bs):
+                assert exact, (q_len, live)
+            elif not exact:
+                inexact.append(q_len)
+    assert inexact and max(inexact) < bound
 
 
 @pytest.mark.parametrize("Q_LEN, rounds", [(1024, 4), (1000, 7), (8192, 8)])
@@ -136,6 +185,8 @@ def test_fa4_accepts_our_tensors(block_size):
         (1024, 7, 1, 8, 2, 64, torch.bfloat16),  # 1 live round, d=64
         (1024, 4, 3, 4, 4, 128, torch.float16),  # fp16, a dead last round
         (384, 7, 7, 8, 2, 64, torch.bfloat16),  # Q_LEN a multiple of 128 but not of 256
+        (1000, 7, 7, 8, 2, 128, torch.bfloat16),  # Q_LEN off the blocks, every round live
+        (300, 5, 3, 4, 2, 64, torch.float16),  # Q_LEN off the blocks, dead rounds
     ],
 )
 def test_fa4_forward_backward_vs_float64_and_flex(fresh_compile_state, q_len, max_rounds, live, Hq, Hkv, D, dtype):

@@ -126,3 +126,77 @@ def test_split_cuda_refuses_float32():
     q, k = torch.randn(1, 2, 128, 64, device="cuda"), torch.randn(1, 2, 256, 64, device="cuda")
     with pytest.raises(ValueError, match=r"fused causal kernel \(cuDNN or flash attention\), which takes bf16 or fp16 inputs, got torch.float32"):
         attn(q, k, k.clone(), torch.tensor(1, device="cuda"))
+
+
+# ----------------------------------------------------------------------------- the suffix ops
+
+
+def _suffix_args(B, Hq, Hkv, q_len, max_rounds, D, Dv, live, device="cpu", dtype=torch.float32,
+                 strided=False, seed=0):
+    """Inputs of the suffix ops: forward args, and the extra backward args (dout, dq_c, dk_c, dv_c).
+
+    ``strided``: every tensor a [B, L, H, D] buffer viewed as [B, H, L, D], like SDPA's layouts.
+    """
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def make(b, h, n, d, dtype=dtype):
+        shape = (b, n, h, d) if strided else (b, h, n, d)
+        x = torch.randn(*shape, generator=g, device=device).to(dtype)
+        return x.transpose(1, 2) if strided else x
+
+    q, k, v = make(B, Hq, q_len, D), make(B, Hkv, q_len * max_rounds, D), make(B, Hkv, q_len * max_rounds, Dv)
+    out_c = make(B, Hq, q_len, Dv)
+    lse_c = make(B, Hq, q_len, 1, dtype=torch.float32)[..., 0] + 3
+    forward = (q, k, v, out_c, lse_c, torch.tensor(live, device=device), q_len, D**-0.5)
+    backward = (make(B, Hq, q_len, Dv), make(B, Hq, q_len, D), make(B, Hkv, q_len, D), make(B, Hkv, q_len, Dv))
+    return forward, backward
+
+
+def _backward_args(forward, extra, out, lse):
+    q, k, v, _, _, rounds, q_len, scale = forward
+    dout, dq_c, dk_c, dv_c = extra
+    return (dout, q, k, v, out, lse, rounds, dq_c, dk_c, dv_c, q_len, scale)
+
+
+# (B, Hq, Hkv, q_len, max_rounds, D, Dv, live)
+SUFFIX_CASES = [
+    (1, 4, 2, 40, 4, 16, 16, 3),  # GQA, a dead round, Q_LEN off the kernel's 32-query tiles
+    (2, 4, 4, 33, 3, 24, 8, 5),  # rounds past the buffer, D not a power of two, Dv != D
+    (1, 6, 2, 70, 5, 16, 16, 1),  # every suffix round dead
+    (1, 2, 1, 32, 1, 16, 16, 1),  # no suffix rounds at all
+    (1, 2, 1, 20, 3, 16, 16, -2),  # negative rounds: nothing live
+]
+
+
+@pytest.mark.parametrize("case", SUFFIX_CASES[:3])
+def test_suffix_ops_opcheck(case):
+    forward, extra = _suffix_args(*case, strided=case[0] == 2)
+    torch.library.opcheck(_split.suffix_forward, forward)
+    out, lse = _split.suffix_forward(*forward)
+    torch.library.opcheck(_split.suffix_backward, _backward_args(forward, extra, out, lse))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("case", SUFFIX_CASES + [(2, 32, 8, 1000, 7, 128, 128, 7), (1, 8, 2, 515, 4, 64, 64, 3)])
+def test_suffix_kernels_match_reference(case, strided, dtype):
+    """The Triton kernels against the torch math they replace, on the same CUDA inputs."""
+    forward, extra = _suffix_args(*case, device="cuda", dtype=dtype, strided=strided)
+    got = _split.suffix_forward(*forward)
+    want = _split.suffix_forward_reference(*forward)
+    for x, w in zip(got, want):
+        assert x.is_contiguous() and x.dtype == w.dtype
+        torch.testing.assert_close(x, w)
+    args = _backward_args(forward, extra, *want)
+    for name, x, w in zip("qkv", _split.suffix_backward(*args), _split.suffix_backward_reference(*args)):
+        assert x.is_contiguous() and x.dtype == w.dtype, name
+        torch.testing.assert_close(x, w, msg=name)
+
+
+@pytest.mark.gpu
+def test_suffix_ops_opcheck_cuda():
+    forward, extra = _suffix_args(*SUFFIX_CASES[0], device="cuda", dtype=torch.bfloat16)
+    torch.library.opcheck(_split.suffix_forward, forward)
+    out, lse = _split.suffix_forward(*forward)
+    torch.library.opcheck(_split.suffix_backward, _backward_args(forward, extra, out, lse))
