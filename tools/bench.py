@@ -14,7 +14,8 @@ Four tables, one run, all rows side by side:
    the first Q_LEN keys (the suffix rounds add only Q_LEN * (rounds - 1) useful pairs);
    a padded batch (8 samples, valid lengths spread over the Q_LEN bucket) with and without
    seq_lens, backend "flex";
-3. compile cost: cold compile time and graph count of a TTT loop of rounds 1..8, per backend.
+3. compile cost: cold compile time (a fresh process per backend) and graph count of a TTT loop
+   of rounds 1..8, per backend.
 
 Timing: CUDA events through triton.testing.do_bench (median, after warm-up), fresh random inputs,
 several input sets rotated so the cache does not flatter small sizes; on CPU (--smoke) a
@@ -30,6 +31,7 @@ import json
 import math
 import platform
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -211,6 +213,7 @@ def _step(attend, sets, backward):
 
 
 def attention_rows(device, dtype, q_len, rounds_list, heads, D, backends, reps, backward_modes):
+    torch._dynamo.reset()  # each module instance counts against dynamo's per-function recompile limit
     Hq, Hkv = heads
     max_rounds = max(rounds_list)
     compiled = {b: torch.compile(Eagle3Attention(q_len, max_rounds, backend=b), fullgraph=True)
@@ -263,6 +266,7 @@ def padding_rows(device, dtype, q_len, rounds, heads, D, batch, reps) -> list[di
     Without seq_lens the mask covers every position (the padding is attended and later masked out
     of the loss); with them the blocks that hold only padding are skipped.
     """
+    torch._dynamo.reset()  # each module instance counts against dynamo's per-function recompile limit
     Hq, Hkv = heads
     seq_lens = torch.linspace(q_len // batch, q_len, batch, device=device).round().long()
     fill = seq_lens.sum().item() / (batch * q_len)
@@ -293,36 +297,53 @@ def padding_rows(device, dtype, q_len, rounds, heads, D, batch, reps) -> list[di
 
 
 def compile_rows(device, dtype, q_len, max_rounds, heads, D, backends, backward) -> list[dict]:
-    Hq, Hkv = heads
+    """One fresh Python process per backend: a compile is cold only with every in-process cache
+    (dynamo, Inductor's code cache, Triton's and FA4's kernel caches) empty."""
     rows = []
     for backend in backends:
-        torch._dynamo.reset()
-        counter = GraphCounter()
-        row = dict(table="compile", method=f"Eagle3Attention({backend!r})", Q_LEN=q_len,
-                   rounds=f"1..{max_rounds}", pass_="fwd+bwd" if backward else "fwd")
-        try:
-            with torch._inductor.utils.fresh_cache():
-                attn = torch.compile(Eagle3Attention(q_len, max_rounds, backend=backend),
-                                     backend=counter, fullgraph=True)
-                (q, k, v, dout), = _inputs(device, dtype, 1, Hq, Hkv, q_len, q_len * max_rounds,
-                                           D, backward)[:1]
-                times = []
-                for r in range(1, max_rounds + 1):
-                    t0 = time.perf_counter()
-                    with torch.no_grad() if not backward else contextlib.nullcontext():
-                        out = attn(q, k, v, torch.tensor(r, device=device))
-                        if backward:
-                            torch.autograd.grad(out, (q, k, v), dout)
-                    _sync(device)
-                    times.append(time.perf_counter() - t0)
-            row.update(cold_s=round(times[0], 2), later_steps_ms=round(1e3 * statistics.median(times[1:]), 2)
-                       if len(times) > 1 else None, graphs=counter.graphs)
-        except Exception as e:  # noqa: BLE001
-            row["skipped"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        spec = dict(device=str(device), dtype=str(dtype).removeprefix("torch."), q_len=q_len,
+                    max_rounds=max_rounds, heads=list(heads), D=D, backend=backend, backward=backward)
+        run = subprocess.run([sys.executable, __file__, "--compile-row", json.dumps(spec)],
+                             capture_output=True, text=True)
+        lines = run.stdout.strip().splitlines()
+        if run.returncode == 0 and lines:
+            row = json.loads(lines[-1])
+        else:
+            row = dict(table="compile", method=f"Eagle3Attention({backend!r})", Q_LEN=q_len,
+                       skipped=f"exit {run.returncode}: {(run.stderr.strip().splitlines() or [''])[-1][:120]}")
         rows.append(row)
         print(_fmt_row(row), flush=True)
-    torch._dynamo.reset()
     return rows
+
+
+def compile_row(spec: dict) -> dict:
+    """Cold compile time and graph count of a TTT loop of rounds 1..max_rounds (this process)."""
+    device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
+    q_len, max_rounds, backend, backward = spec["q_len"], spec["max_rounds"], spec["backend"], spec["backward"]
+    Hq, Hkv = spec["heads"]
+    counter = GraphCounter()
+    row = dict(table="compile", method=f"Eagle3Attention({backend!r})", Q_LEN=q_len,
+               rounds=f"1..{max_rounds}", pass_="fwd+bwd" if backward else "fwd")
+    try:
+        with torch._inductor.utils.fresh_cache():
+            attn = torch.compile(Eagle3Attention(q_len, max_rounds, backend=backend),
+                                 backend=counter, fullgraph=True)
+            (q, k, v, dout), = _inputs(device, dtype, 1, Hq, Hkv, q_len, q_len * max_rounds,
+                                       spec["D"], backward)[:1]
+            times = []
+            for r in range(1, max_rounds + 1):
+                t0 = time.perf_counter()
+                with torch.no_grad() if not backward else contextlib.nullcontext():
+                    out = attn(q, k, v, torch.tensor(r, device=device))
+                    if backward:
+                        torch.autograd.grad(out, (q, k, v), dout)
+                _sync(device)
+                times.append(time.perf_counter() - t0)
+        row.update(cold_s=round(times[0], 2), later_steps_ms=round(1e3 * statistics.median(times[1:]), 2)
+                   if len(times) > 1 else None, graphs=counter.graphs)
+    except Exception as e:  # noqa: BLE001 - a backend that cannot run is a row too
+        row["skipped"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    return row
 
 
 # ----------------------------------------------------------------------------- profile
@@ -332,6 +353,7 @@ def profile_text(device, dtype, q_len, rounds, heads, D, backends, backward) -> 
     """Where one TTT step's time goes: the profiler's kernel table per backend (and the floor)."""
     from torch.profiler import ProfilerActivity, profile
 
+    torch._dynamo.reset()
     Hq, Hkv = heads
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
@@ -460,9 +482,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="Eagle3Attention backends to time (default: all that can run here)")
     parser.add_argument("--profile", action="store_true",
                         help="also write the top kernels of one fwd+bwd step per backend (profile.txt)")
+    parser.add_argument("--compile-row", help=argparse.SUPPRESS)  # internal: one cold compile
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     args = parser.parse_args(argv)
+    if args.compile_row:
+        print(json.dumps(compile_row(json.loads(args.compile_row))))
+        return 0
     device = torch.device(args.device)
     warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
 
