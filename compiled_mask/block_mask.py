@@ -126,20 +126,22 @@ def _static_eagle3_block_mask(
     *,
     seq_lens: Tensor | None = None,
     doc_ids: Tensor | None = None,
-    live_check_in_mask_mod: bool = True,
+    plain_mask_mod: bool = False,
 ) -> BlockMask:
     """The static-width BlockMask for ``rounds`` live rounds (Note [static widths]); no checks.
 
-    ``live_check_in_mask_mod=False`` gives the plain Eagle3 mask_mod, which captures nothing. It is
-    exact only in a compiled kernel (which evaluates mask_mod on PARTIAL blocks alone) and only
-    where :func:`plain_mask_mod_is_exact` says so (the FA4 backend needs this).
+    ``plain_mask_mod=True`` gives the plain Eagle3 mask_mod, which captures nothing (no live check,
+    no per-sample check; the block tensors still follow seq_lens/doc_ids). It is exact only in a
+    compiled kernel (which evaluates mask_mod on PARTIAL blocks alone), only where
+    :func:`plain_mask_mod_is_exact` says so, and with seq_lens only on the valid query rows (the
+    FA4 backend needs this; Note [padding without a mask_mod check] in ``modules.py``).
     """
     KV_LEN = Q_LEN * max_rounds
     if not isinstance(rounds, Tensor):
         rounds = torch.tensor(rounds, device=device)
     tensors = _eagle3_block_mask_op(Q_LEN, KV_LEN, q_bs, kv_bs, B, H, device, rounds, seq_lens, doc_ids)
-    if live_check_in_mask_mod:
-        mask_mod = _live_eagle3_mask_mod(Q_LEN, rounds, seq_lens, doc_ids)
+    if plain_mask_mod:
+        mask_mod = eagle3_mask_mod(Q_LEN)
     else:
-        mask_mod = eagle3_mask_mod(Q_LEN, seq_lens=seq_lens, doc_ids=doc_ids)
+        mask_mod = _live_eagle3_mask_mod(Q_LEN, rounds, seq_lens, doc_ids)
     return BlockMask((Q_LEN, KV_LEN), *tensors, BLOCK_SIZE=(q_bs, kv_bs), mask_mod=mask_mod)

@@ -179,7 +179,7 @@ class Eagle3Attention(nn.Module):
             seq_lens: optional ``[B]`` valid length of each sample (padded batch); doc_ids:
                 optional ``[B, Q_LEN]`` document of each position, -1 for padding (packed
                 batch); see ``eagle3_mask_mod``. Query rows with nothing to attend (padding)
-                come out as zeros, with zero gradients. Backend "flex" only, for now.
+                come out as zeros, with zero gradients. doc_ids: backend "flex" only, for now.
 
         Returns:
             ``[B, Hq, Q_LEN, Dv]``.
@@ -188,10 +188,11 @@ class Eagle3Attention(nn.Module):
         _check_qkv(q, k, v, self.q_len, self.kv_len)
         _check_rounds(where, rounds, self.max_rounds, q.device)
         if seq_lens is not None or doc_ids is not None:
-            if self.backend != "flex":
+            if doc_ids is not None and self.backend != "flex":
                 raise NotImplementedError(
-                    f"{where}: seq_lens/doc_ids with backend={self.backend!r} are not supported "
-                    "yet; use backend='flex'."
+                    f"{where}: doc_ids with backend={self.backend!r} are not supported yet (its "
+                    "kernel cannot read a per-position document in the graph); use "
+                    "backend='flex', or seq_lens for plain padding."
                 )
             batch = _check_doc_layout(where, self.q_len, 1, seq_lens, doc_ids, q.device)
             if batch != q.size(0):
@@ -207,7 +208,8 @@ class Eagle3Attention(nn.Module):
                 )
             if not isinstance(rounds, Tensor):
                 rounds = torch.tensor(rounds, device=q.device)
-            return _split.split_eagle3_attention(q, k, v, rounds, q_len=self.q_len, scale=self.scale)
+            out = _split.split_eagle3_attention(q, k, v, rounds, q_len=self.q_len, scale=self.scale)
+            return out if seq_lens is None else _zero_padding_rows(out, seq_lens)
         block_size = self.block_size_for(q.device)
         if self.backend == "fa4":
             _fa4._check_fa4_device(where, q.device)
@@ -221,11 +223,12 @@ class Eagle3Attention(nn.Module):
         block_mask = _static_eagle3_block_mask(
             self.q_len, self.max_rounds, *block_size, B, 1, rounds, q.device,
             seq_lens=seq_lens, doc_ids=doc_ids,
-            live_check_in_mask_mod=self.backend != "fa4",  # Note [FA4 mask_mod] in _fa4.py
+            plain_mask_mod=self.backend == "fa4",  # Note [FA4 mask_mod] in _fa4.py
         )
-        return _MASK_BACKENDS[self.backend](
+        out = _MASK_BACKENDS[self.backend](
             q, k, v, block_mask, scale=self.scale, kernel_options=self.kernel_options
         )
+        return out if self.backend == "flex" or seq_lens is None else _zero_padding_rows(out, seq_lens)
 
     def block_size_for(self, device: torch.device) -> tuple[int, int]:
         """The (Q_BLOCK_SIZE, KV_BLOCK_SIZE) of the mask for inputs on ``device`` (for "split",
@@ -239,6 +242,23 @@ class Eagle3Attention(nn.Module):
             f"q_len={self.q_len}, max_rounds={self.max_rounds}, backend={self.backend!r}, "
             f"block_size={self.block_size}"
         )
+
+
+def _zero_padding_rows(out: Tensor, seq_lens: Tensor) -> Tensor:
+    """Zero the query rows past each sample's valid length (Note [padding without a mask_mod check]).
+
+    Note [padding without a mask_mod check]
+        The split and fa4 backends run the Eagle3 rule without the per-sample check (the causal
+        kernel has none; FA4's mask_mod lowering cannot read a captured tensor, Note [FA4
+        mask_mod]). For a valid query q < L that changes nothing: its causal keys kv <= q and its
+        suffix keys kv' = q are all valid. Only padding rows see anything they should not, so they
+        are set to zeros here, the defined output (and their gradients, through this product,
+        are zero). fa4 still skips the blocks that hold only padding: its block tensors come from
+        seq_lens; the plain mask_mod stays exact on the valid rows of the blocks it does list
+        (tests/test_fa4.py checks this by brute force).
+    """
+    valid = torch.arange(out.size(2), device=out.device) < seq_lens.unsqueeze(-1)  # [B, Q_LEN]
+    return out * valid[:, None, :, None].to(out.dtype)
 
 
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor, q_len: int, kv_len: int) -> None:

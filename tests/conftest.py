@@ -22,3 +22,11 @@ def fresh_compile_state():
     with torch._inductor.utils.fresh_cache():
         yield
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def fa4_installed(monkeypatch):
+    """Pretend flash_attn.cute is importable (to reach the checks behind that one)."""
+    from compiled_mask import _fa4
+
+    monkeypatch.setattr(_fa4, "fa4_available", lambda: True)

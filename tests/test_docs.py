@@ -165,12 +165,35 @@ def test_attention_one_graph_zero_padding_rows(compiled_flex_attention):
     assert counter.graphs == 2, reasons
 
 
-@pytest.mark.parametrize("backend", ["split"])
-def test_other_backends_refuse_layouts_for_now(backend):
+@pytest.mark.parametrize("backend", ["split", "fa4"])
+def test_other_backends_refuse_doc_ids_for_now(fa4_installed, backend):
     attn = Eagle3Attention(64, 2, backend=backend)
     q, k = torch.randn(2, 2, 64, 8), torch.randn(2, 2, 128, 8)
-    with pytest.raises(NotImplementedError, match=r"seq_lens/doc_ids with backend='split' are not supported yet"):
-        attn(q, k, k.clone(), torch.tensor(1), seq_lens=torch.tensor([3, 64]))
+    with pytest.raises(NotImplementedError, match=rf"doc_ids with backend='{backend}' are not supported yet"):
+        attn(q, k, k.clone(), torch.tensor(1), doc_ids=docs((64,), (30, 34)))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_split_padded_batch_forward_backward(compiled):
+    """backend="split" with seq_lens: valid rows exact (fwd+bwd vs float64, CPU), padding rows zero
+    with zero gradients (Note [padding without a mask_mod check])."""
+    q_len, max_rounds, live = 200, 3, 2
+    attn = Eagle3Attention(q_len, max_rounds, backend="split")
+    if compiled:
+        torch._dynamo.reset()
+        attn = torch.compile(attn, fullgraph=True)
+    q, k, v = (t.requires_grad_() for t in _qkv(3, seed=7))
+    dout = torch.randn_like(q)
+    seq_lens = torch.tensor([200, 77, 0])
+    out = attn(q, k, v, torch.tensor(live), seq_lens=seq_lens)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    allowed = eagle3_dense(q_len, q_len * max_rounds, live_kv_len=q_len * live, seq_lens=seq_lens)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = dense_reference_attention(q64, k64, v64, allowed)
+    want_grads = torch.autograd.grad(want, (q64, k64, v64), dout.double())
+    for got, ref in zip((out, *grads), (want, *want_grads)):
+        torch.testing.assert_close(got.double(), ref, rtol=0, atol=2e-5)
+    assert (out[1, :, 77:] == 0).all() and (out[2] == 0).all() and (grads[0][2] == 0).all()
 
 
 @pytest.mark.parametrize(
@@ -194,6 +217,34 @@ def test_attention_batch_mismatch():
     q, k = torch.randn(2, 2, 64, 8), torch.randn(2, 2, 128, 8)
     with pytest.raises(ValueError, match=r"seq_lens/doc_ids have batch 3 but q has batch 2"):
         attn(q, k, k.clone(), torch.tensor(1), seq_lens=torch.tensor([1, 2, 3]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["split", "fa4"])
+def test_cuda_padded_batch_other_backends(fresh_compile_state, backend):
+    """seq_lens through split and fa4 on CUDA: fwd+bwd vs float64 (bf16), padding rows zero."""
+    from compiled_mask._fa4 import fa4_available
+
+    if backend == "fa4" and not fa4_available():
+        pytest.skip("needs flash_attn.cute")
+    q_len, max_rounds, live = 1000, 4, 3  # Q_LEN off the blocks: the plain mask_mod path of fa4
+    attn = torch.compile(Eagle3Attention(q_len, max_rounds, backend=backend), fullgraph=True)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    make = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)  # noqa: E731
+    q, k, v = make(3, 8, q_len, 64), make(3, 2, q_len * max_rounds, 64), make(3, 2, q_len * max_rounds, 64)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    dout = make(3, 8, q_len, 64)
+    seq_lens = torch.tensor([1000, 333, 0], device="cuda")
+    out = attn(q, k, v, torch.tensor(live, device="cuda"), seq_lens=seq_lens)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    allowed = eagle3_dense(q_len, q_len * max_rounds, live_kv_len=q_len * live, seq_lens=seq_lens.cpu()).cuda()
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = dense_reference_attention(q64, k64, v64, allowed)
+    want_grads = torch.autograd.grad(want, (q64, k64, v64), dout.double())
+    for got, ref in zip((out, *grads), (want, *want_grads)):
+        assert torch.isfinite(got).all()
+        assert ((got.double() - ref).norm() / ref.norm()).item() < 1e-2
+    assert (out[1, :, 333:] == 0).all() and (out[2] == 0).all() and (grads[0][2] == 0).all()
 
 
 @pytest.mark.gpu

@@ -17,12 +17,6 @@ from compiled_mask import Eagle3Attention, _fa4, eagle3_block_mask, eagle3_mask_
 from compiled_mask.block_mask import _static_eagle3_block_mask, plain_mask_mod_is_exact
 
 
-@pytest.fixture
-def fa4_installed(monkeypatch):
-    """Pretend flash_attn.cute is importable (to reach the checks behind that one)."""
-    monkeypatch.setattr(_fa4, "fa4_available", lambda: True)
-
-
 def test_missing_fa4_says_how_to_install(monkeypatch):
     monkeypatch.setattr(_fa4, "fa4_available", lambda: False)
     with pytest.raises(ModuleNotFoundError, match=r"needs FlashAttention-4 .* pip install 'compiled-mask\[fa4\]'"):
@@ -93,16 +87,17 @@ def test_fa4_accepts_q_len_where_the_plain_mask_mod_is_exact(monkeypatch, q_len,
     _fa4._check_fa4_call("where", q_len, block_size)  # no error
 
 
-def _kernel_view(bm, mask_mod, q_len, kv_len):
-    """What a block-sparse kernel computes from ``bm``: FULL blocks whole, PARTIAL ones via mask_mod."""
+def _kernel_view(bm, mask_mod, q_len, kv_len, b=0):
+    """What a block-sparse kernel computes from ``bm`` for sample ``b``: FULL blocks whole, PARTIAL
+    ones via mask_mod."""
     q_bs, kv_bs = bm.BLOCK_SIZE
     q_idx, kv_idx = torch.arange(q_len)[:, None], torch.arange(kv_len)[None, :]
-    by_mask_mod = mask_mod(torch.tensor(0), torch.tensor(0), q_idx, kv_idx)
+    by_mask_mod = mask_mod(torch.tensor(b), torch.tensor(0), q_idx, kv_idx)
     seen = torch.zeros(q_len, kv_len, dtype=torch.bool)
     for full, num, idx in ((True, bm.full_kv_num_blocks, bm.full_kv_indices),
                            (False, bm.kv_num_blocks, bm.kv_indices)):
         for row in range(num.shape[2]):
-            for col in idx[0, 0, row, : num[0, 0, row]].tolist():
+            for col in idx[b, 0, row, : num[b, 0, row]].tolist():
                 block = (slice(row * q_bs, (row + 1) * q_bs), slice(col * kv_bs, (col + 1) * kv_bs))
                 seen[block] = True if full else by_mask_mod[block]
     return seen
@@ -122,7 +117,7 @@ def test_plain_mask_mod_exactness_rule(block_size):
         kv_len = q_len * max_rounds
         for live in range(1, max_rounds + 1):
             bm = _static_eagle3_block_mask(q_len, max_rounds, q_bs, kv_bs, 1, 1, live, "cpu",
-                                           live_check_in_mask_mod=False)
+                                           plain_mask_mod=True)
             want = eagle3_dense(q_len, kv_len, live_kv_len=q_len * live)
             exact = torch.equal(_kernel_view(bm, eagle3_mask_mod(q_len), q_len, kv_len), want)
             if plain_mask_mod_is_exact(q_len, q_bs, kv_bs):
@@ -130,6 +125,21 @@ def test_plain_mask_mod_exactness_rule(block_size):
             elif not exact:
                 inexact.append(q_len)
     assert inexact and max(inexact) < bound
+
+
+@pytest.mark.parametrize("q_len, block_size", [(1000, (128, 128)), (512, (256, 128)), (300, (64, 32))])
+def test_plain_mask_mod_with_padding_blocks_is_exact_on_valid_rows(q_len, block_size):
+    """fa4 with seq_lens: block tensors from seq_lens, plain mask_mod; every valid query row is
+    exact (Note [padding without a mask_mod check]); padding rows are zeroed afterwards."""
+    max_rounds = 3
+    seq_lens = torch.tensor([q_len, q_len // 3, 1, 0, q_len - 129])
+    for live in range(1, max_rounds + 1):
+        bm = _static_eagle3_block_mask(q_len, max_rounds, *block_size, len(seq_lens), 1, live, "cpu",
+                                       seq_lens=seq_lens, plain_mask_mod=True)
+        want = eagle3_dense(q_len, q_len * max_rounds, live_kv_len=q_len * live, seq_lens=seq_lens)
+        for b, n in enumerate(seq_lens.tolist()):
+            seen = _kernel_view(bm, eagle3_mask_mod(q_len), q_len, q_len * max_rounds, b)
+            assert torch.equal(seen[:n], want[b, 0, :n]), (b, live)
 
 
 @pytest.mark.parametrize("Q_LEN, rounds", [(1024, 4), (1000, 7), (8192, 8)])
