@@ -120,10 +120,10 @@ def float64_reference(q, k, v, dout, allowed: Tensor) -> tuple[Tensor, tuple[Ten
 # ----------------------------------------------------------------------------- CUDA tests
 
 
-def cuda_qkv(B, Hq, Hkv, q_len, kv_len, D, dtype, seed=0):
-    """Random q, k, v (requiring grad) and dout on CUDA."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    make = lambda *shape: torch.randn(*shape, device="cuda", dtype=dtype, generator=g)  # noqa: E731
+def cuda_qkv(B, Hq, Hkv, q_len, kv_len, D, dtype, seed=0, device="cuda"):
+    """Random q, k, v (requiring grad) and dout on CUDA (or ``device``)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    make = lambda *shape: torch.randn(*shape, device=device, dtype=dtype, generator=g)  # noqa: E731
     q, k, v = make(B, Hq, q_len, D), make(B, Hkv, kv_len, D), make(B, Hkv, kv_len, D)
     return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), make(B, Hq, q_len, D)
 

@@ -10,10 +10,13 @@ from helpers import (
     PAIRS,
     assert_same_blocks,
     ceil_div,
+    cuda_qkv,
     dense_reference_attention,
     eagle3_dense,
+    float64_reference,
     listed,
     reference_block_mask,
+    rel_err,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -219,53 +222,40 @@ def test_attention_batch_mismatch():
         attn(q, k, k.clone(), torch.tensor(1), seq_lens=torch.tensor([1, 2, 3]))
 
 
+def _check_cuda_layout(backend, q_len, max_rounds, live, seq_lens, doc_ids=None, device="cuda"):
+    """Compiled fwd+bwd (bf16) with seq_lens/doc_ids against float64 on the same pairs; finite
+    everywhere. Returns the output and gradients."""
+    attn = torch.compile(Eagle3Attention(q_len, max_rounds, backend=backend), fullgraph=True)
+    q, k, v, dout = cuda_qkv(len(seq_lens), 8, 2, q_len, q_len * max_rounds, 64, torch.bfloat16, seed=1,
+                             device=device)
+    seq_lens = seq_lens.to(device)
+    doc_ids = doc_ids if doc_ids is None else doc_ids.to(device)
+    out = attn(q, k, v, torch.tensor(live, device=device), seq_lens=seq_lens, doc_ids=doc_ids)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    allowed = eagle3_dense(q_len, q_len * max_rounds, live_kv_len=q_len * live, seq_lens=seq_lens.cpu(),
+                           doc_ids=None if doc_ids is None else doc_ids.cpu())
+    want, want_grads = float64_reference(q, k, v, dout, allowed)
+    for got, ref in zip((out, *grads), (want, *want_grads)):
+        assert torch.isfinite(got).all()
+        assert rel_err(got, ref) < 1e-2
+    return out, grads
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["split", "fa4"])
 def test_cuda_padded_batch_other_backends(fresh_compile_state, backend):
-    """seq_lens through split and fa4 on CUDA: fwd+bwd vs float64 (bf16), padding rows zero."""
+    """seq_lens through split and fa4 on CUDA (Q_LEN off the blocks: fa4's plain mask_mod path)."""
     from compiled_mask._fa4 import fa4_available
 
     if backend == "fa4" and not fa4_available():
         pytest.skip("needs flash_attn.cute")
-    q_len, max_rounds, live = 1000, 4, 3  # Q_LEN off the blocks: the plain mask_mod path of fa4
-    attn = torch.compile(Eagle3Attention(q_len, max_rounds, backend=backend), fullgraph=True)
-    g = torch.Generator(device="cuda").manual_seed(1)
-    make = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)  # noqa: E731
-    q, k, v = make(3, 8, q_len, 64), make(3, 2, q_len * max_rounds, 64), make(3, 2, q_len * max_rounds, 64)
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
-    dout = make(3, 8, q_len, 64)
-    seq_lens = torch.tensor([1000, 333, 0], device="cuda")
-    out = attn(q, k, v, torch.tensor(live, device="cuda"), seq_lens=seq_lens)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    allowed = eagle3_dense(q_len, q_len * max_rounds, live_kv_len=q_len * live, seq_lens=seq_lens.cpu()).cuda()
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    want = dense_reference_attention(q64, k64, v64, allowed)
-    want_grads = torch.autograd.grad(want, (q64, k64, v64), dout.double())
-    for got, ref in zip((out, *grads), (want, *want_grads)):
-        assert torch.isfinite(got).all()
-        assert ((got.double() - ref).norm() / ref.norm()).item() < 1e-2
+    out, grads = _check_cuda_layout(backend, 1000, 4, 3, torch.tensor([1000, 333, 0]))
     assert (out[1, :, 333:] == 0).all() and (out[2] == 0).all() and (grads[0][2] == 0).all()
 
 
 @pytest.mark.gpu
-def test_cuda_padded_batch_forward_backward_no_nan():
+def test_cuda_padded_batch_forward_backward_no_nan(fresh_compile_state):
     """Padding rows: zero output and zero, finite gradients; the rest matches float64."""
-    torch._dynamo.reset()
-    attn = torch.compile(Eagle3Attention(1024, 4), fullgraph=True)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    make = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)  # noqa: E731
-    q, k, v = make(3, 8, 1024, 64), make(3, 2, 4096, 64), make(3, 2, 4096, 64)
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
-    dout = make(3, 8, 1024, 64)
-    seq_lens = torch.tensor([1024, 300, 0], device="cuda")
-    doc_ids = docs((500, 524), (100, 200, -724), (-1024,)).cuda()
-    out = attn(q, k, v, torch.tensor(3, device="cuda"), seq_lens=seq_lens, doc_ids=doc_ids)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    allowed = eagle3_dense(1024, 4096, live_kv_len=3072, seq_lens=seq_lens.cpu(), doc_ids=doc_ids.cpu()).cuda()
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    want = dense_reference_attention(q64, k64, v64, allowed)
-    want_grads = torch.autograd.grad(want, (q64, k64, v64), dout.double())
-    for got, ref in zip((out, *grads), (want, *want_grads)):
-        assert torch.isfinite(got).all()
-        assert ((got.double() - ref).norm() / ref.norm()).item() < 1e-2
+    doc_ids = docs((500, 524), (100, 200, -724), (-1024,))
+    out, grads = _check_cuda_layout("flex", 1024, 4, 3, torch.tensor([1024, 300, 0]), doc_ids)
     assert (out[2] == 0).all() and (grads[0][2] == 0).all()
