@@ -37,6 +37,16 @@ def _live_limit(ROUNDS, S):
 
 
 @triton.jit
+def _query_block(Hq, G, L, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """This program's (batch x q-head) row, batch, q-head, kv-head, query indices (and which are
+    in range), and the head-dim ranges of q/k and of v."""
+    bh = tl.program_id(1)
+    b, h = bh // Hq, bh % Hq
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    return bh, b, h, h // G, i, i < L, tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
+
+
+@triton.jit
 def _suffix_forward_kernel(
     Q, K, V, OUT_C, LSE_C, ROUNDS, OUT, LSE,
     s_qb, s_qh, s_ql, s_qd, s_kb, s_kh, s_kl, s_kd, s_vb, s_vh, s_vl, s_vd,
@@ -44,13 +54,7 @@ def _suffix_forward_kernel(
     Hq, G, L, D, Dv, S, scale,
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    bh = tl.program_id(1)
-    b, h = bh // Hq, bh % Hq
-    hk = h // G
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    i_ok = i < L
-    d = tl.arange(0, BLOCK_D)
-    e = tl.arange(0, BLOCK_DV)
+    bh, b, h, hk, i, i_ok, d, e = _query_block(Hq, G, L, BLOCK, BLOCK_D, BLOCK_DV)
     q = _tile(Q + b * s_qb + h * s_qh, s_ql, s_qd, i, i_ok, d, d < D)
     acc = _tile(OUT_C + b * s_cb + h * s_ch, s_cl, s_cd, i, i_ok, e, e < Dv)
     m = tl.load(LSE_C + b * s_lcb + h * s_lch + i * s_lcl, mask=i_ok, other=0.0)
@@ -82,13 +86,7 @@ def _suffix_dq_kernel(
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """DOUT, OUT, DQ: contiguous [B, Hq, L, *]; LSE, DELTA: contiguous [B, Hq, L]."""
-    bh = tl.program_id(1)
-    b, h = bh // Hq, bh % Hq
-    hk = h // G
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    i_ok = i < L
-    d = tl.arange(0, BLOCK_D)
-    e = tl.arange(0, BLOCK_DV)
+    bh, b, h, hk, i, i_ok, d, e = _query_block(Hq, G, L, BLOCK, BLOCK_D, BLOCK_DV)
     dout = _tile(DOUT + bh * L * Dv, Dv, 1, i, i_ok, e, e < Dv)
     delta = tl.sum(dout * _tile(OUT + bh * L * Dv, Dv, 1, i, i_ok, e, e < Dv), axis=1)
     tl.store(DELTA + bh * L + i, delta, mask=i_ok)
