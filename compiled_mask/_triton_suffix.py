@@ -40,9 +40,10 @@ def _live_limit(ROUNDS, S):
 def _query_block(Hq, G, L, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """This program's (batch x q-head) row, batch, q-head, kv-head, query indices (and which are
     in range), and the head-dim ranges of q/k and of v."""
-    bh = tl.program_id(1)
+    # int64 offsets: K/V of B=8, 8 heads, d=128 at 32K x 8 rounds already holds 2.1e9 > 2**31 elements
+    bh = tl.program_id(1).to(tl.int64)
     b, h = bh // Hq, bh % Hq
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     return bh, b, h, h // G, i, i < L, tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
 
 
@@ -113,10 +114,10 @@ def _suffix_dkv_kernel(
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """DK, DV: contiguous [B, Hkv, KV, *]; writes the rows of suffix round s = program_id(2) + 1."""
-    bhk = tl.program_id(1)
+    bhk = tl.program_id(1).to(tl.int64)
     b, hk = bhk // Hkv, bhk % Hkv
     s = tl.program_id(2) + 1
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     i_ok = i < L
     d = tl.arange(0, BLOCK_D)
     e = tl.arange(0, BLOCK_DV)
