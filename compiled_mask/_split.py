@@ -1,22 +1,23 @@
-"""The "split" backend: a causal flash kernel plus the suffix diagonals, merged by log-sum-exp.
+"""The "split" backend: a fused causal kernel plus the suffix diagonals, merged by log-sum-exp.
 
 The Eagle3 mask is causal over the first Q_LEN keys plus, for each later round s, the single key
 ``s * Q_LEN + q`` of query q. A block-sparse kernel pays a whole tile per q-block for each of those
 diagonals; here they cost one dot product per (query, round):
 
-    out_c, lse_c = flash_attention(q, k[:Q_LEN], v[:Q_LEN], causal)       # the fast kernel
+    out_c, lse_c = causal_attention(q, k[:Q_LEN], v[:Q_LEN])              # the fast kernel
     score_s[q]   = scale * q . k[s * Q_LEN + q]           for live rounds s, -inf for dead ones
     lse          = logaddexp(lse_c, logsumexp_s score_s)                    # one softmax
     out          = exp(lse_c - lse) * out_c + sum_s exp(score_s - lse) * v[s * Q_LEN + q]
 
 Note [backward through the merge]
-    The flash kernel's log-sum-exp has no gradient, so the backward is written out (the identity
-    ring attention uses): the flash backward given the *merged* output and *merged* lse returns
+    The causal kernel's log-sum-exp has no gradient, so the backward is written out (the identity
+    ring attention uses): its backward given the *merged* output and *merged* lse returns
     the exact gradients of the causal part, because its probabilities exp(s - lse) and its row term
     D = rowsum(dO * O) are then those of the full softmax. The suffix part is elementwise:
     p = exp(score - lse), dv = p * dO, ds = p * (dO . v - D), dq += scale * ds * k,
-    dk = scale * ds * q. Everything is plain tensor math plus the flash forward/backward aten ops,
-    so it traces into the compiled graph (one graph for every TTT step: only ``rounds`` changes).
+    dk = scale * ds * q. Everything is aten attention ops plus two custom ops with fake kernels
+    (Note [suffix kernels]), so it traces into the compiled graph (one graph for every TTT step:
+    only ``rounds`` changes).
 """
 
 from __future__ import annotations
