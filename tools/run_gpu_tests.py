@@ -52,7 +52,7 @@ def main() -> int:
 
     def run_one(test: str) -> tuple[str, int, str, float]:
         t0 = time.perf_counter()
-        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test],
+        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-x", "-p", "no:cacheprovider", test],
                              cwd=ROOT, capture_output=True, text=True)
         return test, run.returncode, run.stdout + run.stderr, time.perf_counter() - t0
 
