@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
 from compiled_mask._flex import flex_eagle3_attention
-from compiled_mask.block_mask import plain_mask_mod_is_exact
+from compiled_mask.block_mask import _plain_mask_mod_is_exact
 
 _INSTALL_HINT = "Install it with: pip install 'compiled-mask[fa4]' (the flash-attn-4 package)."
 # FA4's tiles are 128 wide in both directions on SM90 and SM100 (m tile 128 x q_stage 2 = 256 on
@@ -97,7 +97,7 @@ def _check_fa4_call(where: str, q_len: int, block_size: tuple[int, int]) -> None
             "torch.compile(model, fullgraph=True), or use backend='flex' eagerly."
         )
     q_bs, kv_bs = block_size
-    if not plain_mask_mod_is_exact(q_len, q_bs, kv_bs):
+    if not _plain_mask_mod_is_exact(q_len, q_bs, kv_bs):
         raise NotImplementedError(
             f"{where}: backend='fa4' with q_len={q_len} is not supported: below "
             f"Q_BLOCK_SIZE + KV_BLOCK_SIZE - 1 = {q_bs + kv_bs - 1} it must be a multiple of "

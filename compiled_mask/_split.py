@@ -72,7 +72,7 @@ def _causal_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
         seed, offset, max_q, max_k = saved
         return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
             dout, q, k, v, out, lse.unsqueeze(-1), seed, offset, None, None, None, max_q, max_k, 0.0,
-            True, scale=scale,
+            True, scale=scale,  # cuDNN's logsumexp is [B, H, L, 1]
         )
     if kernel == "flash":
         cum_q, cum_k, seed, offset, max_q, max_k = saved
@@ -117,8 +117,8 @@ def _suffix_scores(q6: Tensor, k6: Tensor, rounds: Tensor, scale: float) -> Tens
     return scores.masked_fill(suffix_round >= rounds, float("-inf"))
 
 
-def suffix_forward_reference(q: Tensor, k: Tensor, v: Tensor, out_c: Tensor, lse_c: Tensor,
-                             rounds: Tensor, q_len: int, scale: float) -> tuple[Tensor, Tensor]:
+def _suffix_forward_reference(q: Tensor, k: Tensor, v: Tensor, out_c: Tensor, lse_c: Tensor,
+                              rounds: Tensor, q_len: int, scale: float) -> tuple[Tensor, Tensor]:
     """Fold the live suffix rounds into the causal part: ``(out [B, Hq, L, Dv], lse [B, Hq, L])``.
 
     ``out_c``/``lse_c``: the causal part's normalised output and fp32 log-sum-exp.
@@ -131,32 +131,34 @@ def suffix_forward_reference(q: Tensor, k: Tensor, v: Tensor, out_c: Tensor, lse
     p_s = torch.exp(scores - lse.unsqueeze(-1))  # [B, Hkv, G, L, S]
     out_s = (p_s.unsqueeze(-1) * v6.float()).sum(-2)  # [B, Hkv, G, L, Dv]
     out5 = torch.exp(lse_c5 - lse).unsqueeze(-1) * out_c.reshape(out_s.shape).float() + out_s
-    return out5.to(q.dtype).reshape(B, Hq, L, -1).contiguous(), lse.reshape(B, Hq, L).contiguous()
+    out = out5.to(q.dtype).reshape(B, Hq, L, -1)  # [B, Hq, L, Dv]
+    return out.contiguous(), lse.reshape(B, Hq, L).contiguous()  # lse: [B, Hq, L]
 
 
 @torch.library.custom_op("compiled_mask::eagle3_suffix_forward", mutates_args=())
-def suffix_forward(q: Tensor, k: Tensor, v: Tensor, out_c: Tensor, lse_c: Tensor, rounds: Tensor,
-                   q_len: int, scale: float) -> tuple[Tensor, Tensor]:
-    """:func:`suffix_forward_reference` as an op (Note [suffix kernels])."""
-    return suffix_forward_reference(q, k, v, out_c, lse_c, rounds, q_len, scale)
+def _suffix_forward(q: Tensor, k: Tensor, v: Tensor, out_c: Tensor, lse_c: Tensor, rounds: Tensor,
+                    q_len: int, scale: float) -> tuple[Tensor, Tensor]:
+    """Private op of the split backend: :func:`_suffix_forward_reference`, Triton on CUDA
+    (Note [suffix kernels])."""
+    return _suffix_forward_reference(q, k, v, out_c, lse_c, rounds, q_len, scale)
 
 
-@suffix_forward.register_kernel("cuda")
+@_suffix_forward.register_kernel("cuda")
 def _(q, k, v, out_c, lse_c, rounds, q_len, scale):
     from compiled_mask._triton_suffix import suffix_forward_triton
 
     return suffix_forward_triton(q, k, v, out_c, lse_c, rounds, q_len, scale)
 
 
-@suffix_forward.register_fake
+@_suffix_forward.register_fake
 def _(q, k, v, out_c, lse_c, rounds, q_len, scale):
     B, Hq, L, _ = q.shape
     return q.new_empty(B, Hq, L, v.shape[-1]), q.new_empty(B, Hq, L, dtype=torch.float32)
 
 
-def suffix_backward_reference(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                              rounds: Tensor, dq_c: Tensor, dk_c: Tensor, dv_c: Tensor, q_len: int,
-                              scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def _suffix_backward_reference(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                               lse: Tensor, rounds: Tensor, dq_c: Tensor, dk_c: Tensor, dv_c: Tensor,
+                               q_len: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """The full ``(dq, dk, dv)``: the causal part's gradients plus the suffix terms'.
 
     ``out``/``lse`` are the merged ones; ``d*_c`` come from the causal kernel's backward given them
@@ -174,28 +176,31 @@ def suffix_backward_reference(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out
     dq_s = (ds * k6.float()).sum(-2)  # [B, Hkv, G, L, D]
     dk_s = (ds * q6.float()).sum(2)  # [B, Hkv, L, S, D]
     dv_s = (p_s.unsqueeze(-1) * dout6).sum(2)  # [B, Hkv, L, S, Dv]
-    dq = (dq_c.float() + dq_s.view(B, Hq, L, -1)).to(q.dtype).contiguous()
-    dk = torch.cat([dk_c, dk_s.transpose(2, 3).reshape(B, Hkv, -1, k.shape[-1]).to(k.dtype)], dim=2)
-    dv = torch.cat([dv_c, dv_s.transpose(2, 3).reshape(B, Hkv, -1, v.shape[-1]).to(v.dtype)], dim=2)
+    dq = (dq_c.float() + dq_s.view(B, Hq, L, -1)).to(q.dtype).contiguous()  # [B, Hq, L, D]
+    dk_s = dk_s.transpose(2, 3).reshape(B, Hkv, -1, k.shape[-1])  # [B, Hkv, S * L, D]
+    dv_s = dv_s.transpose(2, 3).reshape(B, Hkv, -1, v.shape[-1])  # [B, Hkv, S * L, Dv]
+    dk = torch.cat([dk_c, dk_s.to(k.dtype)], dim=2)  # [B, Hkv, KV, D]
+    dv = torch.cat([dv_c, dv_s.to(v.dtype)], dim=2)  # [B, Hkv, KV, Dv]
     return dq, dk, dv
 
 
 @torch.library.custom_op("compiled_mask::eagle3_suffix_backward", mutates_args=())
-def suffix_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                    rounds: Tensor, dq_c: Tensor, dk_c: Tensor, dv_c: Tensor, q_len: int,
-                    scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`suffix_backward_reference` as an op (Note [suffix kernels])."""
-    return suffix_backward_reference(dout, q, k, v, out, lse, rounds, dq_c, dk_c, dv_c, q_len, scale)
+def _suffix_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                     rounds: Tensor, dq_c: Tensor, dk_c: Tensor, dv_c: Tensor, q_len: int,
+                     scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Private op of the split backend: :func:`_suffix_backward_reference`, Triton on CUDA
+    (Note [suffix kernels])."""
+    return _suffix_backward_reference(dout, q, k, v, out, lse, rounds, dq_c, dk_c, dv_c, q_len, scale)
 
 
-@suffix_backward.register_kernel("cuda")
+@_suffix_backward.register_kernel("cuda")
 def _(dout, q, k, v, out, lse, rounds, dq_c, dk_c, dv_c, q_len, scale):
     from compiled_mask._triton_suffix import suffix_backward_triton
 
     return suffix_backward_triton(dout, q, k, v, out, lse, rounds, dq_c, dk_c, dv_c, q_len, scale)
 
 
-@suffix_backward.register_fake
+@_suffix_backward.register_fake
 def _(dout, q, k, v, out, lse, rounds, dq_c, dk_c, dv_c, q_len, scale):
     return (torch.empty_like(q, memory_format=torch.contiguous_format), k.new_empty(k.shape),
             v.new_empty(v.shape))
@@ -208,7 +213,7 @@ class _Eagle3Split(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, rounds: Tensor, q_len: int, scale: float) -> Tensor:
         out_c, lse_c, saved = _causal_forward(q, k[:, :, :q_len], v[:, :, :q_len], scale)
-        out, lse = suffix_forward(q, k, v, out_c, lse_c, rounds, q_len, scale)
+        out, lse = _suffix_forward(q, k, v, out_c, lse_c, rounds, q_len, scale)
         tensors = [x for x in saved if isinstance(x, Tensor)]
         ctx.save_for_backward(q, k, v, rounds, out, lse, *tensors)
         ctx.saved_rest = [_SAVED if isinstance(x, Tensor) else x for x in saved]
@@ -224,7 +229,7 @@ class _Eagle3Split(torch.autograd.Function):
         dout = dout.contiguous()
         dq_c, dk_c, dv_c = _causal_backward(dout, q, k[:, :, :q_len], v[:, :, :q_len], out, lse, saved,
                                             scale)
-        dq, dk, dv = suffix_backward(dout, q, k, v, out, lse, rounds, dq_c, dk_c, dv_c, q_len, scale)
+        dq, dk, dv = _suffix_backward(dout, q, k, v, out, lse, rounds, dq_c, dk_c, dv_c, q_len, scale)
         return dq, dk, dv, None, None, None
 
 

@@ -96,7 +96,7 @@ def _live_eagle3_mask_mod(
     return eagle3_live_mask
 
 
-def plain_mask_mod_is_exact(Q_LEN: int, q_bs: int, kv_bs: int) -> bool:
+def _plain_mask_mod_is_exact(Q_LEN: int, q_bs: int, kv_bs: int) -> bool:
     """Whether a compiled kernel given the live-round block tensors and the *plain* Eagle3 mask_mod
     (no live check) computes exactly the live mask.
 
@@ -133,7 +133,7 @@ def _static_eagle3_block_mask(
     ``plain_mask_mod=True`` gives the plain Eagle3 mask_mod, which captures nothing (no live check,
     no per-sample check; the block tensors still follow seq_lens/doc_ids). It is exact only in a
     compiled kernel (which evaluates mask_mod on PARTIAL blocks alone), only where
-    :func:`plain_mask_mod_is_exact` says so, and with seq_lens only on the valid query rows (the
+    :func:`_plain_mask_mod_is_exact` says so, and with seq_lens only on the valid query rows (the
     FA4 backend needs this; Note [padding without a mask_mod check] in ``modules.py``).
     """
     KV_LEN = Q_LEN * max_rounds

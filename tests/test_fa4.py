@@ -14,7 +14,7 @@ from helpers import (
 )
 
 from compiled_mask import Eagle3Attention, _fa4, eagle3_block_mask, eagle3_mask_mod
-from compiled_mask.block_mask import _static_eagle3_block_mask, plain_mask_mod_is_exact
+from compiled_mask.block_mask import _static_eagle3_block_mask, _plain_mask_mod_is_exact
 
 
 def test_missing_fa4_says_how_to_install(monkeypatch):
@@ -105,7 +105,7 @@ def _kernel_view(bm, mask_mod, q_len, kv_len, b=0):
 
 @pytest.mark.parametrize("block_size", [(128, 128), (256, 128), (64, 32)])
 def test_plain_mask_mod_exactness_rule(block_size):
-    """Note [when the plain mask_mod is exact], by brute force: where plain_mask_mod_is_exact says
+    """Note [when the plain mask_mod is exact], by brute force: where _plain_mask_mod_is_exact says
     so, the live-round block tensors with the plain mask_mod give exactly the live mask, for every
     live count; below the bound some unaligned Q_LEN does not (the rule is not vacuous)."""
     q_bs, kv_bs = block_size
@@ -120,7 +120,7 @@ def test_plain_mask_mod_exactness_rule(block_size):
                                            plain_mask_mod=True)
             want = eagle3_dense(q_len, kv_len, live_kv_len=q_len * live)
             exact = torch.equal(_kernel_view(bm, eagle3_mask_mod(q_len), q_len, kv_len), want)
-            if plain_mask_mod_is_exact(q_len, q_bs, kv_bs):
+            if _plain_mask_mod_is_exact(q_len, q_bs, kv_bs):
                 assert exact, (q_len, live)
             elif not exact:
                 inexact.append(q_len)

@@ -171,9 +171,9 @@ SUFFIX_CASES = [
 @pytest.mark.parametrize("case", SUFFIX_CASES[:3])
 def test_suffix_ops_opcheck(case):
     forward, extra = _suffix_args(*case, strided=case[0] == 2)
-    torch.library.opcheck(_split.suffix_forward, forward)
-    out, lse = _split.suffix_forward(*forward)
-    torch.library.opcheck(_split.suffix_backward, _backward_args(forward, extra, out, lse))
+    torch.library.opcheck(_split._suffix_forward, forward)
+    out, lse = _split._suffix_forward(*forward)
+    torch.library.opcheck(_split._suffix_backward, _backward_args(forward, extra, out, lse))
 
 
 @pytest.mark.gpu
@@ -183,13 +183,13 @@ def test_suffix_ops_opcheck(case):
 def test_suffix_kernels_match_reference(case, strided, dtype):
     """The Triton kernels against the torch math they replace, on the same CUDA inputs."""
     forward, extra = _suffix_args(*case, device="cuda", dtype=dtype, strided=strided)
-    got = _split.suffix_forward(*forward)
-    want = _split.suffix_forward_reference(*forward)
+    got = _split._suffix_forward(*forward)
+    want = _split._suffix_forward_reference(*forward)
     for x, w in zip(got, want):
         assert x.is_contiguous() and x.dtype == w.dtype
         torch.testing.assert_close(x, w)
     args = _backward_args(forward, extra, *want)
-    for name, x, w in zip("qkv", _split.suffix_backward(*args), _split.suffix_backward_reference(*args)):
+    for name, x, w in zip("qkv", _split._suffix_backward(*args), _split._suffix_backward_reference(*args)):
         assert x.is_contiguous() and x.dtype == w.dtype, name
         torch.testing.assert_close(x, w, msg=name)
 
@@ -197,6 +197,6 @@ def test_suffix_kernels_match_reference(case, strided, dtype):
 @pytest.mark.gpu
 def test_suffix_ops_opcheck_cuda():
     forward, extra = _suffix_args(*SUFFIX_CASES[0], device="cuda", dtype=torch.bfloat16)
-    torch.library.opcheck(_split.suffix_forward, forward)
-    out, lse = _split.suffix_forward(*forward)
-    torch.library.opcheck(_split.suffix_backward, _backward_args(forward, extra, out, lse))
+    torch.library.opcheck(_split._suffix_forward, forward)
+    out, lse = _split._suffix_forward(*forward)
+    torch.library.opcheck(_split._suffix_backward, _backward_args(forward, extra, out, lse))
