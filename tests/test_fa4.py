@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from helpers import (
     assert_cuda_graph_forward,
     assert_same_blocks,
@@ -217,3 +219,22 @@ def test_fa4_ttt_loop_one_graph_forward_backward(fresh_compile_state):
 def test_fa4_cuda_graph_forward(fresh_compile_state):
     _needs_fa4()
     assert_cuda_graph_forward("fa4", 1024, 8, 2, 128)
+
+
+@settings(max_examples=60, deadline=None)
+@given(q_bs=st.sampled_from([16, 32, 64]), kv_div=st.sampled_from([1, 2, 4]), data=st.data())
+def test_fuzz_plain_mask_mod_exactness_rule(q_bs, kv_div, data):
+    """The rule on random shapes, padding included: where it holds, every valid row is exact."""
+    kv_bs = q_bs // kv_div
+    q_len = data.draw(st.integers(1, 3 * q_bs + kv_bs))
+    max_rounds = data.draw(st.integers(1, 3))
+    live = data.draw(st.integers(1, max_rounds))
+    seq_lens = torch.tensor(data.draw(st.lists(st.integers(0, q_len), min_size=1, max_size=3)))
+    if not _plain_mask_mod_is_exact(q_len, q_bs, kv_bs):
+        return
+    bm = _static_eagle3_block_mask(q_len, max_rounds, q_bs, kv_bs, len(seq_lens), 1, live, "cpu",
+                                   seq_lens=seq_lens, plain_mask_mod=True)
+    want = eagle3_dense(q_len, q_len * max_rounds, live_kv_len=q_len * live, seq_lens=seq_lens)
+    for b, n in enumerate(seq_lens.tolist()):
+        seen = _kernel_view(bm, eagle3_mask_mod(q_len), q_len, q_len * max_rounds, b)
+        assert torch.equal(seen[:n], want[b, 0, :n]), (b, n)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 from expecttest import TestCase
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from helpers import (
     assert_ttt_loop_one_graph,
     backend_errors,
@@ -200,3 +202,23 @@ def test_suffix_ops_opcheck_cuda():
     torch.library.opcheck(_split._suffix_forward, forward)
     out, lse = _split._suffix_forward(*forward)
     torch.library.opcheck(_split._suffix_backward, _backward_args(forward, extra, out, lse))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    B=st.integers(1, 2), Hkv=st.integers(1, 2), G=st.sampled_from([1, 2, 4]), q_len=st.integers(1, 90),
+    max_rounds=st.integers(1, 5), live=st.integers(-1, 7), D=st.sampled_from([8, 16]),
+    padded=st.booleans(), data=st.data(),
+)
+def test_fuzz_split_vs_float64(B, Hkv, G, q_len, max_rounds, live, D, padded, data):
+    """Any shape, live count (clamped to [1, max_rounds]) and padding: fwd+bwd equal float64."""
+    q, k, v, dout = _case(B, Hkv * G, Hkv, q_len, max_rounds, D, torch.float32, seed=q_len)
+    seq_lens = (torch.tensor(data.draw(st.lists(st.integers(0, q_len), min_size=B, max_size=B)))
+                if padded else None)
+    out = Eagle3Attention(q_len, max_rounds, backend="split")(q, k, v, torch.tensor(live), seq_lens=seq_lens)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    live_kv_len = q_len * min(max(live, 1), max_rounds)
+    allowed = eagle3_dense(q_len, q_len * max_rounds, live_kv_len=live_kv_len, seq_lens=seq_lens)
+    want, want_grads = float64_reference(q, k, v, dout, allowed)
+    for got, ref in zip((out, *grads), (want, *want_grads)):
+        torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-5)
