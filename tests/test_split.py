@@ -12,6 +12,7 @@ from expecttest import TestCase
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from helpers import (
+    assert_cuda_graph_forward,
     assert_ttt_loop_one_graph,
     backend_errors,
     eagle3_dense,
@@ -120,6 +121,11 @@ def test_split_cuda_vs_float64_and_flex(fresh_compile_state, monkeypatch, kernel
 @pytest.mark.gpu
 def test_split_cuda_ttt_loop_one_graph(fresh_compile_state):
     assert_ttt_loop_one_graph("split", 1024, 8, 2, 128)
+
+
+@pytest.mark.gpu
+def test_split_cuda_graph_forward(fresh_compile_state):
+    assert_cuda_graph_forward("split", 1000, 8, 2, 64)
 
 
 @pytest.mark.gpu
