@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 
 # Note [which causal kernel]
 #     On CUDA the causal part runs on cuDNN's fused attention, the kernel SDPA itself picks for the
@@ -247,3 +248,59 @@ def split_eagle3_attention(q: Tensor, k: Tensor, v: Tensor, rounds: Tensor, *, q
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return _Eagle3Split.apply(q, k, v, rounds, q_len, scale)
+
+
+# Note [documents in the split backend]
+#     Packed documents need a causal part that stops at each document's start, which neither
+#     cuDNN's nor the flash kernel can do per position without a host sync (varlen needs the
+#     number of documents). So with doc_ids the causal part is flex_attention over the
+#     per-document causal BlockMask (eagle3_block_mask with KV_LEN = Q_LEN: only the blocks inside
+#     documents), which returns a log-sum-exp that autograd differentiates. The suffix is merged by
+#     _SuffixMerge, whose backward returns the gradients of its inputs out_c and lse_c (the same
+#     suffix kernels, given zero causal gradients):
+#         a = exp(lse_c - lse),  d out_c = a * dO,  d lse_c = a * (dO . out_c - dO . out)
+#     flex's backward then gets exactly the causal gradients of the merged softmax (its row term
+#     rowsum(d out_c * out_c) - d lse_c is a * D). A row with nothing to attend (padding) has
+#     lse_c = -inf from flex; it is clamped to the lowest float so that the merge stays finite.
+
+
+class _SuffixMerge(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, out_c: Tensor, lse_c: Tensor, rounds: Tensor,
+                q_len: int, scale: float) -> Tensor:
+        out, lse = _suffix_forward(q, k, v, out_c, lse_c, rounds, q_len, scale)
+        ctx.save_for_backward(q, k, v, out_c, lse_c, rounds, out, lse)
+        ctx.q_len, ctx.scale = q_len, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        q, k, v, out_c, lse_c, rounds, out, lse = ctx.saved_tensors
+        q_len = ctx.q_len
+        dout = dout.contiguous()
+        zero_c = (torch.zeros_like(q), k.new_zeros(k[:, :, :q_len].shape), v.new_zeros(v[:, :, :q_len].shape))
+        dq, dk, dv = _suffix_backward(dout, q, k, v, out, lse, rounds, *zero_c, q_len, ctx.scale)
+        a = torch.exp(lse_c - lse).unsqueeze(-1)  # [B, Hq, L, 1]
+        dout32 = dout.float()
+        d_out_c = (a * dout32).to(out_c.dtype)
+        d_lse_c = (a * dout32 * (out_c.float() - out.float())).sum(-1)  # [B, Hq, L]
+        return dq, dk, dv, d_out_c, d_lse_c, None, None, None
+
+
+def split_document_attention(q: Tensor, k: Tensor, v: Tensor, rounds: Tensor, causal_mask: BlockMask,
+                             *, q_len: int, scale: float | None) -> Tensor:
+    """The split backend for packed documents (Note [documents in the split backend]).
+
+    Args:
+        q, k, v, rounds, q_len, scale: as :func:`split_eagle3_attention`.
+        causal_mask: the per-document causal BlockMask over the first Q_LEN keys.
+
+    Returns:
+        ``[B, Hq, Q_LEN, Dv]``; rows with nothing to attend in the causal part still see their
+        suffix diagonal (the caller zeroes padding rows).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out_c, aux = flex_attention(q, k[:, :, :q_len], v[:, :, :q_len], block_mask=causal_mask, scale=scale,
+                                enable_gqa=q.size(1) != k.size(1), return_aux=AuxRequest(lse=True))
+    lse_c = aux.lse.clamp(min=torch.finfo(torch.float32).min)  # -inf on empty rows
+    return _SuffixMerge.apply(q, k, v, out_c, lse_c, rounds, q_len, scale)

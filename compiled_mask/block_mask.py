@@ -96,6 +96,25 @@ def _live_eagle3_mask_mod(
     return eagle3_live_mask
 
 
+def _plain_eagle3_mask_mod(Q_LEN: int, doc_ids: Tensor | None = None) -> _mask_mod_signature:
+    """The Eagle3 rule without the live check and without seq_lens (Note [FA4 mask_mod] in
+    ``_fa4.py``); with ``doc_ids`` it keeps the document check, which reads only ``[B, Q_LEN]``.
+
+    The query's document is read at ``q_idx % Q_LEN``: a kernel evaluates mask_mod on whole tiles,
+    and the rows of the last tile past Q_LEN must not index past the tensor (their results are
+    dropped). The key's position ``kv_idx % Q_LEN`` is in range already.
+    """
+    if doc_ids is None:
+        return eagle3_mask_mod(Q_LEN)
+
+    def eagle3_doc_mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        doc = doc_ids[b, q_idx % Q_LEN]
+        same_doc = (doc != -1) & (doc_ids[b, kv_idx % Q_LEN] == doc)
+        return _eagle3_allowed(q_idx, kv_idx, Q_LEN) & same_doc
+
+    return eagle3_doc_mask
+
+
 def _plain_mask_mod_is_exact(Q_LEN: int, q_bs: int, kv_bs: int) -> bool:
     """Whether a compiled kernel given the live-round block tensors and the *plain* Eagle3 mask_mod
     (no live check) computes exactly the live mask.
@@ -130,18 +149,20 @@ def _static_eagle3_block_mask(
 ) -> BlockMask:
     """The static-width BlockMask for ``rounds`` live rounds (Note [static widths]); no checks.
 
-    ``plain_mask_mod=True`` gives the plain Eagle3 mask_mod, which captures nothing (no live check,
-    no per-sample check; the block tensors still follow seq_lens/doc_ids). It is exact only in a
-    compiled kernel (which evaluates mask_mod on PARTIAL blocks alone), only where
-    :func:`_plain_mask_mod_is_exact` says so, and with seq_lens only on the valid query rows (the
-    FA4 backend needs this; Note [padding without a mask_mod check] in ``modules.py``).
+    ``plain_mask_mod=True`` gives :func:`_plain_eagle3_mask_mod`: no live check, no seq_lens check,
+    the document check if doc_ids are given (the block tensors follow all three). It is exact only
+    in a compiled kernel (which evaluates mask_mod on PARTIAL blocks alone), only where
+    :func:`_plain_mask_mod_is_exact` says so, and with seq_lens only on the query rows below each
+    sample's length (the FA4 backend needs this; Note [padding without a mask_mod check] in
+    ``modules.py``). The document check only removes pairs, so it keeps the Note's argument: the
+    blocks listed with doc_ids are a subset of those listed without.
     """
     KV_LEN = Q_LEN * max_rounds
     if not isinstance(rounds, Tensor):
         rounds = torch.tensor(rounds, device=device)
     tensors = _eagle3_block_mask_op(Q_LEN, KV_LEN, q_bs, kv_bs, B, H, device, rounds, seq_lens, doc_ids)
     if plain_mask_mod:
-        mask_mod = eagle3_mask_mod(Q_LEN)
+        mask_mod = _plain_eagle3_mask_mod(Q_LEN, doc_ids)
     else:
         mask_mod = _live_eagle3_mask_mod(Q_LEN, rounds, seq_lens, doc_ids)
     return BlockMask((Q_LEN, KV_LEN), *tensors, BLOCK_SIZE=(q_bs, kv_bs), mask_mod=mask_mod)

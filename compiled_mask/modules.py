@@ -15,7 +15,7 @@ from compiled_mask._checks import (
     _check_rounds,
 )
 from compiled_mask._flex import flex_eagle3_attention
-from compiled_mask.block_mask import _static_eagle3_block_mask
+from compiled_mask.block_mask import _static_eagle3_block_mask, eagle3_block_mask
 
 __all__ = ["Eagle3BlockMask", "Eagle3Attention"]
 
@@ -179,7 +179,8 @@ class Eagle3Attention(nn.Module):
             seq_lens: optional ``[B]`` valid length of each sample (padded batch); doc_ids:
                 optional ``[B, Q_LEN]`` document of each position, -1 for padding (packed
                 batch); see ``eagle3_mask_mod``. Query rows with nothing to attend (padding)
-                come out as zeros, with zero gradients. doc_ids: backend "flex" only, for now.
+                come out as zeros, with zero gradients. With doc_ids, "split" runs its causal
+                part on flex_attention (Note [documents in the split backend] in ``_split.py``).
 
         Returns:
             ``[B, Hq, Q_LEN, Dv]``.
@@ -188,12 +189,6 @@ class Eagle3Attention(nn.Module):
         _check_qkv(q, k, v, self.q_len, self.kv_len)
         _check_rounds(where, rounds, self.max_rounds, q.device)
         if seq_lens is not None or doc_ids is not None:
-            if doc_ids is not None and self.backend != "flex":
-                raise NotImplementedError(
-                    f"{where}: doc_ids with backend={self.backend!r} are not supported yet (its "
-                    "kernel cannot read a per-position document in the graph); use "
-                    "backend='flex', or seq_lens for plain padding."
-                )
             batch = _check_doc_layout(where, self.q_len, 1, seq_lens, doc_ids, q.device)
             if batch != q.size(0):
                 raise ValueError(
@@ -208,8 +203,21 @@ class Eagle3Attention(nn.Module):
                 )
             if not isinstance(rounds, Tensor):
                 rounds = torch.tensor(rounds, device=q.device)
-            out = _split.split_eagle3_attention(q, k, v, rounds, q_len=self.q_len, scale=self.scale)
-            return out if seq_lens is None else _zero_padding_rows(out, seq_lens)
+            if doc_ids is None:
+                out = _split.split_eagle3_attention(q, k, v, rounds, q_len=self.q_len, scale=self.scale)
+            else:  # Note [documents in the split backend] in _split.py
+                if q.device.type == "cpu" and torch.compiler.is_compiling():
+                    raise NotImplementedError(
+                        f"{where}: backend='split' with doc_ids runs its causal part on "
+                        "flex_attention with its log-sum-exp, which torch's compiled CPU flex does "
+                        "not return (it runs eagerly on CPU, and compiled on CUDA). On CPU compile "
+                        "backend='flex' instead."
+                    )
+                causal = eagle3_block_mask(self.q_len, self.q_len, B=q.size(0), device=q.device,
+                                           seq_lens=seq_lens, doc_ids=doc_ids)
+                out = _split.split_document_attention(q, k, v, rounds, causal, q_len=self.q_len,
+                                                      scale=self.scale)
+            return _zero_padding_rows(out, seq_lens, doc_ids)
         block_size = self.block_size_for(q.device)
         if self.backend == "fa4":
             _fa4._check_fa4_device(where, q.device)
@@ -228,7 +236,7 @@ class Eagle3Attention(nn.Module):
         out = _MASK_BACKENDS[self.backend](
             q, k, v, block_mask, scale=self.scale, kernel_options=self.kernel_options
         )
-        return out if self.backend == "flex" or seq_lens is None else _zero_padding_rows(out, seq_lens)
+        return out if self.backend == "flex" else _zero_padding_rows(out, seq_lens, doc_ids)
 
     def block_size_for(self, device: torch.device) -> tuple[int, int]:
         """The (Q_BLOCK_SIZE, KV_BLOCK_SIZE) of the mask for inputs on ``device`` (for "split",
@@ -244,8 +252,9 @@ class Eagle3Attention(nn.Module):
         )
 
 
-def _zero_padding_rows(out: Tensor, seq_lens: Tensor) -> Tensor:
-    """Zero the query rows past each sample's valid length (Note [padding without a mask_mod check]).
+def _zero_padding_rows(out: Tensor, seq_lens: Tensor | None, doc_ids: Tensor | None) -> Tensor:
+    """Zero the query rows past each sample's valid length and those marked -1 in doc_ids
+    (Note [padding without a mask_mod check]); ``out`` as it is when both are None.
 
     Note [padding without a mask_mod check]
         The split and fa4 backends run the Eagle3 rule without the per-sample check (the causal
@@ -255,9 +264,18 @@ def _zero_padding_rows(out: Tensor, seq_lens: Tensor) -> Tensor:
         are set to zeros here, the defined output (and their gradients, through this product,
         are zero). fa4 still skips the blocks that hold only padding: its block tensors come from
         seq_lens; the plain mask_mod stays exact on the valid rows of the blocks it does list
-        (tests/test_fa4.py checks this by brute force).
+        (tests/test_fa4.py checks this by brute force). Documents are different: fa4's mask_mod
+        reads doc_ids, and split's causal part runs on the per-document mask (Note [documents in
+        the split backend] in ``_split.py``), but split's suffix still lets a -1 row see its own
+        diagonal, so rows marked -1 are zeroed here too.
     """
-    valid = torch.arange(out.size(2), device=out.device) < seq_lens.unsqueeze(-1)  # [B, Q_LEN]
+    if seq_lens is None and doc_ids is None:
+        return out
+    valid = torch.ones(out.shape[0], out.shape[2], dtype=torch.bool, device=out.device)  # [B, Q_LEN]
+    if seq_lens is not None:
+        valid = valid & (torch.arange(out.size(2), device=out.device) < seq_lens.unsqueeze(-1))
+    if doc_ids is not None:
+        valid = valid & (doc_ids != -1)
     return out * valid[:, None, :, None].to(out.dtype)
 
 

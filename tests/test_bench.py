@@ -16,7 +16,7 @@ def test_bench_smoke(tmp_path):
     assert bench.main(["--smoke", "--device", "cpu", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     tables = {r["table"] for r in rows}
-    assert tables == {"mask_build", "attention", "padding", "compile"}
+    assert tables == {"mask_build", "attention", "padding", "documents", "compile"}
     assert all("skipped" not in r for r in rows), [r for r in rows if "skipped" in r]
     compile_rows = [r for r in rows if r["table"] == "compile"]
     assert [r["method"] for r in compile_rows] == ["Eagle3Attention('flex')", "Eagle3Attention('split')"]

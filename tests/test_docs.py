@@ -168,11 +168,55 @@ def test_attention_one_graph_zero_padding_rows(compiled_flex_attention):
     assert counter.graphs == 2, reasons
 
 
-@pytest.mark.parametrize("backend", ["split", "fa4"])
-def test_other_backends_refuse_doc_ids_for_now(fa4_installed, backend):
-    attn = Eagle3Attention(64, 2, backend=backend)
+def test_split_documents_forward_eager():
+    """backend="split" with doc_ids (and seq_lens) on CPU, eagerly: flex's per-document causal part
+    merged with the suffix matches float64 for every live count; padding rows are zeros."""
+    attn = Eagle3Attention(200, 3, backend="split")
+    seq_lens, doc_ids = torch.tensor([150, 180, 10]), docs((100, -20, 80), (1, 199), (-10, 190))
+    for r in (1, 2, 3):
+        q, k, v = _qkv(3, seed=r)
+        out = attn(q, k, v, torch.tensor(r), seq_lens=seq_lens, doc_ids=doc_ids)
+        allowed = eagle3_dense(200, 600, live_kv_len=200 * r, seq_lens=seq_lens, doc_ids=doc_ids)
+        torch.testing.assert_close(out.double(), dense_reference_attention(q, k, v, allowed), rtol=0, atol=2e-5)
+        empty = ~allowed.any(-1).squeeze(1)  # [B, Q_LEN]
+        assert empty[2, :10].all() and (out.permute(0, 2, 1, 3)[empty] == 0).all()
+
+
+def test_split_documents_merge_backward_vs_float64():
+    """Note [documents in the split backend]: the gradients _SuffixMerge returns for out_c and
+    lse_c carry the causal part's exact gradients. flex has no backward on CPU, so here the causal
+    part is a dense masked softmax, differentiable like flex (lse -inf on empty rows, clamped)."""
+    from compiled_mask._split import _SuffixMerge
+    from compiled_mask.modules import _zero_padding_rows
+
+    q_len, max_rounds, live, scale = 60, 3, 2, 0.25
+    doc_ids = docs((20, -5, 35), (60,), (-30, 1, 29))
+    q, k, v = (t.requires_grad_() for t in _qkv(3, seed=3))
+    q, k, v = (t[:, :, : (q_len if i == 0 else q_len * max_rounds)].detach().requires_grad_()
+               for i, t in enumerate((q, k, v)))
+    dout = torch.randn_like(q)
+    allowed = eagle3_dense(q_len, q_len * max_rounds, live_kv_len=q_len * live, doc_ids=doc_ids)
+    G = q.size(1) // k.size(1)
+    k_c, v_c = (t[:, :, :q_len].repeat_interleave(G, 1) for t in (k, v))
+    scores = (q @ k_c.transpose(-1, -2) * scale).masked_fill(~allowed[..., :q_len], float("-inf"))
+    lse_c = scores.logsumexp(-1).clamp(min=torch.finfo(torch.float32).min)
+    out_c = torch.exp(scores - lse_c.unsqueeze(-1)) @ v_c
+    out = _SuffixMerge.apply(q, k, v, out_c, lse_c, torch.tensor(live), q_len, scale)
+    out = _zero_padding_rows(out, None, doc_ids)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = dense_reference_attention(q64, k64, v64, allowed, scale=scale)
+    want_grads = torch.autograd.grad(want, (q64, k64, v64), dout.double())
+    for got, ref in zip((out, *grads), (want, *want_grads)):
+        torch.testing.assert_close(got.double(), ref, rtol=0, atol=2e-5)
+    assert (grads[0][2, :, :30] == 0).all()
+
+
+def test_split_documents_compiled_on_cpu_says_why():
+    torch._dynamo.reset()
+    attn = torch.compile(Eagle3Attention(64, 2, backend="split"), fullgraph=True)
     q, k = torch.randn(2, 2, 64, 8), torch.randn(2, 2, 128, 8)
-    with pytest.raises(NotImplementedError, match=rf"doc_ids with backend='{backend}' are not supported yet"):
+    with pytest.raises(Exception, match=r"backend='split' with doc_ids .* compiled CPU flex does not return"):
         attn(q, k, k.clone(), torch.tensor(1), doc_ids=docs((64,), (30, 34)))
 
 
@@ -226,13 +270,14 @@ def _check_cuda_layout(backend, q_len, max_rounds, live, seq_lens, doc_ids=None,
     """Compiled fwd+bwd (bf16) with seq_lens/doc_ids against float64 on the same pairs; finite
     everywhere. Returns the output and gradients."""
     attn = torch.compile(Eagle3Attention(q_len, max_rounds, backend=backend), fullgraph=True)
-    q, k, v, dout = cuda_qkv(len(seq_lens), 8, 2, q_len, q_len * max_rounds, 64, torch.bfloat16, seed=1,
+    B = len(seq_lens if seq_lens is not None else doc_ids)
+    q, k, v, dout = cuda_qkv(B, 8, 2, q_len, q_len * max_rounds, 64, torch.bfloat16, seed=1,
                              device=device)
-    seq_lens = seq_lens.to(device)
-    doc_ids = doc_ids if doc_ids is None else doc_ids.to(device)
+    seq_lens, doc_ids = (None if t is None else t.to(device) for t in (seq_lens, doc_ids))
     out = attn(q, k, v, torch.tensor(live, device=device), seq_lens=seq_lens, doc_ids=doc_ids)
     grads = torch.autograd.grad(out, (q, k, v), dout)
-    allowed = eagle3_dense(q_len, q_len * max_rounds, live_kv_len=q_len * live, seq_lens=seq_lens.cpu(),
+    allowed = eagle3_dense(q_len, q_len * max_rounds, live_kv_len=q_len * live,
+                           seq_lens=None if seq_lens is None else seq_lens.cpu(),
                            doc_ids=None if doc_ids is None else doc_ids.cpu())
     want, want_grads = float64_reference(q, k, v, dout, allowed)
     for got, ref in zip((out, *grads), (want, *want_grads)):
@@ -259,3 +304,40 @@ def test_cuda_padded_batch_forward_backward_no_nan(fresh_compile_state):
     doc_ids = docs((500, 524), (100, 200, -724), (-1024,))
     out, grads = _check_cuda_layout("flex", 1024, 4, 3, torch.tensor([1024, 300, 0]), doc_ids)
     assert (out[2] == 0).all() and (grads[0][2] == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["split", "fa4"])
+def test_cuda_documents_other_backends(fresh_compile_state, backend):
+    """doc_ids (with seq_lens) through split (flex causal part + suffix) and fa4 (mask_mod reads
+    doc_ids): fwd+bwd vs float64, Q_LEN off the blocks; padding rows zero with zero gradients."""
+    from compiled_mask._fa4 import fa4_available
+
+    if backend == "fa4" and not fa4_available():
+        pytest.skip("needs flash_attn.cute")
+    doc_ids = docs((300, 1, 450, 249), (100, 200, -700), (-1000,), (-10, 990))
+    out, grads = _check_cuda_layout(backend, 1000, 4, 3, torch.tensor([1000, 250, 1000, 700]), doc_ids)
+    assert (out[1, :, 250:] == 0).all() and (out[2] == 0).all() and (grads[0][2] == 0).all()
+    assert (out[3, :, :10] == 0).all() and (out[3, :, 700:] == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["split", "fa4", "flex"])
+def test_cuda_documents_one_graph(fresh_compile_state, backend):
+    """New doc_ids/seq_lens values and new rounds, fwd+bwd: one graph per backend."""
+    from compiled_mask._fa4 import fa4_available
+
+    if backend == "fa4" and not fa4_available():
+        pytest.skip("needs flash_attn.cute")
+    counter = GraphCounter()
+    attn = torch.compile(Eagle3Attention(512, 4, backend=backend), backend=counter, fullgraph=True)
+    q, k, v, _ = cuda_qkv(2, 8, 2, 512, 2048, 64, torch.bfloat16)
+    layouts = [(docs((512,), (200, 312)), [512, 400]), (docs((1, 511), (-12, 500)), [300, 512])]
+    with watch_recompiles() as reasons:
+        for doc_ids, seq_lens in layouts:
+            for r in (1, 3, 4):
+                out = attn(q, k, v, torch.tensor(r, device="cuda"), seq_lens=torch.tensor(seq_lens, device="cuda"),
+                           doc_ids=doc_ids.cuda())
+                out.sum().backward()
+    assert counter.graphs == 1, reasons
+    assert reasons == []

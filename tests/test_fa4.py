@@ -129,19 +129,46 @@ def test_plain_mask_mod_exactness_rule(block_size):
     assert inexact and max(inexact) < bound
 
 
+def _documents(q_len, lengths):
+    """doc_ids [1, q_len] of consecutive runs; a negative length is a run of padding (-1)."""
+    ids, doc = [], 0
+    for n in lengths:
+        ids += [-1] * -n if n < 0 else [doc] * n
+        doc += n > 0
+    return torch.tensor([(ids + [-1] * q_len)[:q_len]])
+
+
 @pytest.mark.parametrize("q_len, block_size", [(1000, (128, 128)), (512, (256, 128)), (300, (64, 32))])
 def test_plain_mask_mod_with_padding_blocks_is_exact_on_valid_rows(q_len, block_size):
-    """fa4 with seq_lens: block tensors from seq_lens, plain mask_mod; every valid query row is
-    exact (Note [padding without a mask_mod check]); padding rows are zeroed afterwards."""
+    """fa4 with seq_lens and doc_ids: block tensors from both, the plain mask_mod with the document
+    check (no live check, no seq_lens check); every row below its sample's length is exact (Note
+    [padding without a mask_mod check]); rows past it are zeroed afterwards."""
     max_rounds = 3
-    seq_lens = torch.tensor([q_len, q_len // 3, 1, 0, q_len - 129])
-    for live in range(1, max_rounds + 1):
-        bm = _static_eagle3_block_mask(q_len, max_rounds, *block_size, len(seq_lens), 1, live, "cpu",
-                                       seq_lens=seq_lens, plain_mask_mod=True)
-        want = eagle3_dense(q_len, q_len * max_rounds, live_kv_len=q_len * live, seq_lens=seq_lens)
-        for b, n in enumerate(seq_lens.tolist()):
-            seen = _kernel_view(bm, eagle3_mask_mod(q_len), q_len, q_len * max_rounds, b)
-            assert torch.equal(seen[:n], want[b, 0, :n]), (b, live)
+    seq_lens = torch.tensor([q_len, q_len // 3, 1, 0, q_len - 129, q_len])
+    doc_ids = torch.cat([_documents(q_len, lengths) for lengths in (
+        [q_len], [50, 7, q_len], [1, q_len], [q_len], [129, -3, 200, 1, q_len], [-130, 1, 255, -2, q_len]
+    )])
+    for docs in (None, doc_ids):
+        for live in range(1, max_rounds + 1):
+            bm = _static_eagle3_block_mask(q_len, max_rounds, *block_size, len(seq_lens), 1, live, "cpu",
+                                           seq_lens=seq_lens, doc_ids=docs, plain_mask_mod=True)
+            want = eagle3_dense(q_len, q_len * max_rounds, live_kv_len=q_len * live, seq_lens=seq_lens,
+                                doc_ids=docs)
+            for b, n in enumerate(seq_lens.tolist()):
+                seen = _kernel_view(bm, bm.mask_mod, q_len, q_len * max_rounds, b)
+                assert torch.equal(seen[:n], want[b, 0, :n]), (b, live)
+
+
+def test_plain_mask_mod_reads_documents_in_bounds():
+    """The rows of the last tile past Q_LEN read doc_ids at q_idx % Q_LEN, not past its end."""
+    from compiled_mask.block_mask import _plain_eagle3_mask_mod
+
+    doc_ids = _documents(200, [120, 80])
+    mask_mod = _plain_eagle3_mask_mod(200, doc_ids)
+    q_idx, kv_idx = torch.arange(256)[:, None], torch.arange(400)[None, :]
+    seen = mask_mod(torch.tensor(0), torch.tensor(0), q_idx, kv_idx)  # IndexError if out of bounds
+    want = eagle3_dense(200, 400, doc_ids=doc_ids)[0, 0]
+    assert torch.equal(seen[:200], want)
 
 
 @pytest.mark.parametrize("Q_LEN, rounds", [(1024, 4), (1000, 7), (8192, 8)])
@@ -230,11 +257,16 @@ def test_fuzz_plain_mask_mod_exactness_rule(q_bs, kv_div, data):
     max_rounds = data.draw(st.integers(1, 3))
     live = data.draw(st.integers(1, max_rounds))
     seq_lens = torch.tensor(data.draw(st.lists(st.integers(0, q_len), min_size=1, max_size=3)))
+    runs = st.lists(st.integers(-q_len, q_len).filter(bool), min_size=1, max_size=6)
+    doc_ids = data.draw(st.none() | st.lists(runs, min_size=len(seq_lens), max_size=len(seq_lens)))
+    if doc_ids is not None:
+        doc_ids = torch.cat([_documents(q_len, lengths) for lengths in doc_ids])
     if not _plain_mask_mod_is_exact(q_len, q_bs, kv_bs):
         return
     bm = _static_eagle3_block_mask(q_len, max_rounds, q_bs, kv_bs, len(seq_lens), 1, live, "cpu",
-                                   seq_lens=seq_lens, plain_mask_mod=True)
-    want = eagle3_dense(q_len, q_len * max_rounds, live_kv_len=q_len * live, seq_lens=seq_lens)
+                                   seq_lens=seq_lens, doc_ids=doc_ids, plain_mask_mod=True)
+    want = eagle3_dense(q_len, q_len * max_rounds, live_kv_len=q_len * live, seq_lens=seq_lens,
+                        doc_ids=doc_ids)
     for b, n in enumerate(seq_lens.tolist()):
-        seen = _kernel_view(bm, eagle3_mask_mod(q_len), q_len, q_len * max_rounds, b)
+        seen = _kernel_view(bm, bm.mask_mod, q_len, q_len * max_rounds, b)
         assert torch.equal(seen[:n], want[b, 0, :n]), (b, n)

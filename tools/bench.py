@@ -13,7 +13,8 @@ Four tables, one run, all rows side by side:
    flex_attention on create_block_mask's mask (mask prebuilt), and the floor: causal-only SDPA on
    the first Q_LEN keys (the suffix rounds add only Q_LEN * (rounds - 1) useful pairs);
    a padded batch (8 samples, valid lengths spread over the Q_LEN bucket) with and without
-   seq_lens, backend "flex";
+   seq_lens, backend "flex"; a packed batch (2 rows of documents of random lengths) with and
+   without doc_ids, per backend;
 3. compile cost: cold compile time (a fresh process per backend) and graph count of a TTT loop
    of rounds 1..8, per backend.
 
@@ -293,6 +294,63 @@ def padding_rows(device, dtype, q_len, rounds, heads, D, batch, reps) -> list[di
     return rows
 
 
+# ----------------------------------------------------------------------------- 2c. packed batch
+
+
+def packed_doc_ids(batch: int, q_len: int, device, seed: int = 0) -> torch.Tensor:
+    """``[batch, q_len]`` doc_ids: each row packed full with documents of random lengths in
+    [q_len // 32, q_len // 2] (the last one cut at q_len)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(batch):
+        ids, doc = [], 0
+        while len(ids) < q_len:
+            ids += [doc] * int(torch.randint(max(1, q_len // 32), max(2, q_len // 2 + 1), (), generator=g))
+            doc += 1
+        rows.append(ids[:q_len])
+    return torch.tensor(rows, device=device)
+
+
+def document_rows(device, dtype, q_len, rounds, heads, D, batch, backends, reps) -> list[dict]:
+    """A packed batch: each backend with ``doc_ids`` against itself on the same rows as one document.
+
+    With doc_ids the blocks between documents are skipped (flex, fa4) or the causal part runs on
+    the per-document mask (split: flex_attention instead of cuDNN, Note [documents in the split
+    backend]).
+    """
+    Hq, Hkv = heads
+    doc_ids = packed_doc_ids(batch, q_len, device)
+    docs_per_row = round((doc_ids.max(1).values + 1).float().mean().item(), 1)
+    live = torch.tensor(rounds, device=device)
+    rows = []
+    for backend in backends:
+        if device.type == "cpu" and backend == "split":
+            continue  # compiled CPU flex returns no lse (Note [documents in the split backend])
+        torch._dynamo.reset()  # module instances x grad modes x layouts count against one recompile limit
+        attn = torch.compile(Eagle3Attention(q_len, rounds, backend=backend), fullgraph=True)
+        for backward in [False] if device.type == "cpu" else [False, True]:
+            sets = _inputs(device, dtype, batch, Hq, Hkv, q_len, q_len * rounds, D, backward)
+            results = []
+            for name, kwargs in (("one document per row", {}), ("doc_ids", dict(doc_ids=doc_ids))):
+                row = dict(table="documents", method=f"Eagle3Attention({backend!r}), {name}", B=batch,
+                           Q_LEN=q_len, rounds=rounds, heads=f"{Hq}/{Hkv}", D=D, docs_per_row=docs_per_row,
+                           pass_="fwd+bwd" if backward else "fwd")
+                fn = _step(lambda q, k, v, kwargs=kwargs: attn(q, k, v, live, **kwargs), sets, backward)
+                try:
+                    with torch.no_grad() if not backward else contextlib.nullcontext():
+                        row["ms"] = median_ms(fn, device, reps)
+                except Exception as e:  # noqa: BLE001 - a backend that cannot run is a row too
+                    row["skipped"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                results.append(row)
+            for row in results:
+                if "ms" in row and "ms" in results[0]:
+                    row["x_one_document"] = round(row["ms"] / results[0]["ms"], 3)
+                rows.append(row)
+                print(_fmt_row(row), flush=True)
+            del sets
+    return rows
+
+
 # ----------------------------------------------------------------------------- 3. compile cost
 
 
@@ -405,6 +463,8 @@ TABLES = {
                   "skipped"],
     "padding": ["method", "B", "Q_LEN", "rounds", "heads", "D", "fill", "pass_", "ms",
                 "x_no_seq_lens"],
+    "documents": ["method", "B", "Q_LEN", "rounds", "heads", "D", "docs_per_row", "pass_", "ms",
+                  "x_one_document", "skipped"],
     "compile": ["method", "Q_LEN", "rounds", "pass_", "cold_s", "later_steps_ms", "graphs",
                 "skipped"],
 }
@@ -522,6 +582,9 @@ def main(argv: list[str] | None = None) -> int:
     if "padding" in args.only:
         rows += padding_rows(device, dtype, att["q_len"], max(att["rounds_list"]), att["heads"],
                              att["D"], 8 if not args.smoke else 2, att["reps"])
+    if "documents" in args.only:
+        rows += document_rows(device, dtype, att["q_len"], max(att["rounds_list"]), att["heads"],
+                              att["D"], 2 if not args.smoke else 1, backends, att["reps"])
     if "compile" in args.only:
         rows += compile_rows(device, dtype, att["q_len"] if not args.smoke else 128,
                              8 if not args.smoke else 3, att["heads"], att["D"], backends,
