@@ -15,11 +15,12 @@ Note [static widths]
     graph, so no value of it can index outside the tensors.
 
 Note [fused build]
-    On CUDA the op runs one Triton kernel (``_triton_blocks.py``) that writes all eight tensors;
-    elsewhere, and for padded/packed batches (seq_lens, doc_ids) on CUDA too, it runs the
-    torch-ops version in ``_blocks.py``, which is also the reference the kernel is tested against
-    on the GPU. The op is opaque to Inductor either way, so the graph
-    around it sees one node with shapes known from ints.
+    On CUDA the op runs one Triton kernel (``_triton_blocks.py``) that writes all eight tensors
+    (for padded/packed batches, after a second one that scans seq_lens/doc_ids into per-sample
+    tables); elsewhere it runs the torch-ops version in ``_blocks.py``, which is also the
+    reference the kernels are tested against on the GPU. The torch-ops version on CUDA cost about
+    a hundred small launches per build with a layout. The op is opaque to Inductor either way,
+    so the graph around it sees one node with shapes known from ints.
 """
 
 from __future__ import annotations
@@ -67,11 +68,11 @@ def _eagle3_block_mask_op(
         ``kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, q_num_blocks, q_indices,
         full_q_num_blocks, full_q_indices``, int32; shapes in :func:`_fake`.
     """
-    if device.type == "cuda" and seq_lens is None and doc_ids is None:  # Note [fused build]
+    if device.type == "cuda":  # Note [fused build]
         from compiled_mask._triton_blocks import eagle3_block_tensors_triton
 
         return eagle3_block_tensors_triton(
-            Q_LEN, KV_LEN, Q_BLOCK_SIZE, KV_BLOCK_SIZE, B, H, rounds, device
+            Q_LEN, KV_LEN, Q_BLOCK_SIZE, KV_BLOCK_SIZE, B, H, rounds, device, seq_lens, doc_ids
         )
     live_kv_len = KV_LEN if rounds is None else _live_kv_len(rounds, Q_LEN, KV_LEN)
     return eagle3_block_tensors(

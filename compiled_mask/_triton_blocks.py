@@ -17,29 +17,130 @@ import triton.language as tl
 from torch import Tensor
 
 
+# Per-sample lookup tables of a padded/packed batch (see _blocks.eagle3_block_flags), over query
+# positions x: n_before[x] valid queries before x (x in [0, Q_LEN]); first_at[x] the first valid
+# query at or after x, Q_LEN if none (x in [0, Q_LEN]); start[x] the first position of x's document
+# (x in [0, Q_LEN)). Without a layout they are x, x and 0, and the kernel uses those directly.
+
+
 @triton.jit
-def _flags(q_lo, q_hi, q_whole, kv_lo, KV_BLOCK_SIZE, live, Q_LEN):
-    """(partial, full) of blocks with queries [q_lo, q_hi] and keys from kv_lo; see _blocks.py."""
+def _max(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _min(a, b):
+    return tl.minimum(a, b)
+
+
+@triton.jit
+def _layout_tables_kernel(seq_lens_ptr, doc_ptr, n_before_ptr, first_at_ptr, start_ptr, Q_LEN,
+                          HAS_LENS: tl.constexpr, HAS_DOCS: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per sample: the three tables by running scans over Q_LEN in chunks."""
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    if HAS_LENS:
+        length = tl.load(seq_lens_ptr + b).to(tl.int64)
+    else:
+        length = Q_LEN
+    docs = doc_ptr + b * Q_LEN
+    n_before = n_before_ptr + b * (Q_LEN + 1)
+    first_at = first_at_ptr + b * (Q_LEN + 1)
+    start = start_ptr + b * Q_LEN
+    tl.store(n_before, 0)
+    tl.store(first_at + Q_LEN, Q_LEN)
+    count = 0
+    doc_start = 0
+    for lo in range(0, Q_LEN, BLOCK):  # forward scans: n_before, start
+        x = lo + offs
+        in_len = x < Q_LEN
+        valid = in_len & (x < length)
+        if HAS_DOCS:
+            doc = tl.load(docs + x, mask=in_len, other=-1)
+            prev = tl.load(docs + x - 1, mask=in_len & (x > 0), other=-1)
+            valid = valid & (doc != -1)
+            first_of_doc = (x == 0) | (doc != prev)
+            st = tl.maximum(tl.associative_scan(tl.where(first_of_doc & in_len, x, 0), 0, _max), doc_start)
+            tl.store(start + x, st.to(tl.int32), mask=in_len)
+            doc_start = tl.max(st, 0)
+        else:
+            tl.store(start + x, tl.zeros_like(x).to(tl.int32), mask=in_len)
+        seen = count + tl.cumsum(valid.to(tl.int32), 0)
+        tl.store(n_before + x + 1, seen, mask=in_len)
+        count += tl.sum(valid.to(tl.int32), 0)
+    n_chunks = tl.cdiv(Q_LEN, BLOCK)
+    next_valid = Q_LEN
+    for i in range(n_chunks):  # backward scan: first_at
+        x = (n_chunks - 1 - i) * BLOCK + offs
+        in_len = x < Q_LEN
+        valid = in_len & (x < length)
+        if HAS_DOCS:
+            valid = valid & (tl.load(docs + x, mask=in_len, other=-1) != -1)
+        first = tl.associative_scan(tl.where(valid, x, Q_LEN), 0, _min, reverse=True)
+        first = tl.minimum(first, next_valid)
+        tl.store(first_at + x, first.to(tl.int32), mask=in_len)
+        next_valid = tl.min(first, 0)
+
+
+@triton.jit
+def _n_valid(lo, hi, n_before, HAS_LAYOUT: tl.constexpr, Q_LEN):
+    """Valid queries in [lo, hi] (0 when lo > hi)."""
+    lo = tl.minimum(tl.maximum(lo, 0), Q_LEN)
+    end = tl.minimum(tl.maximum(hi + 1, 0), Q_LEN)
+    if HAS_LAYOUT:
+        return tl.maximum(tl.load(n_before + end) - tl.load(n_before + lo), 0)
+    return tl.maximum(end - lo, 0)
+
+
+@triton.jit
+def _flags(q_lo, q_hi, q_whole, kv_lo, KV_BLOCK_SIZE, live, Q_LEN, n_before, first_at, start,
+           HAS_LAYOUT: tl.constexpr):
+    """(partial, full) of blocks with queries [q_lo, q_hi] and keys from kv_lo: the rule of
+    _blocks.eagle3_block_flags, statement for statement."""
     kv_end = tl.minimum(kv_lo + KV_BLOCK_SIZE, live)
     kv_whole = kv_lo + KV_BLOCK_SIZE <= live
+    q_all_valid = _n_valid(q_lo, q_hi, n_before, HAS_LAYOUT, Q_LEN) == q_hi - q_lo + 1
+    # Causal part: keys [kv_lo, causal_end).
     causal_end = tl.minimum(kv_end, Q_LEN)
-    causal_any = (kv_lo < causal_end) & (kv_lo <= q_hi)
-    causal_all = (kv_lo >= causal_end) | (causal_end - 1 <= q_lo)
+    q_star = tl.minimum(tl.maximum(q_lo, kv_lo), Q_LEN)
+    if HAS_LAYOUT:
+        q_star = tl.load(first_at + q_star)
+        star_start = tl.load(start + tl.minimum(q_star, Q_LEN - 1))
+        last_start = tl.load(start + q_hi)
+    else:
+        star_start = 0
+        last_start = 0
+    causal_any = (kv_lo < causal_end) & (q_star <= q_hi) & (star_start < causal_end)
+    causal_all = (kv_lo >= causal_end) | (q_all_valid & (causal_end - 1 <= q_lo) & (kv_lo >= last_start))
+    # Suffix part: keys [suffix_lo, kv_end); key kv pairs with query kv % Q_LEN.
     suffix_lo = tl.maximum(kv_lo, Q_LEN)
     suffix_nonempty = suffix_lo < kv_end
+    a = suffix_lo % Q_LEN
+    b = (kv_end - 1) % Q_LEN
+    hits = tl.where(
+        kv_end - suffix_lo >= Q_LEN,
+        _n_valid(q_lo, q_hi, n_before, HAS_LAYOUT, Q_LEN),
+        tl.where(
+            a <= b,
+            _n_valid(tl.maximum(q_lo, a), tl.minimum(q_hi, b), n_before, HAS_LAYOUT, Q_LEN),
+            _n_valid(tl.maximum(q_lo, a), q_hi, n_before, HAS_LAYOUT, Q_LEN)
+            + _n_valid(q_lo, tl.minimum(q_hi, b), n_before, HAS_LAYOUT, Q_LEN),
+        ),
+    )
+    suffix_any = suffix_nonempty & (hits > 0)
     d_lo = suffix_lo - q_hi
     d_hi = kv_end - 1 - q_lo
     # Where the suffix part is non-empty, d_hi >= d_lo >= 1: truncating division is floor.
     multiples = d_hi // Q_LEN - (d_lo - 1) // Q_LEN
-    suffix_any = suffix_nonempty & (multiples > 0)
-    suffix_all = (suffix_lo >= kv_end) | (multiples == d_hi - d_lo + 1)
+    suffix_all = (suffix_lo >= kv_end) | ((multiples == d_hi - d_lo + 1) & q_all_valid)
     full = q_whole & kv_whole & causal_all & suffix_all
     partial = (causal_any | suffix_any) & (full == 0)
     return partial, full
 
 
 @triton.jit
-def _row_flags(row, cols, IS_KV_ROW: tl.constexpr, Q_BLOCK_SIZE, KV_BLOCK_SIZE, live, Q_LEN):
+def _row_flags(row, cols, IS_KV_ROW: tl.constexpr, Q_BLOCK_SIZE, KV_BLOCK_SIZE, live, Q_LEN,
+               n_before, first_at, start, HAS_LAYOUT: tl.constexpr):
     if IS_KV_ROW:  # row = q-block, cols = kv-blocks
         q_lo = row * Q_BLOCK_SIZE
         kv_lo = cols * KV_BLOCK_SIZE
@@ -48,66 +149,78 @@ def _row_flags(row, cols, IS_KV_ROW: tl.constexpr, Q_BLOCK_SIZE, KV_BLOCK_SIZE, 
         kv_lo = row * KV_BLOCK_SIZE
     q_hi = tl.minimum(q_lo + Q_BLOCK_SIZE, Q_LEN) - 1
     q_whole = q_lo + Q_BLOCK_SIZE <= Q_LEN
-    return _flags(q_lo, q_hi, q_whole, kv_lo, KV_BLOCK_SIZE, live, Q_LEN)
+    return _flags(q_lo, q_hi, q_whole, kv_lo, KV_BLOCK_SIZE, live, Q_LEN, n_before, first_at, start,
+                  HAS_LAYOUT)
 
 
 @triton.jit
-def _write_row(num_ptr, idx_ptr, full_num_ptr, full_idx_ptr, row, n_rows, width, BH,
+def _write_row(num_ptr, idx_ptr, full_num_ptr, full_idx_ptr, row, n_rows, width, copy0, COPIES,
                IS_KV_ROW: tl.constexpr, Q_BLOCK_SIZE, KV_BLOCK_SIZE, live, Q_LEN,
-               BLOCK: tl.constexpr):
+               n_before, first_at, start, HAS_LAYOUT: tl.constexpr, BLOCK: tl.constexpr):
+    """Row ``row`` of one direction, written to the (batch, head) copies [copy0, copy0 + COPIES)."""
     offs = tl.arange(0, BLOCK)
     # Pass 1: how many PARTIAL and FULL columns the row has (the padding starts after them).
     n_partial = 0
     n_full = 0
-    for start in range(0, width, BLOCK):
-        cols = start + offs
+    for lo in range(0, width, BLOCK):
+        cols = lo + offs
         in_row = cols < width
-        partial, full = _row_flags(row, cols, IS_KV_ROW, Q_BLOCK_SIZE, KV_BLOCK_SIZE, live, Q_LEN)
+        partial, full = _row_flags(row, cols, IS_KV_ROW, Q_BLOCK_SIZE, KV_BLOCK_SIZE, live, Q_LEN,
+                                   n_before, first_at, start, HAS_LAYOUT)
         n_partial += tl.sum((partial & in_row).to(tl.int32), axis=0)
         n_full += tl.sum((full & in_row).to(tl.int32), axis=0)
     # Pass 2: set columns to their rank among the set ones, unset ones after all set ones.
     seen_partial = 0
     seen_full = 0
-    for start in range(0, width, BLOCK):
-        cols = start + offs
+    for lo in range(0, width, BLOCK):
+        cols = lo + offs
         in_row = cols < width
-        partial, full = _row_flags(row, cols, IS_KV_ROW, Q_BLOCK_SIZE, KV_BLOCK_SIZE, live, Q_LEN)
+        partial, full = _row_flags(row, cols, IS_KV_ROW, Q_BLOCK_SIZE, KV_BLOCK_SIZE, live, Q_LEN,
+                                   n_before, first_at, start, HAS_LAYOUT)
         p = (partial & in_row).to(tl.int32)
         f = (full & in_row).to(tl.int32)
         p_rank = seen_partial + tl.cumsum(p, axis=0) - p  # set columns before this one
         f_rank = seen_full + tl.cumsum(f, axis=0) - f
         p_slot = tl.where(p != 0, p_rank, n_partial + cols - p_rank)
         f_slot = tl.where(f != 0, f_rank, n_full + cols - f_rank)
-        for bh in range(BH):
-            base = (bh * n_rows + row) * width
+        for c in range(COPIES):
+            base = ((copy0 + c) * n_rows + row) * width
             tl.store(idx_ptr + base + p_slot, cols, mask=in_row)
             tl.store(full_idx_ptr + base + f_slot, cols, mask=in_row)
         seen_partial += tl.sum(p, axis=0)
         seen_full += tl.sum(f, axis=0)
-    for bh in range(BH):
-        tl.store(num_ptr + bh * n_rows + row, n_partial)
-        tl.store(full_num_ptr + bh * n_rows + row, n_full)
+    for c in range(COPIES):
+        tl.store(num_ptr + (copy0 + c) * n_rows + row, n_partial)
+        tl.store(full_num_ptr + (copy0 + c) * n_rows + row, n_full)
 
 
 @triton.jit
 def _eagle3_block_mask_kernel(
     kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx, full_q_num, full_q_idx,
-    rounds_ptr, Q_LEN, KV_LEN, Q_BLOCK_SIZE, KV_BLOCK_SIZE, n_q, n_kv, BH, max_rounds,
-    HAS_ROUNDS: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_Q: tl.constexpr,
+    rounds_ptr, n_before_ptr, first_at_ptr, start_ptr,
+    Q_LEN, KV_LEN, Q_BLOCK_SIZE, KV_BLOCK_SIZE, n_q, n_kv, COPIES, max_rounds,
+    HAS_ROUNDS: tl.constexpr, HAS_LAYOUT: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
+    """Program (row, b): one row of sample b's mask (b = 0 without a layout), COPIES copies."""
     pid = tl.program_id(0)
+    b = tl.program_id(1)
     if HAS_ROUNDS:  # live keys: rounds clamped to [1, max_rounds], as _op._live_kv_len
         rounds = tl.load(rounds_ptr).to(tl.int64)
         rounds = tl.minimum(tl.maximum(rounds, 1), max_rounds)
         live = tl.minimum(rounds * Q_LEN, KV_LEN).to(tl.int32)
     else:
         live = KV_LEN
+    n_before = n_before_ptr + b * (Q_LEN + 1)
+    first_at = first_at_ptr + b * (Q_LEN + 1)
+    start = start_ptr + b * Q_LEN
     if pid < n_q:
-        _write_row(kv_num, kv_idx, full_kv_num, full_kv_idx, pid, n_q, n_kv, BH, True,
-                   Q_BLOCK_SIZE, KV_BLOCK_SIZE, live, Q_LEN, BLOCK_KV)
+        _write_row(kv_num, kv_idx, full_kv_num, full_kv_idx, pid, n_q, n_kv, b * COPIES, COPIES, True,
+                   Q_BLOCK_SIZE, KV_BLOCK_SIZE, live, Q_LEN, n_before, first_at, start, HAS_LAYOUT,
+                   BLOCK_KV)
     else:
-        _write_row(q_num, q_idx, full_q_num, full_q_idx, pid - n_q, n_kv, n_q, BH, False,
-                   Q_BLOCK_SIZE, KV_BLOCK_SIZE, live, Q_LEN, BLOCK_Q)
+        _write_row(q_num, q_idx, full_q_num, full_q_idx, pid - n_q, n_kv, n_q, b * COPIES, COPIES, False,
+                   Q_BLOCK_SIZE, KV_BLOCK_SIZE, live, Q_LEN, n_before, first_at, start, HAS_LAYOUT,
+                   BLOCK_Q)
 
 
 def _block(width: int) -> int:
@@ -123,8 +236,11 @@ def eagle3_block_tensors_triton(
     H: int,
     rounds: Tensor | None,
     device: torch.device,
+    seq_lens: Tensor | None = None,
+    doc_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Same contract as ``_blocks.eagle3_block_tensors``, in one kernel launch on ``device``."""
+    """Same contract as ``_blocks.eagle3_block_tensors``, in one kernel launch on ``device`` (two
+    with seq_lens/doc_ids: the per-sample tables first)."""
     n_q = -(-Q_LEN // Q_BLOCK_SIZE)
     n_kv = -(-KV_LEN // KV_BLOCK_SIZE)
 
@@ -133,11 +249,23 @@ def eagle3_block_tensors_triton(
 
     out = (new(n_q), new(n_q, n_kv), new(n_q), new(n_q, n_kv),
            new(n_kv), new(n_kv, n_q), new(n_kv), new(n_kv, n_q))  # fmt: skip
-    rounds_arg = rounds if rounds is not None else out[0]  # unread when HAS_ROUNDS is False
+    has_layout = seq_lens is not None or doc_ids is not None
     with torch.cuda.device(device):
-        _eagle3_block_mask_kernel[(n_q + n_kv,)](
-            *out, rounds_arg, Q_LEN, KV_LEN, Q_BLOCK_SIZE, KV_BLOCK_SIZE, n_q, n_kv, B * H,
-            -(-KV_LEN // Q_LEN), HAS_ROUNDS=rounds is not None,
+        if has_layout:  # B is the layout's batch (the op's contract)
+            n_before = torch.empty(B, Q_LEN + 1, dtype=torch.int32, device=device)
+            first_at = torch.empty(B, Q_LEN + 1, dtype=torch.int32, device=device)
+            start = torch.empty(B, Q_LEN, dtype=torch.int32, device=device)
+            docs = doc_ids.contiguous() if doc_ids is not None else n_before  # unread without docs
+            _layout_tables_kernel[(B,)](
+                seq_lens if seq_lens is not None else n_before, docs, n_before, first_at, start, Q_LEN,
+                HAS_LENS=seq_lens is not None, HAS_DOCS=doc_ids is not None, BLOCK=1024,
+            )
+        else:
+            n_before = first_at = start = out[0]  # unread without a layout
+        _eagle3_block_mask_kernel[(n_q + n_kv, B if has_layout else 1)](
+            *out, rounds if rounds is not None else out[0], n_before, first_at, start,
+            Q_LEN, KV_LEN, Q_BLOCK_SIZE, KV_BLOCK_SIZE, n_q, n_kv, H if has_layout else B * H,
+            -(-KV_LEN // Q_LEN), HAS_ROUNDS=rounds is not None, HAS_LAYOUT=has_layout,
             BLOCK_KV=_block(n_kv), BLOCK_Q=_block(n_q),
         )
     return out

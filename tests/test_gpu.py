@@ -37,15 +37,39 @@ def test_large_shapes_match_create_block_mask(Q_LEN, KV_LEN, BLOCK_SIZE):
     assert_same_blocks(ours, reference_block_mask(Q_LEN, KV_LEN, BLOCK_SIZE, device="cuda"))
 
 
-def _fused_vs_torch_ops(Q_LEN, KV_LEN, q_bs, kv_bs, B, H, rounds):
+def _fused_vs_torch_ops(Q_LEN, KV_LEN, q_bs, kv_bs, B, H, rounds, seq_lens=None, doc_ids=None):
     cuda = torch.device("cuda")
     rounds_t = None if rounds is None else torch.tensor(rounds, device=cuda)
-    fused = _eagle3_block_mask_op(Q_LEN, KV_LEN, q_bs, kv_bs, B, H, cuda, rounds_t, None, None)
+    seq_lens, doc_ids = (None if t is None else t.to(cuda) for t in (seq_lens, doc_ids))
+    fused = _eagle3_block_mask_op(Q_LEN, KV_LEN, q_bs, kv_bs, B, H, cuda, rounds_t, seq_lens, doc_ids)
     live = KV_LEN if rounds is None else _live_kv_len(rounds_t, Q_LEN, KV_LEN)
-    want = eagle3_block_tensors(Q_LEN, KV_LEN, q_bs, kv_bs, B, H, live, cuda)
+    want = eagle3_block_tensors(Q_LEN, KV_LEN, q_bs, kv_bs, B, H, live, cuda, seq_lens, doc_ids)
     for i, (f, w) in enumerate(zip(fused, want)):
         assert f.shape == w.shape and f.dtype == w.dtype, i
-        assert torch.equal(f, w), (Q_LEN, KV_LEN, q_bs, kv_bs, B, H, rounds, i)
+        assert torch.equal(f, w), (Q_LEN, KV_LEN, q_bs, kv_bs, B, H, rounds, i, seq_lens, doc_ids)
+
+
+def _random_layout(rng, Q_LEN, B):
+    """seq_lens [B] (some past Q_LEN or <= 0) and/or doc_ids [B, Q_LEN] (runs of documents,
+    skipped ids, padding runs of -1), or neither."""
+    kind = rng.choice(["none", "lens", "docs", "both"])
+    seq_lens = doc_ids = None
+    if kind in ("lens", "both"):
+        seq_lens = torch.tensor([rng.randint(-2, Q_LEN + 3) for _ in range(B)])
+    if kind in ("docs", "both"):
+        rows = []
+        for _ in range(B):
+            ids, doc = [], 0
+            while len(ids) < Q_LEN:
+                n = rng.randint(1, max(1, Q_LEN // rng.choice([1, 2, 5, 20, 100])))
+                if rng.random() < 0.2:
+                    ids += [-1] * n
+                else:
+                    ids += [doc] * n
+                    doc += rng.choice([1, 3])
+            rows.append(ids[:Q_LEN])
+        doc_ids = torch.tensor(rows, dtype=rng.choice([torch.int64, torch.int32]))
+    return seq_lens, doc_ids
 
 
 @pytest.mark.parametrize(
@@ -75,6 +99,41 @@ def test_fused_kernel_fuzz():
             q_bs, kv_bs = 128, 128
         rounds = rng.choice([None, rng.randint(-1, -(-KV_LEN // Q_LEN) + 1)])
         _fused_vs_torch_ops(Q_LEN, KV_LEN, q_bs, kv_bs, rng.randint(1, 2), rng.randint(1, 2), rounds)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        (65536, 65536 * 8, 128, 128, 2, 1, 7, [65536, 40000], None),  # several table chunks
+        (8192, 8192 * 7, 128, 128, 3, 2, None, None, "packed"),  # H copies per sample
+        (1000, 7000, 256, 128, 2, 1, 3, [999, 0], "packed"),  # both, Blackwell layout
+        (1, 5, 1, 1, 2, 1, None, [1, 0], [[0], [-1]]),
+    ],
+)
+def test_fused_kernel_with_layouts_matches_torch_ops(case):
+    """seq_lens/doc_ids through the two Triton kernels (tables, then blocks) == the torch ops."""
+    *shape, seq_lens, doc_ids = case
+    Q_LEN, B = shape[0], shape[4]
+    if doc_ids == "packed":
+        doc_ids = torch.arange(Q_LEN).div(1 + Q_LEN // 7, rounding_mode="floor").repeat(B, 1)
+        doc_ids[-1, : Q_LEN // 3] = -1
+    seq_lens, doc_ids = (None if t is None else torch.as_tensor(t) for t in (seq_lens, doc_ids))
+    _fused_vs_torch_ops(*shape, seq_lens, doc_ids)
+
+
+def test_fused_kernel_with_layouts_fuzz():
+    rng = random.Random(1)
+    for _ in range(300):
+        kv_bs = rng.choice([1, 2, 16, 64, 128])
+        q_bs = kv_bs * rng.choice([1, 2, 4])
+        Q_LEN = rng.randint(1, 3000)
+        KV_LEN = Q_LEN * rng.randint(1, 8) + rng.randint(0, Q_LEN - 1)
+        if (-(-Q_LEN // q_bs)) * (-(-KV_LEN // kv_bs)) > 2_000_000:
+            q_bs, kv_bs = 128, 128
+        B = rng.randint(1, 3)
+        rounds = rng.choice([None, rng.randint(-1, -(-KV_LEN // Q_LEN) + 1)])
+        _fused_vs_torch_ops(Q_LEN, KV_LEN, q_bs, kv_bs, B, rng.randint(1, 2), rounds,
+                            *_random_layout(rng, Q_LEN, B))
 
 
 @pytest.mark.parametrize(

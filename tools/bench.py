@@ -8,7 +8,7 @@
 Four tables, one run, all rows side by side:
 1. mask build: compiled_mask's op eagerly and inside a compiled function, create_block_mask eager
    and compiled; median device time of the kernels (profiler), median host wall per call, peak
-   extra memory, kernels launched;
+   extra memory, kernels launched; and a batch of 8 with seq_lens and doc_ids;
 2. attention per TTT step (mask + attention, fwd and fwd+bwd): Eagle3Attention with each backend,
    flex_attention on create_block_mask's mask (mask prebuilt), and the floor: causal-only SDPA on
    the first Q_LEN keys (the suffix rounds add only Q_LEN * (rounds - 1) useful pairs);
@@ -182,6 +182,33 @@ def mask_build_rows(device, q_lens, rounds_list, block_sizes, reps) -> list[dict
                         torch.cuda.empty_cache()
                     rows.append(row)
                     print(_fmt_row(row), flush=True)
+    return rows
+
+
+def layout_build_rows(device, q_len, rounds, batch, reps) -> list[dict]:
+    """The build for a batch with seq_lens and doc_ids (one mask per sample), against
+    create_block_mask on the same mask_mod."""
+    kv_len = q_len * rounds
+    seq_lens = torch.linspace(q_len // batch, q_len, batch, device=device).round().long()
+    doc_ids = packed_doc_ids(batch, q_len, device)
+    live = torch.tensor(rounds, device=device)
+    mask_mod = eagle3_mask_mod(q_len, seq_lens=seq_lens, doc_ids=doc_ids)
+    methods = [
+        ("compiled_mask op, eager", lambda: _eagle3_block_mask_op(
+            q_len, kv_len, 128, 128, batch, 1, device, live, seq_lens, doc_ids)),
+        ("create_block_mask, _compile=True", lambda: create_block_mask(
+            mask_mod, batch, 1, q_len, kv_len, device=device, _compile=True)),
+    ]
+    rows = []
+    for name, fn in methods:
+        row = dict(table="mask_build", method=f"{name}, seq_lens + doc_ids, B={batch}", Q_LEN=q_len,
+                   rounds=rounds, BLOCK_SIZE="128x128")
+        row["device_us"], row["kernels"] = kernel_profile(fn, device)
+        row["host_us"] = host_us_per_call(fn, device, calls=max(3, reps))
+        row["wall_ms"] = median_ms(fn, device, reps)
+        row["peak_extra_MiB"] = peak_extra_mib(fn, device)
+        rows.append(row)
+        print(_fmt_row(row), flush=True)
     return rows
 
 
@@ -576,6 +603,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += mask_build_rows(device, q_lens, rounds_list, blocks, reps)
         if not args.smoke:  # the Blackwell layout, on a subset
             rows += mask_build_rows(device, [32768], [8], [(256, 128)], reps)
+        rows += layout_build_rows(device, att["q_len"], max(att["rounds_list"]),
+                                  8 if not args.smoke else 2, reps)
     if "attention" in args.only:
         rows += attention_rows(device, dtype, att["q_len"], att["rounds_list"], att["heads"],
                                att["D"], backends, att["reps"], backward_modes)
