@@ -47,36 +47,41 @@ def _cudnn_available() -> bool:
     return torch.backends.cudnn.is_available()
 
 
-def _causal_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor, tuple]:
-    """Causal attention: ``(out [B, Hq, L, D], lse [B, Hq, L] fp32, saved for backward)``."""
+def _causal_forward(q: Tensor, k: Tensor, v: Tensor, scale: float
+                    ) -> tuple[Tensor, Tensor, tuple[Tensor, ...], tuple]:
+    """Causal attention: ``(out [B, Hq, L, D], lse [B, Hq, L] fp32, tensors, consts)``, the last
+    two what the kernel's backward needs (tensors to save for backward, and plain values)."""
     kernel = _causal_kernel(q)
     if kernel == "cudnn":
         out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = (
             torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False,
                                                                scale=scale)
         )
-        return out, lse.view(lse.shape[:3]), (kernel, seed, offset, max_q, max_k)  # lse: [B, H, L, 1]
+        return out, lse.view(lse.shape[:3]), (seed, offset), (kernel, max_q, max_k)  # lse: [B, H, L, 1]
     if kernel == "flash":
         out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = (
             torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)
         )
-        return out, lse, (kernel, cum_q, cum_k, seed, offset, max_q, max_k)
+        return out, lse, (cum_q, cum_k, seed, offset), (kernel, max_q, max_k)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
-    return out, lse, (kernel,)
+    return out, lse, (), (kernel,)
 
 
 def _causal_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                     saved: tuple, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                     tensors: tuple[Tensor, ...], consts: tuple, scale: float
+                     ) -> tuple[Tensor, Tensor, Tensor]:
     """The kernel's backward for ``out``/``lse`` (the merged ones: Note [backward through the merge])."""
-    kernel, *saved = saved
+    kernel, *sizes = consts
     if kernel == "cudnn":
-        seed, offset, max_q, max_k = saved
+        seed, offset = tensors
+        max_q, max_k = sizes
         return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
             dout, q, k, v, out, lse.unsqueeze(-1), seed, offset, None, None, None, max_q, max_k, 0.0,
             True, scale=scale,  # cuDNN's logsumexp is [B, H, L, 1]
         )
     if kernel == "flash":
-        cum_q, cum_k, seed, offset, max_q, max_k = saved
+        cum_q, cum_k, seed, offset = tensors
+        max_q, max_k = sizes
         return torch.ops.aten._scaled_dot_product_flash_attention_backward(
             dout, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset, scale=scale
         )
@@ -207,29 +212,22 @@ def _(dout, q, k, v, out, lse, rounds, dq_c, dk_c, dv_c, q_len, scale):
             v.new_empty(v.shape))
 
 
-_SAVED = object()  # stands for a tensor of the kernel's saved tuple kept by save_for_backward
-
-
 class _Eagle3Split(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, rounds: Tensor, q_len: int, scale: float) -> Tensor:
-        out_c, lse_c, saved = _causal_forward(q, k[:, :, :q_len], v[:, :, :q_len], scale)
+        out_c, lse_c, tensors, consts = _causal_forward(q, k[:, :, :q_len], v[:, :, :q_len], scale)
         out, lse = _suffix_forward(q, k, v, out_c, lse_c, rounds, q_len, scale)
-        tensors = [x for x in saved if isinstance(x, Tensor)]
         ctx.save_for_backward(q, k, v, rounds, out, lse, *tensors)
-        ctx.saved_rest = [_SAVED if isinstance(x, Tensor) else x for x in saved]
-        ctx.q_len, ctx.scale = q_len, scale
+        ctx.consts, ctx.q_len, ctx.scale = consts, q_len, scale
         return out
 
     @staticmethod
     def backward(ctx, dout: Tensor):
         q, k, v, rounds, out, lse, *tensors = ctx.saved_tensors
-        tensors = iter(tensors)
-        saved = tuple(next(tensors) if x is _SAVED else x for x in ctx.saved_rest)
         q_len, scale = ctx.q_len, ctx.scale
         dout = dout.contiguous()
-        dq_c, dk_c, dv_c = _causal_backward(dout, q, k[:, :, :q_len], v[:, :, :q_len], out, lse, saved,
-                                            scale)
+        dq_c, dk_c, dv_c = _causal_backward(dout, q, k[:, :, :q_len], v[:, :, :q_len], out, lse,
+                                            tuple(tensors), ctx.consts, scale)
         dq, dk, dv = _suffix_backward(dout, q, k, v, out, lse, rounds, dq_c, dk_c, dv_c, q_len, scale)
         return dq, dk, dv, None, None, None
 

@@ -14,6 +14,7 @@ from compiled_mask._checks import (
     _check_positive,
     _check_rounds,
 )
+from compiled_mask._blocks import _doc_layout
 from compiled_mask._flex import flex_eagle3_attention
 from compiled_mask.block_mask import _static_eagle3_block_mask, eagle3_block_mask
 
@@ -195,29 +196,7 @@ class Eagle3Attention(nn.Module):
                     f"{where}: seq_lens/doc_ids have batch {batch} but q has batch {q.size(0)}."
                 )
         if self.backend == "split":
-            if q.device.type == "cuda" and q.dtype not in (torch.bfloat16, torch.float16):
-                raise ValueError(
-                    f"{where}: backend='split' on CUDA runs a fused causal kernel (cuDNN or flash "
-                    f"attention), which takes bf16 or fp16 inputs, got {q.dtype}. Cast q, k, v or "
-                    f"use backend='flex'."
-                )
-            if not isinstance(rounds, Tensor):
-                rounds = torch.tensor(rounds, device=q.device)
-            if doc_ids is None:
-                out = _split.split_eagle3_attention(q, k, v, rounds, q_len=self.q_len, scale=self.scale)
-            else:  # Note [documents in the split backend] in _split.py
-                if q.device.type == "cpu" and torch.compiler.is_compiling():
-                    raise NotImplementedError(
-                        f"{where}: backend='split' with doc_ids runs its causal part on "
-                        "flex_attention with its log-sum-exp, which torch's compiled CPU flex does "
-                        "not return (it runs eagerly on CPU, and compiled on CUDA). On CPU compile "
-                        "backend='flex' instead."
-                    )
-                causal = eagle3_block_mask(self.q_len, self.q_len, B=q.size(0), device=q.device,
-                                           seq_lens=seq_lens, doc_ids=doc_ids)
-                out = _split.split_document_attention(q, k, v, rounds, causal, q_len=self.q_len,
-                                                      scale=self.scale)
-            return _zero_padding_rows(out, seq_lens, doc_ids)
+            return self._split_forward(q, k, v, rounds, seq_lens, doc_ids)
         block_size = self.block_size_for(q.device)
         if self.backend == "fa4":
             _fa4._check_fa4_device(where, q.device)
@@ -237,6 +216,33 @@ class Eagle3Attention(nn.Module):
             q, k, v, block_mask, scale=self.scale, kernel_options=self.kernel_options
         )
         return out if self.backend == "flex" else _zero_padding_rows(out, seq_lens, doc_ids)
+
+    def _split_forward(self, q: Tensor, k: Tensor, v: Tensor, rounds: Tensor | int,
+                       seq_lens: Tensor | None, doc_ids: Tensor | None) -> Tensor:
+        where = type(self).__name__
+        if q.device.type == "cuda" and q.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(
+                f"{where}: backend='split' on CUDA runs a fused causal kernel (cuDNN or flash "
+                f"attention), which takes bf16 or fp16 inputs, got {q.dtype}. Cast q, k, v or "
+                f"use backend='flex'."
+            )
+        if not isinstance(rounds, Tensor):
+            rounds = torch.tensor(rounds, device=q.device)
+        if doc_ids is None:
+            out = _split.split_eagle3_attention(q, k, v, rounds, q_len=self.q_len, scale=self.scale)
+        else:  # Note [documents in the split backend] in _split.py
+            if q.device.type == "cpu" and torch.compiler.is_compiling():
+                raise NotImplementedError(
+                    f"{where}: backend='split' with doc_ids runs its causal part on "
+                    "flex_attention with its log-sum-exp, which torch's compiled CPU flex does "
+                    "not return (it runs eagerly on CPU, and compiled on CUDA). On CPU compile "
+                    "backend='flex' instead."
+                )
+            causal = eagle3_block_mask(self.q_len, self.q_len, B=q.size(0), device=q.device,
+                                       seq_lens=seq_lens, doc_ids=doc_ids)
+            out = _split.split_document_attention(q, k, v, rounds, causal, q_len=self.q_len,
+                                                  scale=self.scale)
+        return _zero_padding_rows(out, seq_lens, doc_ids)
 
     def block_size_for(self, device: torch.device) -> tuple[int, int]:
         """The (Q_BLOCK_SIZE, KV_BLOCK_SIZE) of the mask for inputs on ``device`` (for "split",
@@ -271,11 +277,7 @@ def _zero_padding_rows(out: Tensor, seq_lens: Tensor | None, doc_ids: Tensor | N
     """
     if seq_lens is None and doc_ids is None:
         return out
-    valid = torch.ones(out.shape[0], out.shape[2], dtype=torch.bool, device=out.device)  # [B, Q_LEN]
-    if seq_lens is not None:
-        valid = valid & (torch.arange(out.size(2), device=out.device) < seq_lens.unsqueeze(-1))
-    if doc_ids is not None:
-        valid = valid & (doc_ids != -1)
+    valid, _ = _doc_layout(out.size(2), seq_lens, doc_ids, out.device)  # [B, Q_LEN]
     return out * valid[:, None, :, None].to(out.dtype)
 
 
