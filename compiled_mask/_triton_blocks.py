@@ -99,40 +99,39 @@ def _flags(q_lo, q_hi, q_whole, kv_lo, KV_BLOCK_SIZE, live, Q_LEN, n_before, fir
     _blocks.eagle3_block_flags, statement for statement."""
     kv_end = tl.minimum(kv_lo + KV_BLOCK_SIZE, live)
     kv_whole = kv_lo + KV_BLOCK_SIZE <= live
-    q_all_valid = _n_valid(q_lo, q_hi, n_before, HAS_LAYOUT, Q_LEN) == q_hi - q_lo + 1
-    # Causal part: keys [kv_lo, causal_end).
-    causal_end = tl.minimum(kv_end, Q_LEN)
-    q_star = tl.minimum(tl.maximum(q_lo, kv_lo), Q_LEN)
-    if HAS_LAYOUT:
-        q_star = tl.load(first_at + q_star)
-        star_start = tl.load(start + tl.minimum(q_star, Q_LEN - 1))
-        last_start = tl.load(start + q_hi)
-    else:
-        star_start = 0
-        last_start = 0
-    causal_any = (kv_lo < causal_end) & (q_star <= q_hi) & (star_start < causal_end)
-    causal_all = (kv_lo >= causal_end) | (q_all_valid & (causal_end - 1 <= q_lo) & (kv_lo >= last_start))
-    # Suffix part: keys [suffix_lo, kv_end); key kv pairs with query kv % Q_LEN.
-    suffix_lo = tl.maximum(kv_lo, Q_LEN)
+    causal_end = tl.minimum(kv_end, Q_LEN)  # causal part: keys [kv_lo, causal_end)
+    suffix_lo = tl.maximum(kv_lo, Q_LEN)  # suffix part: keys [suffix_lo, kv_end), kv pairs with kv % Q_LEN
     suffix_nonempty = suffix_lo < kv_end
-    a = suffix_lo % Q_LEN
-    b = (kv_end - 1) % Q_LEN
-    hits = tl.where(
-        kv_end - suffix_lo >= Q_LEN,
-        _n_valid(q_lo, q_hi, n_before, HAS_LAYOUT, Q_LEN),
-        tl.where(
-            a <= b,
-            _n_valid(tl.maximum(q_lo, a), tl.minimum(q_hi, b), n_before, HAS_LAYOUT, Q_LEN),
-            _n_valid(tl.maximum(q_lo, a), q_hi, n_before, HAS_LAYOUT, Q_LEN)
-            + _n_valid(q_lo, tl.minimum(q_hi, b), n_before, HAS_LAYOUT, Q_LEN),
-        ),
-    )
-    suffix_any = suffix_nonempty & (hits > 0)
     d_lo = suffix_lo - q_hi
     d_hi = kv_end - 1 - q_lo
     # Where the suffix part is non-empty, d_hi >= d_lo >= 1: truncating division is floor.
     multiples = d_hi // Q_LEN - (d_lo - 1) // Q_LEN
-    suffix_all = (suffix_lo >= kv_end) | ((multiples == d_hi - d_lo + 1) & q_all_valid)
+    if HAS_LAYOUT:
+        q_all_valid = _n_valid(q_lo, q_hi, n_before, HAS_LAYOUT, Q_LEN) == q_hi - q_lo + 1
+        q_star = tl.load(first_at + tl.minimum(tl.maximum(q_lo, kv_lo), Q_LEN))
+        star_start = tl.load(start + tl.minimum(q_star, Q_LEN - 1))
+        causal_any = (kv_lo < causal_end) & (q_star <= q_hi) & (star_start < causal_end)
+        causal_all = (kv_lo >= causal_end) | (
+            q_all_valid & (causal_end - 1 <= q_lo) & (kv_lo >= tl.load(start + q_hi)))
+        a = suffix_lo % Q_LEN
+        b = (kv_end - 1) % Q_LEN
+        hits = tl.where(
+            kv_end - suffix_lo >= Q_LEN,
+            _n_valid(q_lo, q_hi, n_before, HAS_LAYOUT, Q_LEN),
+            tl.where(
+                a <= b,
+                _n_valid(tl.maximum(q_lo, a), tl.minimum(q_hi, b), n_before, HAS_LAYOUT, Q_LEN),
+                _n_valid(tl.maximum(q_lo, a), q_hi, n_before, HAS_LAYOUT, Q_LEN)
+                + _n_valid(q_lo, tl.minimum(q_hi, b), n_before, HAS_LAYOUT, Q_LEN),
+            ),
+        )
+        suffix_any = suffix_nonempty & (hits > 0)
+        suffix_all = (suffix_lo >= kv_end) | ((multiples == d_hi - d_lo + 1) & q_all_valid)
+    else:  # every query valid, one document: the same rule with the tables' values folded in
+        causal_any = (kv_lo < causal_end) & (kv_lo <= q_hi)
+        causal_all = (kv_lo >= causal_end) | (causal_end - 1 <= q_lo)
+        suffix_any = suffix_nonempty & (multiples > 0)
+        suffix_all = (suffix_lo >= kv_end) | (multiples == d_hi - d_lo + 1)
     full = q_whole & kv_whole & causal_all & suffix_all
     partial = (causal_any | suffix_any) & (full == 0)
     return partial, full
