@@ -150,13 +150,19 @@ def test_plain_mask_mod_with_padding_blocks_is_exact_on_valid_rows(q_len, block_
     )])
     for docs in (None, doc_ids):
         for live in range(1, max_rounds + 1):
-            bm = _static_eagle3_block_mask(q_len, max_rounds, *block_size, len(seq_lens), 1, live, "cpu",
-                                           seq_lens=seq_lens, doc_ids=docs, plain_mask_mod=True)
-            want = eagle3_dense(q_len, q_len * max_rounds, live_kv_len=q_len * live, seq_lens=seq_lens,
-                                doc_ids=docs)
-            for b, n in enumerate(seq_lens.tolist()):
-                seen = _kernel_view(bm, bm.mask_mod, q_len, q_len * max_rounds, b)
-                assert torch.equal(seen[:n], want[b, 0, :n]), (b, live)
+            _assert_plain_mask_mod_exact_below_lengths(q_len, max_rounds, block_size, live, seq_lens, docs)
+
+
+def _assert_plain_mask_mod_exact_below_lengths(q_len, max_rounds, block_size, live, seq_lens, doc_ids):
+    """What FA4 computes from the block tensors (seq_lens, doc_ids, live rounds) and the plain
+    mask_mod equals the live mask on every row below its sample's length."""
+    bm = _static_eagle3_block_mask(q_len, max_rounds, *block_size, len(seq_lens), 1, live, "cpu",
+                                   seq_lens=seq_lens, doc_ids=doc_ids, plain_mask_mod=True)
+    want = eagle3_dense(q_len, q_len * max_rounds, live_kv_len=q_len * live, seq_lens=seq_lens,
+                        doc_ids=doc_ids)
+    for b, n in enumerate(seq_lens.tolist()):
+        seen = _kernel_view(bm, bm.mask_mod, q_len, q_len * max_rounds, b)
+        assert torch.equal(seen[:n], want[b, 0, :n]), (b, n, live)
 
 
 def test_plain_mask_mod_reads_documents_in_bounds():
@@ -263,10 +269,4 @@ def test_fuzz_plain_mask_mod_exactness_rule(q_bs, kv_div, data):
         doc_ids = torch.cat([_documents(q_len, lengths) for lengths in doc_ids])
     if not _plain_mask_mod_is_exact(q_len, q_bs, kv_bs):
         return
-    bm = _static_eagle3_block_mask(q_len, max_rounds, q_bs, kv_bs, len(seq_lens), 1, live, "cpu",
-                                   seq_lens=seq_lens, doc_ids=doc_ids, plain_mask_mod=True)
-    want = eagle3_dense(q_len, q_len * max_rounds, live_kv_len=q_len * live, seq_lens=seq_lens,
-                        doc_ids=doc_ids)
-    for b, n in enumerate(seq_lens.tolist()):
-        seen = _kernel_view(bm, bm.mask_mod, q_len, q_len * max_rounds, b)
-        assert torch.equal(seen[:n], want[b, 0, :n]), (b, n)
+    _assert_plain_mask_mod_exact_below_lengths(q_len, max_rounds, (q_bs, kv_bs), live, seq_lens, doc_ids)

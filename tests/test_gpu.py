@@ -88,16 +88,23 @@ def test_fused_kernel_matches_torch_ops(case):
     _fused_vs_torch_ops(*case)
 
 
+def _random_shape(rng):
+    """``(Q_LEN, KV_LEN, q_bs, kv_bs, rounds)`` for the fused-vs-torch-ops fuzz: any lengths up to
+    3000 x 8 rounds and a partial one, rectangular blocks, live counts in and out of range."""
+    kv_bs = rng.choice([1, 2, 16, 64, 128])
+    q_bs = kv_bs * rng.choice([1, 2, 4])
+    Q_LEN = rng.randint(1, 3000)
+    KV_LEN = Q_LEN * rng.randint(1, 8) + rng.randint(0, Q_LEN - 1)
+    if (-(-Q_LEN // q_bs)) * (-(-KV_LEN // kv_bs)) > 2_000_000:
+        q_bs, kv_bs = 128, 128
+    rounds = rng.choice([None, rng.randint(-1, -(-KV_LEN // Q_LEN) + 1)])
+    return Q_LEN, KV_LEN, q_bs, kv_bs, rounds
+
+
 def test_fused_kernel_fuzz():
     rng = random.Random(0)
     for _ in range(300):
-        kv_bs = rng.choice([1, 2, 16, 64, 128])
-        q_bs = kv_bs * rng.choice([1, 2, 4])
-        Q_LEN = rng.randint(1, 3000)
-        KV_LEN = Q_LEN * rng.randint(1, 8) + rng.randint(0, Q_LEN - 1)
-        if (-(-Q_LEN // q_bs)) * (-(-KV_LEN // kv_bs)) > 2_000_000:
-            q_bs, kv_bs = 128, 128
-        rounds = rng.choice([None, rng.randint(-1, -(-KV_LEN // Q_LEN) + 1)])
+        Q_LEN, KV_LEN, q_bs, kv_bs, rounds = _random_shape(rng)
         _fused_vs_torch_ops(Q_LEN, KV_LEN, q_bs, kv_bs, rng.randint(1, 2), rng.randint(1, 2), rounds)
 
 
@@ -124,14 +131,8 @@ def test_fused_kernel_with_layouts_matches_torch_ops(case):
 def test_fused_kernel_with_layouts_fuzz():
     rng = random.Random(1)
     for _ in range(300):
-        kv_bs = rng.choice([1, 2, 16, 64, 128])
-        q_bs = kv_bs * rng.choice([1, 2, 4])
-        Q_LEN = rng.randint(1, 3000)
-        KV_LEN = Q_LEN * rng.randint(1, 8) + rng.randint(0, Q_LEN - 1)
-        if (-(-Q_LEN // q_bs)) * (-(-KV_LEN // kv_bs)) > 2_000_000:
-            q_bs, kv_bs = 128, 128
+        Q_LEN, KV_LEN, q_bs, kv_bs, rounds = _random_shape(rng)
         B = rng.randint(1, 3)
-        rounds = rng.choice([None, rng.randint(-1, -(-KV_LEN // Q_LEN) + 1)])
         _fused_vs_torch_ops(Q_LEN, KV_LEN, q_bs, kv_bs, B, rng.randint(1, 2), rounds,
                             *_random_layout(rng, Q_LEN, B))
 
