@@ -168,48 +168,58 @@ def test_attention_one_graph_zero_padding_rows(compiled_flex_attention):
     assert counter.graphs == 2, reasons
 
 
-def test_split_documents_forward_eager():
-    """backend="split" with doc_ids (and seq_lens) on CPU, eagerly: flex's per-document causal part
-    merged with the suffix matches float64 for every live count; padding rows are zeros."""
-    attn = Eagle3Attention(200, 3, backend="split")
-    seq_lens, doc_ids = torch.tensor([150, 180, 10]), docs((100, -20, 80), (1, 199), (-10, 190))
-    for r in (1, 2, 3):
-        q, k, v = _qkv(3, seed=r)
-        out = attn(q, k, v, torch.tensor(r), seq_lens=seq_lens, doc_ids=doc_ids)
-        allowed = eagle3_dense(200, 600, live_kv_len=200 * r, seq_lens=seq_lens, doc_ids=doc_ids)
-        torch.testing.assert_close(out.double(), dense_reference_attention(q, k, v, allowed), rtol=0, atol=2e-5)
-        empty = ~allowed.any(-1).squeeze(1)  # [B, Q_LEN]
-        assert empty[2, :10].all() and (out.permute(0, 2, 1, 3)[empty] == 0).all()
+def _check_split_documents(q_len, max_rounds, live, seq_lens, doc_ids, seed):
+    """Note [documents in the split backend], on CPU against float64:
 
-
-def test_split_documents_merge_backward_vs_float64():
-    """Note [documents in the split backend]: the gradients _SuffixMerge returns for out_c and
-    lse_c carry the causal part's exact gradients. flex has no backward on CPU, so here the causal
-    part is a dense masked softmax, differentiable like flex (lse -inf on empty rows, clamped)."""
+    - the eager forward of backend="split" (flex's per-document causal part + the suffix merge);
+    - the gradients _SuffixMerge returns for out_c and lse_c, which must carry the causal part's
+      exact gradients. flex has no backward on CPU, so the causal part here is a dense masked
+      softmax, differentiable like flex (lse -inf on empty rows, clamped the same way).
+    """
     from compiled_mask._split import _SuffixMerge
     from compiled_mask.modules import _zero_padding_rows
 
-    q_len, max_rounds, live, scale = 60, 3, 2, 0.25
-    doc_ids = docs((20, -5, 35), (60,), (-30, 1, 29))
-    q, k, v = (t.requires_grad_() for t in _qkv(3, seed=3))
-    q, k, v = (t[:, :, : (q_len if i == 0 else q_len * max_rounds)].detach().requires_grad_()
-               for i, t in enumerate((q, k, v)))
-    dout = torch.randn_like(q)
-    allowed = eagle3_dense(q_len, q_len * max_rounds, live_kv_len=q_len * live, doc_ids=doc_ids)
-    G = q.size(1) // k.size(1)
-    k_c, v_c = (t[:, :, :q_len].repeat_interleave(G, 1) for t in (k, v))
+    B, scale = len(doc_ids if doc_ids is not None else seq_lens), 0.25
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, 4, q_len, 16, generator=g, requires_grad=True)
+    k, v = (torch.randn(B, 2, q_len * max_rounds, 16, generator=g, requires_grad=True) for _ in "kv")
+    dout = torch.randn(q.shape, generator=g)
+    allowed = eagle3_dense(q_len, q_len * max_rounds, live_kv_len=q_len * live, seq_lens=seq_lens,
+                           doc_ids=doc_ids)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = dense_reference_attention(q64, k64, v64, allowed, scale=scale)
+    want_grads = torch.autograd.grad(want, (q64, k64, v64), dout.double())
+
+    attn = Eagle3Attention(q_len, max_rounds, backend="split", scale=scale)
+    out = attn(q.detach(), k.detach(), v.detach(), torch.tensor(live), seq_lens=seq_lens, doc_ids=doc_ids)
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=2e-5)
+
+    k_c, v_c = (t[:, :, :q_len].repeat_interleave(2, 1) for t in (k, v))
     scores = (q @ k_c.transpose(-1, -2) * scale).masked_fill(~allowed[..., :q_len], float("-inf"))
     lse_c = scores.logsumexp(-1).clamp(min=torch.finfo(torch.float32).min)
     out_c = torch.exp(scores - lse_c.unsqueeze(-1)) @ v_c
     out = _SuffixMerge.apply(q, k, v, out_c, lse_c, torch.tensor(live), q_len, scale)
-    out = _zero_padding_rows(out, None, doc_ids)
+    out = _zero_padding_rows(out, seq_lens, doc_ids)
     grads = torch.autograd.grad(out, (q, k, v), dout)
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    want = dense_reference_attention(q64, k64, v64, allowed, scale=scale)
-    want_grads = torch.autograd.grad(want, (q64, k64, v64), dout.double())
     for got, ref in zip((out, *grads), (want, *want_grads)):
         torch.testing.assert_close(got.double(), ref, rtol=0, atol=2e-5)
-    assert (grads[0][2, :, :30] == 0).all()
+    return out, grads
+
+
+def test_split_documents_vs_float64():
+    doc_ids = docs((20, -5, 35), (60,), (-30, 1, 29))
+    out, grads = _check_split_documents(60, 3, 2, None, doc_ids, seed=3)
+    assert (out[2, :, :30] == 0).all() and (grads[0][2, :, :30] == 0).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(layout=layouts(), data=st.data())
+def test_fuzz_split_documents_vs_float64(layout, data):
+    """Random lengths and document layouts (empty and skipped ids, padding runs, Q_LEN = 1)."""
+    Q_LEN, KV_LEN, _, _, seq_lens, doc_ids = layout
+    max_rounds = KV_LEN // Q_LEN
+    live = data.draw(st.integers(1, max_rounds))
+    _check_split_documents(Q_LEN, max_rounds, live, seq_lens, doc_ids, seed=data.draw(st.integers(0, 99)))
 
 
 def test_split_documents_compiled_on_cpu_says_why():
