@@ -22,27 +22,35 @@ def _ceil_div(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
+def _valid_positions(
+    Q_LEN: int, seq_lens: Tensor | None, doc_ids: Tensor | None, device: torch.device
+) -> Tensor:
+    """``valid [B', Q_LEN]`` bool: a real, non-padding position (``q < seq_lens[b]`` and
+    ``doc_ids[b, q] != -1``); B' is the batch of ``seq_lens``/``doc_ids``, or 1."""
+    valid = torch.ones(1, Q_LEN, dtype=torch.bool, device=device)  # [1, Q_LEN]
+    if doc_ids is not None:
+        valid = doc_ids != -1  # [B, Q_LEN]
+    if seq_lens is not None:
+        valid = valid & (torch.arange(Q_LEN, device=device) < seq_lens.unsqueeze(-1))  # [B, Q_LEN]
+    return valid
+
+
 def _doc_layout(
     Q_LEN: int, seq_lens: Tensor | None, doc_ids: Tensor | None, device: torch.device
 ) -> tuple[Tensor, Tensor]:
     """Per-sample query validity and document start, the two facts the block rule needs.
 
     Returns:
-        ``valid [B', Q_LEN]`` bool (a real, non-padding position: ``q < seq_lens[b]`` and
-        ``doc_ids[b, q] != -1``) and ``start [B', Q_LEN]`` int64 (first position of q's document,
-        0 without documents); B' is the batch of ``seq_lens``/``doc_ids``, or 1. With contiguous
-        documents, "kv <= q in q's document" is exactly ``start[q] <= kv <= q``.
+        ``valid [B', Q_LEN]`` (:func:`_valid_positions`) and ``start [B', Q_LEN]`` int64 (first
+        position of q's document, 0 without documents). With contiguous documents, "kv <= q in
+        q's document" is exactly ``start[q] <= kv <= q``.
     """
-    pos = torch.arange(Q_LEN, device=device)  # [Q_LEN]
-    valid = torch.ones(1, Q_LEN, dtype=torch.bool, device=device)  # [1, Q_LEN]
+    valid = _valid_positions(Q_LEN, seq_lens, doc_ids, device)  # [B', Q_LEN]
     start = torch.zeros(1, Q_LEN, dtype=torch.int64, device=device)  # [1, Q_LEN]
     if doc_ids is not None:
-        valid = doc_ids != -1  # [B, Q_LEN]
-        new_doc = torch.ones_like(valid)
+        new_doc = torch.ones_like(doc_ids, dtype=torch.bool)
         new_doc[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-        start = torch.where(new_doc, pos, 0).cummax(-1).values  # [B, Q_LEN]
-    if seq_lens is not None:
-        valid = valid & (pos < seq_lens.unsqueeze(-1))  # [B, Q_LEN]
+        start = torch.where(new_doc, torch.arange(Q_LEN, device=device), 0).cummax(-1).values  # [B, Q_LEN]
     return valid, start.expand(valid.shape[0], Q_LEN)  # [B', Q_LEN] each
 
 

@@ -108,8 +108,7 @@ def _plain_eagle3_mask_mod(Q_LEN: int, doc_ids: Tensor | None = None) -> _mask_m
         return eagle3_mask_mod(Q_LEN)
 
     def eagle3_doc_mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        doc = doc_ids[b, q_idx % Q_LEN]
-        same_doc = (doc != -1) & (doc_ids[b, kv_idx % Q_LEN] == doc)
+        same_doc = _eagle3_sample_allowed(b, q_idx % Q_LEN, kv_idx, Q_LEN, None, doc_ids)
         return _eagle3_allowed(q_idx, kv_idx, Q_LEN) & same_doc
 
     return eagle3_doc_mask

@@ -7,7 +7,9 @@ custom op, the attention backends) is tested against :func:`eagle3_mask_mod` eva
 
 from __future__ import annotations
 
-import torch
+import functools
+import operator
+
 from torch import Tensor
 from torch.nn.attention.flex_attention import _mask_mod_signature
 
@@ -25,15 +27,15 @@ def _eagle3_sample_allowed(
     b: Tensor, q_idx: Tensor, kv_idx: Tensor, Q_LEN: int,
     seq_lens: Tensor | None, doc_ids: Tensor | None,
 ) -> Tensor:
-    """The per-sample restrictions of :func:`eagle3_mask_mod` (True where there are none)."""
+    """The per-sample restrictions of :func:`eagle3_mask_mod`; at least one of seq_lens, doc_ids."""
     kv_pos = kv_idx % Q_LEN  # the key's position inside its round
-    allowed = torch.ones_like(q_idx >= 0)
+    conditions = []
     if seq_lens is not None:
-        allowed = allowed & (q_idx < seq_lens[b]) & (kv_pos < seq_lens[b])
+        conditions += [q_idx < seq_lens[b], kv_pos < seq_lens[b]]
     if doc_ids is not None:
         doc = doc_ids[b, q_idx]
-        allowed = allowed & (doc != -1) & (doc_ids[b, kv_pos] == doc)
-    return allowed
+        conditions += [doc != -1, doc_ids[b, kv_pos] == doc]
+    return functools.reduce(operator.and_, conditions)
 
 
 def eagle3_mask_mod(

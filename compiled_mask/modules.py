@@ -14,7 +14,7 @@ from compiled_mask._checks import (
     _check_positive,
     _check_rounds,
 )
-from compiled_mask._blocks import _doc_layout
+from compiled_mask._blocks import _valid_positions
 from compiled_mask._flex import flex_eagle3_attention
 from compiled_mask.block_mask import _static_eagle3_block_mask, eagle3_block_mask
 
@@ -263,9 +263,9 @@ def _zero_padding_rows(out: Tensor, seq_lens: Tensor | None, doc_ids: Tensor | N
     (Note [padding without a mask_mod check]); ``out`` as it is when both are None.
 
     Note [padding without a mask_mod check]
-        The split and fa4 backends run the Eagle3 rule without the per-sample check (the causal
-        kernel has none; FA4's mask_mod lowering cannot read a captured tensor, Note [FA4
-        mask_mod]). For a valid query q < L that changes nothing: its causal keys kv <= q and its
+        The split and fa4 backends run the Eagle3 rule without the seq_lens check (the causal
+        kernel has none; fa4 gets the plain mask_mod, Note [FA4 mask_mod], which reads only
+        doc_ids). For a valid query q < L that changes nothing: its causal keys kv <= q and its
         suffix keys kv' = q are all valid. Only padding rows see anything they should not, so they
         are set to zeros here, the defined output (and their gradients, through this product,
         are zero). fa4 still skips the blocks that hold only padding: its block tensors come from
@@ -277,7 +277,7 @@ def _zero_padding_rows(out: Tensor, seq_lens: Tensor | None, doc_ids: Tensor | N
     """
     if seq_lens is None and doc_ids is None:
         return out
-    valid, _ = _doc_layout(out.size(2), seq_lens, doc_ids, out.device)  # [B, Q_LEN]
+    valid = _valid_positions(out.size(2), seq_lens, doc_ids, out.device)  # [B, Q_LEN]
     return out * valid[:, None, :, None].to(out.dtype)
 
 
