@@ -17,41 +17,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from compiled_mask._layout import _valid_queries
+
 
 def _ceil_div(a: int, b: int) -> int:
     return (a + b - 1) // b
-
-
-def _valid_positions(
-    Q_LEN: int, seq_lens: Tensor | None, doc_ids: Tensor | None, device: torch.device
-) -> Tensor:
-    """``valid [B', Q_LEN]`` bool: a real, non-padding position (``q < seq_lens[b]`` and
-    ``doc_ids[b, q] != -1``); B' is the batch of ``seq_lens``/``doc_ids``, or 1."""
-    valid = torch.ones(1, Q_LEN, dtype=torch.bool, device=device)  # [1, Q_LEN]
-    if doc_ids is not None:
-        valid = doc_ids != -1  # [B, Q_LEN]
-    if seq_lens is not None:
-        valid = valid & (torch.arange(Q_LEN, device=device) < seq_lens.unsqueeze(-1))  # [B, Q_LEN]
-    return valid
-
-
-def _doc_layout(
-    Q_LEN: int, seq_lens: Tensor | None, doc_ids: Tensor | None, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """Per-sample query validity and document start, the two facts the block rule needs.
-
-    Returns:
-        ``valid [B', Q_LEN]`` (:func:`_valid_positions`) and ``start [B', Q_LEN]`` int64 (first
-        position of q's document, 0 without documents). With contiguous documents, "kv <= q in
-        q's document" is exactly ``start[q] <= kv <= q``.
-    """
-    valid = _valid_positions(Q_LEN, seq_lens, doc_ids, device)  # [B', Q_LEN]
-    start = torch.zeros(1, Q_LEN, dtype=torch.int64, device=device)  # [1, Q_LEN]
-    if doc_ids is not None:
-        new_doc = torch.ones_like(doc_ids, dtype=torch.bool)
-        new_doc[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-        start = torch.where(new_doc, torch.arange(Q_LEN, device=device), 0).cummax(-1).values  # [B, Q_LEN]
-    return valid, start.expand(valid.shape[0], Q_LEN)  # [B', Q_LEN] each
 
 
 def eagle3_block_flags(
@@ -61,8 +31,7 @@ def eagle3_block_flags(
     KV_BLOCK_SIZE: int,
     live_kv_len: int | Tensor,
     device: torch.device,
-    seq_lens: Tensor | None = None,
-    doc_ids: Tensor | None = None,
+    first_key: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """PARTIAL and FULL flags of every (q-block, kv-block) pair of the Eagle3 mask.
 
@@ -73,19 +42,22 @@ def eagle3_block_flags(
             itself, or a 0-d int tensor (the static-width TTT form, Note [static widths] in
             ``_op.py``). Keys at or past it are padding, as past KV_LEN for create_block_mask.
         device: where to build.
-        seq_lens: optional ``[B]`` valid length of each sample; doc_ids: optional ``[B, Q_LEN]``
-            document of each position (contiguous documents, -1 for padding). See
-            ``eagle3_mask_mod`` for the semantics.
+        first_key: optional ``[B, Q_LEN]`` int64 layout table of a padded/packed batch: query q of
+            sample b attends key positions ``first_key[b, q] <= kv_pos <= q`` (Note [one layout
+            table] in ``_layout.py``).
 
     Returns:
         ``(partial, full)``, two bool tensors ``[B', n_q, n_kv]`` with n_q = ceil(Q_LEN /
-        Q_BLOCK_SIZE), n_kv = ceil(KV_LEN / KV_BLOCK_SIZE), and B' the batch of seq_lens/doc_ids
-        (1 without them).
+        Q_BLOCK_SIZE), n_kv = ceil(KV_LEN / KV_BLOCK_SIZE), and B' the batch of first_key (1
+        without it).
     """
     n_q = _ceil_div(Q_LEN, Q_BLOCK_SIZE)
     n_kv = _ceil_div(KV_LEN, KV_BLOCK_SIZE)
-    valid, start = _doc_layout(Q_LEN, seq_lens, doc_ids, device)  # [B', Q_LEN] each
+    valid = _valid_queries(Q_LEN, first_key, device)  # [B', Q_LEN]
+    # The first position of each valid query's document (its value on padding is never read).
+    start = torch.zeros(1, Q_LEN, dtype=torch.int64, device=device) if first_key is None else first_key
     B = valid.shape[0]
+    start = start.expand(B, Q_LEN)  # [B', Q_LEN]
     # Lookup tables over query positions x in [0, Q_LEN]: valid queries before x, and the first
     # valid query at or after x (Q_LEN if none).
     n_before = torch.nn.functional.pad(valid.cumsum(-1), (1, 0))  # [B', Q_LEN + 1]
@@ -178,8 +150,7 @@ def eagle3_block_tensors(
     H: int,
     live_kv_len: int | Tensor,
     device: torch.device,
-    seq_lens: Tensor | None = None,
-    doc_ids: Tensor | None = None,
+    first_key: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The eight BlockMask tensors of the Eagle3 mask, in ``BlockMask(...)`` argument order.
 
@@ -188,10 +159,10 @@ def eagle3_block_tensors(
         ``full_kv_indices`` (same shapes), ``q_num_blocks [B, H, n_kv]``,
         ``q_indices [B, H, n_kv, n_q]``, ``full_q_num_blocks``, ``full_q_indices`` (same shapes);
         all int32, contiguous, new memory. Every head shares its sample's mask; without
-        seq_lens/doc_ids every sample shares one mask. B must then be 1 or their batch.
+        first_key every sample shares one mask, with it B is its batch.
     """
     partial, full = eagle3_block_flags(
-        Q_LEN, KV_LEN, Q_BLOCK_SIZE, KV_BLOCK_SIZE, live_kv_len, device, seq_lens, doc_ids
+        Q_LEN, KV_LEN, Q_BLOCK_SIZE, KV_BLOCK_SIZE, live_kv_len, device, first_key
     )  # [B', n_q, n_kv] each, B' in (1, B)
     tensors = []
     for flags in (partial, full, partial.mT, full.mT):

@@ -79,6 +79,7 @@ def _check_rounds(where: str, rounds: torch.Tensor | int, max_rounds: int, devic
             f"{where}: rounds must be a 0-d int tensor, got shape {tuple(rounds.shape)} and "
             f"dtype {rounds.dtype}. Use torch.tensor(r, device=...)."
         )
+    _check_widens(where, "rounds", rounds)
     if not _same_device(rounds.device, device):
         raise ValueError(
             f"{where}: rounds is on {rounds.device} but the attention inputs are on {device}. "
@@ -86,8 +87,46 @@ def _check_rounds(where: str, rounds: torch.Tensor | int, max_rounds: int, devic
         )
 
 
+def _live_rounds(rounds: torch.Tensor | int, max_rounds: int, device: torch.device) -> torch.Tensor:
+    """The checked live-round count as a 0-d int64 tensor clamped to [1, max_rounds].
+
+    Note [widen rounds first]
+        Everything downstream computes with ``rounds`` (``rounds * Q_LEN`` in mask_mod, the
+        suffix kernels' loop bound), and tensor arithmetic keeps the tensor's dtype: a uint8 count
+        of 3 times Q_LEN=300 wraps to 132, an int32 count of 2**31 - 1 overflows. So the count is
+        widened to int64 and clamped once, in the graph, before any arithmetic; every consumer
+        then reads a value in [1, max_rounds]. (An op input is always realized, so mask_mod may
+        capture it: Note [live keys in mask_mod] in ``block_mask.py``.)
+    """
+    if not isinstance(rounds, torch.Tensor):
+        return torch.tensor(rounds, dtype=torch.int64, device=device)  # range-checked already
+    return rounds.to(torch.int64).clamp(1, max_rounds)
+
+
 def _is_int(t: torch.Tensor) -> bool:
     return not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
+
+
+def _check_widens(where: str, name: str, t: torch.Tensor) -> None:
+    """Integer tensors are widened to int64 before any arithmetic; uint64 cannot be exactly."""
+    if t.dtype == torch.uint64:
+        raise ValueError(
+            f"{where}: {name} has dtype torch.uint64, whose values above 2**63 - 1 cannot be "
+            f"widened to int64 exactly. Pass it as int64 (e.g. {name}.to(torch.int64))."
+        )
+
+
+def _check_device(where: str, device: torch.device | str) -> torch.device:
+    """``device`` as a torch.device; a CUDA device where this torch has none is refused here
+    (rather than failing later, deep inside the Triton build)."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"{where}: device={str(device)!r}, but this torch has no CUDA device "
+            f"(torch {torch.__version__}, torch.cuda.is_available() is False). Pass device='cpu', "
+            "or the device of your inputs (device=q.device)."
+        )
+    return device
 
 
 def _same_device(a: torch.device, b: torch.device | str) -> bool:
@@ -102,12 +141,13 @@ def _check_doc_layout(
     B: int,
     seq_lens: torch.Tensor | None,
     doc_ids: torch.Tensor | None,
-    device: torch.device | str,
+    device: torch.device | str | None = None,
 ) -> int:
     """Check ``seq_lens [B]`` / ``doc_ids [B, Q_LEN]`` (metadata only) and return the mask's batch.
 
-    Values are not read (that would sync): a length above Q_LEN acts as Q_LEN, one <= 0 makes the
-    sample all padding, and documents must be contiguous runs (``eagle3_mask_mod``).
+    Values are not read (that would sync): every integer tensor of the right shape is a valid
+    layout (Note [one layout table] in ``_layout.py``). ``device=None`` skips the device check
+    against the mask (the two must still share one device).
     """
     batch = None
     for name, t, rank, shape in (("seq_lens", seq_lens, 1, "[B]"), ("doc_ids", doc_ids, 2, "[B, Q_LEN]")):
@@ -116,13 +156,19 @@ def _check_doc_layout(
         if not isinstance(t, torch.Tensor) or t.dim() != rank or not _is_int(t):
             got = f"shape {tuple(t.shape)} and dtype {t.dtype}" if isinstance(t, torch.Tensor) else repr(t)
             raise ValueError(f"{where}: {name} must be an int tensor {shape}, got {got}.")
-        if not _same_device(t.device, device):
+        _check_widens(where, name, t)
+        if device is not None and not _same_device(t.device, device):
             raise ValueError(f"{where}: {name} is on {t.device} but the mask is built on {device}. Move it there.")
         if batch is not None and t.shape[0] != batch:
             raise ValueError(
                 f"{where}: seq_lens and doc_ids must have one batch size, got {batch} and {t.shape[0]}."
             )
         batch = t.shape[0]
+    if seq_lens is not None and doc_ids is not None and seq_lens.device != doc_ids.device:
+        raise ValueError(
+            f"{where}: seq_lens is on {seq_lens.device} but doc_ids is on {doc_ids.device}. "
+            "Put them on one device."
+        )
     if doc_ids is not None and doc_ids.shape[1] != Q_LEN:
         raise ValueError(
             f"{where}: doc_ids must be [B, Q_LEN={Q_LEN}], got shape {tuple(doc_ids.shape)}."

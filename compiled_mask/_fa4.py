@@ -9,8 +9,9 @@ Note [FA4 mask_mod]
     torch 2.11's CuTe DSL lowering of mask_mod cannot load a captured 0-d tensor (the live-round
     count): it fails with "Expected TensorSSA, but got <class 'int'>" in fwd+bwd and with an
     UnboundLocalError in the forward-only graph (H200, flash-attn-4 4.0.0b36). So FA4 gets the
-    plain Eagle3 mask_mod, which captures no live count (only doc_ids when given: an indexed
-    ``[B, Q_LEN]`` capture lowers fine, fwd and bwd): the block tensors alone keep dead rounds out,
+    plain Eagle3 mask_mod, which captures no live count (only the ``[B, Q_LEN]`` layout table of
+    a padded/packed batch, Note [one layout table] in ``_layout.py``: an indexed capture lowers
+    fine, fwd and bwd): the block tensors alone keep dead rounds out,
     which is exact when Q_LEN is a multiple of KV_BLOCK_SIZE or Q_LEN >= Q_BLOCK_SIZE +
     KV_BLOCK_SIZE - 1 (Note [when the plain mask_mod is exact] in ``block_mask.py``). Smaller
     unaligned Q_LEN raise, and so does eager use (eager flex evaluates mask_mod on the whole grid).

@@ -16,8 +16,8 @@ Note [static widths]
 
 Note [fused build]
     On CUDA the op runs one Triton kernel (``_triton_blocks.py``) that writes all eight tensors
-    (for padded/packed batches, after a second one that scans seq_lens/doc_ids into per-sample
-    tables); elsewhere it runs the torch-ops version in ``_blocks.py``, which is also the
+    (for padded/packed batches, after a second one that scans the layout table into per-sample
+    lookup tables); elsewhere it runs the torch-ops version in ``_blocks.py``, which is also the
     reference the kernels are tested against on the GPU. The torch-ops version on CUDA cost about
     a hundred small launches per build with a layout. The op is opaque to Inductor either way,
     so the graph around it sees one node with shapes known from ints.
@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from compiled_mask._blocks import _ceil_div, eagle3_block_tensors
+from compiled_mask._layout import _first_keys_reference
 
 _Tensors8 = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
@@ -49,8 +50,7 @@ def _eagle3_block_mask_op(
     H: int,
     device: torch.device,
     rounds: Tensor | None,
-    seq_lens: Tensor | None,
-    doc_ids: Tensor | None,
+    first_key: Tensor | None,
 ) -> _Tensors8:
     """Build the eight BlockMask tensors of the Eagle3 mask (private; arguments are unchecked).
 
@@ -61,8 +61,8 @@ def _eagle3_block_mask_op(
         device: where the outputs live.
         rounds: ``None`` (all KV_LEN keys live) or a 0-d int tensor on ``device`` with the number
             of live rounds (Note [static widths]).
-        seq_lens, doc_ids: ``None``, or ``[B]`` valid lengths / ``[B, Q_LEN]`` document ids on
-            ``device`` (``eagle3_mask_mod``); B must then equal their batch.
+        first_key: ``None``, or the ``[B, Q_LEN]`` int64 layout table of a padded/packed batch
+            on ``device`` (Note [one layout table] in ``_layout.py``); B must then be its batch.
 
     Returns:
         ``kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, q_num_blocks, q_indices,
@@ -72,11 +72,11 @@ def _eagle3_block_mask_op(
         from compiled_mask._triton_blocks import eagle3_block_tensors_triton
 
         return eagle3_block_tensors_triton(
-            Q_LEN, KV_LEN, Q_BLOCK_SIZE, KV_BLOCK_SIZE, B, H, rounds, device, seq_lens, doc_ids
+            Q_LEN, KV_LEN, Q_BLOCK_SIZE, KV_BLOCK_SIZE, B, H, rounds, device, first_key
         )
     live_kv_len = KV_LEN if rounds is None else _live_kv_len(rounds, Q_LEN, KV_LEN)
     return eagle3_block_tensors(
-        Q_LEN, KV_LEN, Q_BLOCK_SIZE, KV_BLOCK_SIZE, B, H, live_kv_len, device, seq_lens, doc_ids
+        Q_LEN, KV_LEN, Q_BLOCK_SIZE, KV_BLOCK_SIZE, B, H, live_kv_len, device, first_key
     )
 
 
@@ -90,8 +90,7 @@ def _fake(
     H: int,
     device: torch.device,
     rounds: Tensor | None,
-    seq_lens: Tensor | None,
-    doc_ids: Tensor | None,
+    first_key: Tensor | None,
 ) -> _Tensors8:
     # Shapes from the int arguments only: no data reads, so no sync and no data-dependent guard.
     n_q = _ceil_div(Q_LEN, Q_BLOCK_SIZE)
@@ -104,3 +103,32 @@ def _fake(
         new(n_q), new(n_q, n_kv), new(n_q), new(n_q, n_kv),
         new(n_kv), new(n_kv, n_q), new(n_kv), new(n_kv, n_q),
     )  # fmt: skip
+
+
+@torch.library.custom_op("compiled_mask::eagle3_first_keys", mutates_args=())
+def _eagle3_first_keys_op(Q_LEN: int, seq_lens: Tensor | None, doc_ids: Tensor | None) -> Tensor:
+    """The layout table ``first_key [B, Q_LEN]`` int64 of ``seq_lens``/``doc_ids`` (private; at
+    least one given, checked by the caller): Note [one layout table] in ``_layout.py``.
+
+    Note [the layout table is an op]
+        mask_mod captures this table, and Inductor's CPU flex template (torch 2.13) fails to
+        lower a mask_mod whose captured tensor is a computed, unrealized buffer
+        (NoValidChoicesError: its template asks the buffer for a name). Passing the table to the
+        block op as well does not realize the captured node. An op's output always is, so the
+        table comes from this op, eagerly and compiled alike.
+    """
+    return _first_keys_reference(Q_LEN, seq_lens, doc_ids)
+
+
+@_eagle3_first_keys_op.register_fake
+def _(Q_LEN: int, seq_lens: Tensor | None, doc_ids: Tensor | None) -> Tensor:
+    layout = doc_ids if doc_ids is not None else seq_lens
+    return layout.new_empty(layout.shape[0], Q_LEN, dtype=torch.int64)
+
+
+def _first_keys(Q_LEN: int, seq_lens: Tensor | None, doc_ids: Tensor | None) -> Tensor | None:
+    """The layout table of checked ``seq_lens``/``doc_ids`` (Note [one layout table] in
+    ``_layout.py``), or None without a layout."""
+    if seq_lens is None and doc_ids is None:
+        return None
+    return _eagle3_first_keys_op(Q_LEN, seq_lens, doc_ids)

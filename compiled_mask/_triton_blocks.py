@@ -11,6 +11,8 @@ live-round count. Imported only when a CUDA build runs (Triton is not needed on 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -19,8 +21,10 @@ from torch import Tensor
 
 # Per-sample lookup tables of a padded/packed batch (see _blocks.eagle3_block_flags), over query
 # positions x: n_before[x] valid queries before x (x in [0, Q_LEN]); first_at[x] the first valid
-# query at or after x, Q_LEN if none (x in [0, Q_LEN]); start[x] the first position of x's document
-# (x in [0, Q_LEN)). Without a layout they are x, x and 0, and the kernel uses those directly.
+# query at or after x, Q_LEN if none (x in [0, Q_LEN]). Both come from the layout table
+# first_key (Note [one layout table] in mask_mod.py: x is valid iff first_key[x] <= x), which the
+# block kernel also reads directly as each valid query's document start. Without a layout they
+# are x, x and 0, and the kernel uses those values directly.
 
 
 @triton.jit
@@ -34,37 +38,20 @@ def _min(a, b):
 
 
 @triton.jit
-def _layout_tables_kernel(seq_lens_ptr, doc_ptr, n_before_ptr, first_at_ptr, start_ptr, Q_LEN,
-                          HAS_LENS: tl.constexpr, HAS_DOCS: tl.constexpr, BLOCK: tl.constexpr):
-    """One program per sample: the three tables by running scans over Q_LEN in chunks."""
+def _layout_tables_kernel(first_key_ptr, n_before_ptr, first_at_ptr, Q_LEN, BLOCK: tl.constexpr):
+    """One program per sample: n_before and first_at by running scans over Q_LEN in chunks."""
     b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
-    if HAS_LENS:
-        length = tl.load(seq_lens_ptr + b).to(tl.int64)
-    else:
-        length = Q_LEN
-    docs = doc_ptr + b * Q_LEN
+    first_key = first_key_ptr + b * Q_LEN
     n_before = n_before_ptr + b * (Q_LEN + 1)
     first_at = first_at_ptr + b * (Q_LEN + 1)
-    start = start_ptr + b * Q_LEN
     tl.store(n_before, 0)
     tl.store(first_at + Q_LEN, Q_LEN)
     count = 0
-    doc_start = 0
-    for lo in range(0, Q_LEN, BLOCK):  # forward scans: n_before, start
+    for lo in range(0, Q_LEN, BLOCK):  # forward scan: n_before
         x = lo + offs
         in_len = x < Q_LEN
-        valid = in_len & (x < length)
-        if HAS_DOCS:
-            doc = tl.load(docs + x, mask=in_len, other=-1)
-            prev = tl.load(docs + x - 1, mask=in_len & (x > 0), other=-1)
-            valid = valid & (doc != -1)
-            first_of_doc = (x == 0) | (doc != prev)
-            st = tl.maximum(tl.associative_scan(tl.where(first_of_doc & in_len, x, 0), 0, _max), doc_start)
-            tl.store(start + x, st.to(tl.int32), mask=in_len)
-            doc_start = tl.max(st, 0)
-        else:
-            tl.store(start + x, tl.zeros_like(x).to(tl.int32), mask=in_len)
+        valid = in_len & (tl.load(first_key + x, mask=in_len, other=Q_LEN) <= x)
         seen = count + tl.cumsum(valid.to(tl.int32), 0)
         tl.store(n_before + x + 1, seen, mask=in_len)
         count += tl.sum(valid.to(tl.int32), 0)
@@ -73,9 +60,7 @@ def _layout_tables_kernel(seq_lens_ptr, doc_ptr, n_before_ptr, first_at_ptr, sta
     for i in range(n_chunks):  # backward scan: first_at
         x = (n_chunks - 1 - i) * BLOCK + offs
         in_len = x < Q_LEN
-        valid = in_len & (x < length)
-        if HAS_DOCS:
-            valid = valid & (tl.load(docs + x, mask=in_len, other=-1) != -1)
+        valid = in_len & (tl.load(first_key + x, mask=in_len, other=Q_LEN) <= x)
         first = tl.associative_scan(tl.where(valid, x, Q_LEN), 0, _min, reverse=True)
         first = tl.minimum(first, next_valid)
         tl.store(first_at + x, first.to(tl.int32), mask=in_len)
@@ -196,7 +181,7 @@ def _write_row(num_ptr, idx_ptr, full_num_ptr, full_idx_ptr, row, n_rows, width,
 @triton.jit
 def _eagle3_block_mask_kernel(
     kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx, full_q_num, full_q_idx,
-    rounds_ptr, n_before_ptr, first_at_ptr, start_ptr,
+    rounds_ptr, n_before_ptr, first_at_ptr, first_key_ptr,
     Q_LEN, KV_LEN, Q_BLOCK_SIZE, KV_BLOCK_SIZE, n_q, n_kv, COPIES, max_rounds,
     HAS_ROUNDS: tl.constexpr, HAS_LAYOUT: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
@@ -211,7 +196,7 @@ def _eagle3_block_mask_kernel(
         live = KV_LEN
     n_before = n_before_ptr + b * (Q_LEN + 1)
     first_at = first_at_ptr + b * (Q_LEN + 1)
-    start = start_ptr + b * Q_LEN
+    start = first_key_ptr + b * Q_LEN  # a valid query's document start
     if pid < n_q:
         _write_row(kv_num, kv_idx, full_kv_num, full_kv_idx, pid, n_q, n_kv, b * COPIES, COPIES, True,
                    Q_BLOCK_SIZE, KV_BLOCK_SIZE, live, Q_LEN, n_before, first_at, start, HAS_LAYOUT,
@@ -223,7 +208,11 @@ def _eagle3_block_mask_kernel(
 
 
 def _block(width: int) -> int:
+    """Columns a program handles at once: the row's width, in chunks of at most 1024."""
     return min(triton.next_power_of_2(max(width, 16)), 1024)
+
+
+_TABLE_BLOCK = 1024  # query positions a layout-table program scans at once
 
 
 def eagle3_block_tensors_triton(
@@ -235,11 +224,11 @@ def eagle3_block_tensors_triton(
     H: int,
     rounds: Tensor | None,
     device: torch.device,
-    seq_lens: Tensor | None = None,
-    doc_ids: Tensor | None = None,
+    first_key: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Same contract as ``_blocks.eagle3_block_tensors``, in one kernel launch on ``device`` (two
-    with seq_lens/doc_ids: the per-sample tables first)."""
+    with a layout: the per-sample lookup tables first). CPU tensors run in the Triton
+    interpreter (``TRITON_INTERPRET=1``), which is how CI tests this kernel."""
     n_q = -(-Q_LEN // Q_BLOCK_SIZE)
     n_kv = -(-KV_LEN // KV_BLOCK_SIZE)
 
@@ -248,21 +237,18 @@ def eagle3_block_tensors_triton(
 
     out = (new(n_q), new(n_q, n_kv), new(n_q), new(n_q, n_kv),
            new(n_kv), new(n_kv, n_q), new(n_kv), new(n_kv, n_q))  # fmt: skip
-    has_layout = seq_lens is not None or doc_ids is not None
-    with torch.cuda.device(device):
+    has_layout = first_key is not None
+    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with on_device:
         if has_layout:  # B is the layout's batch (the op's contract)
+            first_key = first_key.contiguous()
             n_before = torch.empty(B, Q_LEN + 1, dtype=torch.int32, device=device)
             first_at = torch.empty(B, Q_LEN + 1, dtype=torch.int32, device=device)
-            start = torch.empty(B, Q_LEN, dtype=torch.int32, device=device)
-            docs = doc_ids.contiguous() if doc_ids is not None else n_before  # unread without docs
-            _layout_tables_kernel[(B,)](
-                seq_lens if seq_lens is not None else n_before, docs, n_before, first_at, start, Q_LEN,
-                HAS_LENS=seq_lens is not None, HAS_DOCS=doc_ids is not None, BLOCK=1024,
-            )
+            _layout_tables_kernel[(B,)](first_key, n_before, first_at, Q_LEN, BLOCK=_TABLE_BLOCK)
         else:
-            n_before = first_at = start = out[0]  # unread without a layout
+            n_before = first_at = first_key = out[0]  # unread without a layout
         _eagle3_block_mask_kernel[(n_q + n_kv, B if has_layout else 1)](
-            *out, rounds if rounds is not None else out[0], n_before, first_at, start,
+            *out, rounds if rounds is not None else out[0], n_before, first_at, first_key,
             Q_LEN, KV_LEN, Q_BLOCK_SIZE, KV_BLOCK_SIZE, n_q, n_kv, H if has_layout else B * H,
             -(-KV_LEN // Q_LEN), HAS_ROUNDS=rounds is not None, HAS_LAYOUT=has_layout,
             BLOCK_KV=_block(n_kv), BLOCK_Q=_block(n_q),

@@ -2,16 +2,18 @@
 
 This file is the ground truth. Everything else in the package (the analytical block math, the
 custom op, the attention backends) is tested against :func:`eagle3_mask_mod` evaluated by
-``create_block_mask``.
+``create_block_mask``. A padded/packed batch's layout is defined once, in ``_layout.py``.
 """
 
 from __future__ import annotations
 
-import functools
-import operator
-
+import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import _mask_mod_signature
+
+from compiled_mask._checks import _check_doc_layout, _check_positive
+from compiled_mask._layout import _layout_allowed
+from compiled_mask._op import _first_keys
 
 __all__ = ["eagle3_mask_mod"]
 
@@ -21,21 +23,6 @@ def _eagle3_allowed(q_idx: Tensor, kv_idx: Tensor, Q_LEN: int) -> Tensor:
     causal = (kv_idx < Q_LEN) & (kv_idx <= q_idx)
     suffix = (kv_idx >= Q_LEN) & ((kv_idx - q_idx) % Q_LEN == 0)
     return causal | suffix
-
-
-def _eagle3_sample_allowed(
-    b: Tensor, q_idx: Tensor, kv_idx: Tensor, Q_LEN: int,
-    seq_lens: Tensor | None, doc_ids: Tensor | None,
-) -> Tensor:
-    """The per-sample restrictions of :func:`eagle3_mask_mod`; at least one of seq_lens, doc_ids."""
-    kv_pos = kv_idx % Q_LEN  # the key's position inside its round
-    conditions = []
-    if seq_lens is not None:
-        conditions += [q_idx < seq_lens[b], kv_pos < seq_lens[b]]
-    if doc_ids is not None:
-        doc = doc_ids[b, q_idx]
-        conditions += [doc != -1, doc_ids[b, kv_pos] == doc]
-    return functools.reduce(operator.and_, conditions)
 
 
 def eagle3_mask_mod(
@@ -55,10 +42,13 @@ def eagle3_mask_mod(
     Padded and packed batches restrict it per sample b (with ``kv_pos = kv_idx % Q_LEN``, the
     key's position inside its round):
 
-    - ``seq_lens[b]``: only ``q_idx < seq_lens[b]`` and ``kv_pos < seq_lens[b]`` attend;
-    - ``doc_ids[b]``: only pairs in one document, ``doc_ids[b, q_idx] == doc_ids[b, kv_pos]``,
-      and never a position marked -1 (padding). Documents must be contiguous runs of positions
-      (the block math relies on it); a suffix key ``kv_pos == q_idx`` is in q's document anyway.
+    - ``seq_lens[b]``: positions ``>= seq_lens[b]`` are padding;
+    - ``doc_ids[b]``: -1 marks padding; every other value names a document, and a document is a
+      *maximal run* of equal ids (``0,0,1,1,0,0`` is three documents).
+
+    A padding query attends nothing; a valid query attends the keys of the rule whose ``kv_pos``
+    lies in its own document (from the document's first position, or 0, up to itself). Every
+    integer tensor of the right shape is a valid layout (Note [one layout table]).
 
     Args:
         Q_LEN: number of query positions (the length of one round). A Python int, or a SymInt
@@ -69,10 +59,22 @@ def eagle3_mask_mod(
     Returns:
         A ``mask_mod(b, h, q_idx, kv_idx) -> Tensor[bool]`` for ``create_block_mask`` and
         ``flex_attention``.
+
+    Example::
+
+        >>> from torch.nn.attention.flex_attention import create_block_mask
+        >>> bm = create_block_mask(eagle3_mask_mod(4), None, None, 4, 12, device="cpu", BLOCK_SIZE=1)
+        >>> bm.to_dense()[0, 0].int()
+        tensor([[1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0],
+                [1, 1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0],
+                [1, 1, 1, 0, 0, 0, 1, 0, 0, 0, 1, 0],
+                [1, 1, 1, 1, 0, 0, 0, 1, 0, 0, 0, 1]], dtype=torch.int32)
     """
-    if isinstance(Q_LEN, int) and Q_LEN < 1:
-        raise ValueError(f"eagle3_mask_mod: Q_LEN must be a positive int, got Q_LEN={Q_LEN}.")
-    if seq_lens is None and doc_ids is None:
+    where = "eagle3_mask_mod"
+    _check_positive(where, Q_LEN=Q_LEN)
+    _check_doc_layout(where, Q_LEN, 1, seq_lens, doc_ids)
+    first_key = _first_keys(Q_LEN, seq_lens, doc_ids)
+    if first_key is None:
 
         def eagle3_mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             return _eagle3_allowed(q_idx, kv_idx, Q_LEN)
@@ -80,8 +82,6 @@ def eagle3_mask_mod(
         return eagle3_mask
 
     def eagle3_batch_mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        return _eagle3_allowed(q_idx, kv_idx, Q_LEN) & _eagle3_sample_allowed(
-            b, q_idx, kv_idx, Q_LEN, seq_lens, doc_ids
-        )
+        return _eagle3_allowed(q_idx, kv_idx, Q_LEN) & _layout_allowed(b, q_idx, kv_idx, Q_LEN, first_key)
 
     return eagle3_batch_mask

@@ -10,13 +10,16 @@ from compiled_mask import _fa4, _split
 from compiled_mask._checks import (
     _DEFAULT_BLOCK_SIZE,
     _block_sizes,
+    _check_device,
     _check_doc_layout,
     _check_positive,
     _check_rounds,
+    _live_rounds,
 )
-from compiled_mask._blocks import _valid_positions
 from compiled_mask._flex import flex_eagle3_attention
-from compiled_mask.block_mask import _static_eagle3_block_mask, eagle3_block_mask
+from compiled_mask._layout import _valid_queries
+from compiled_mask._op import _first_keys
+from compiled_mask.block_mask import _eagle3_block_mask
 
 __all__ = ["Eagle3BlockMask", "Eagle3Attention"]
 
@@ -39,6 +42,15 @@ class Eagle3BlockMask(nn.Module):
         block_size: an int or ``(Q_BLOCK_SIZE, KV_BLOCK_SIZE)``, KV_BLOCK_SIZE dividing
             Q_BLOCK_SIZE.
         B, H: batch and head dims of the mask tensors (1 broadcasts).
+
+    Example::
+
+        >>> masks = Eagle3BlockMask(256, max_rounds=4)
+        >>> bm = masks(torch.tensor(2))  # rounds 0 and 1 live, of 4
+        >>> bm.seq_lengths, bm.kv_indices.shape  # static width: one graph for every step
+        ((256, 1024), torch.Size([1, 1, 2, 8]))
+        >>> bm.kv_num_blocks[0, 0].tolist()  # the diagonal and one block of round 1 per q-block
+        [2, 2]
     """
 
     def __init__(
@@ -85,13 +97,13 @@ class Eagle3BlockMask(nn.Module):
         where = type(self).__name__
         if isinstance(rounds, Tensor):
             device = rounds.device
-        device = torch.device("cpu" if device is None else device)
+        device = _check_device(where, "cpu" if device is None else device)
         _check_rounds(where, rounds, self.max_rounds, device)
         B = _check_doc_layout(where, self.q_len, self.B, seq_lens, doc_ids, device)
-        return _static_eagle3_block_mask(
-            self.q_len, self.max_rounds, *self.block_size, B, self.H, rounds, device,
-            seq_lens=seq_lens, doc_ids=doc_ids,
-        )
+        rounds = _live_rounds(rounds, self.max_rounds, device)  # Note [widen rounds first]
+        first_key = _first_keys(self.q_len, seq_lens, doc_ids)  # Note [one layout table]
+        return _eagle3_block_mask(self.q_len, self.kv_len, *self.block_size, B, self.H, device,
+                                  rounds, first_key)
 
     def extra_repr(self) -> str:
         return f"q_len={self.q_len}, max_rounds={self.max_rounds}, block_size={self.block_size}"
@@ -121,6 +133,16 @@ class Eagle3Attention(nn.Module):
             Blackwell, read from the inputs' device.
         scale: softmax scale; default ``1 / sqrt(D)``.
         kernel_options: passed to flex_attention.
+
+    Example::
+
+        >>> attn = Eagle3Attention(q_len=64, max_rounds=3, backend="split")
+        >>> q = torch.randn(2, 8, 64, 32)  # [B, Hq, Q_LEN, D]
+        >>> k_buf = torch.zeros(2, 2, 64 * 3, 32)  # [B, Hkv, Q_LEN * max_rounds, D]
+        >>> v_buf = torch.zeros(2, 2, 64 * 3, 32)
+        >>> k_buf[:, :, :64], v_buf[:, :, :64] = torch.randn(2, 2, 2, 64, 32)  # round 0
+        >>> attn(q, k_buf, v_buf, torch.tensor(1)).shape  # step 1: one live round
+        torch.Size([2, 8, 64, 32])
     """
 
     def __init__(
@@ -195,8 +217,10 @@ class Eagle3Attention(nn.Module):
                 raise ValueError(
                     f"{where}: seq_lens/doc_ids have batch {batch} but q has batch {q.size(0)}."
                 )
+        rounds = _live_rounds(rounds, self.max_rounds, q.device)  # Note [widen rounds first]
+        first_key = _first_keys(self.q_len, seq_lens, doc_ids)  # Note [one layout table]
         if self.backend == "split":
-            return self._split_forward(q, k, v, rounds, seq_lens, doc_ids)
+            return self._split_forward(q, k, v, rounds, first_key, documents=doc_ids is not None)
         block_size = self.block_size_for(q.device)
         if self.backend == "fa4":
             _fa4._check_fa4_device(where, q.device)
@@ -206,19 +230,18 @@ class Eagle3Attention(nn.Module):
                     "Cast q, k, v (e.g. .bfloat16()) or use backend='flex'."
                 )
             _fa4._check_fa4_call(where, self.q_len, block_size)
-        B = 1 if seq_lens is None and doc_ids is None else q.size(0)
-        block_mask = _static_eagle3_block_mask(
-            self.q_len, self.max_rounds, *block_size, B, 1, rounds, q.device,
-            seq_lens=seq_lens, doc_ids=doc_ids,
+        B = 1 if first_key is None else q.size(0)
+        block_mask = _eagle3_block_mask(
+            self.q_len, self.kv_len, *block_size, B, 1, q.device, rounds, first_key,
             plain_mask_mod=self.backend == "fa4",  # Note [FA4 mask_mod] in _fa4.py
         )
         out = _MASK_BACKENDS[self.backend](
             q, k, v, block_mask, scale=self.scale, kernel_options=self.kernel_options
         )
-        return out if self.backend == "flex" else _zero_padding_rows(out, seq_lens, doc_ids)
+        return out if self.backend == "flex" else _zero_padding_rows(out, first_key)
 
-    def _split_forward(self, q: Tensor, k: Tensor, v: Tensor, rounds: Tensor | int,
-                       seq_lens: Tensor | None, doc_ids: Tensor | None) -> Tensor:
+    def _split_forward(self, q: Tensor, k: Tensor, v: Tensor, rounds: Tensor,
+                       first_key: Tensor | None, documents: bool) -> Tensor:
         where = type(self).__name__
         if q.device.type == "cuda" and q.dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(
@@ -226,9 +249,7 @@ class Eagle3Attention(nn.Module):
                 f"attention), which takes bf16 or fp16 inputs, got {q.dtype}. Cast q, k, v or "
                 f"use backend='flex'."
             )
-        if not isinstance(rounds, Tensor):
-            rounds = torch.tensor(rounds, device=q.device)
-        if doc_ids is None:
+        if not documents:
             out = _split.split_eagle3_attention(q, k, v, rounds, q_len=self.q_len, scale=self.scale)
         else:  # Note [documents in the split backend] in _split.py
             if q.device.type == "cpu" and torch.compiler.is_compiling():
@@ -238,11 +259,11 @@ class Eagle3Attention(nn.Module):
                     "not return (it runs eagerly on CPU, and compiled on CUDA). On CPU compile "
                     "backend='flex' instead."
                 )
-            causal = eagle3_block_mask(self.q_len, self.q_len, B=q.size(0), device=q.device,
-                                       seq_lens=seq_lens, doc_ids=doc_ids)
+            causal = _eagle3_block_mask(self.q_len, self.q_len, _DEFAULT_BLOCK_SIZE, _DEFAULT_BLOCK_SIZE,
+                                        q.size(0), 1, q.device, None, first_key)
             out = _split.split_document_attention(q, k, v, rounds, causal, q_len=self.q_len,
                                                   scale=self.scale)
-        return _zero_padding_rows(out, seq_lens, doc_ids)
+        return _zero_padding_rows(out, first_key)
 
     def block_size_for(self, device: torch.device) -> tuple[int, int]:
         """The (Q_BLOCK_SIZE, KV_BLOCK_SIZE) of the mask for inputs on ``device`` (for "split",
@@ -258,26 +279,25 @@ class Eagle3Attention(nn.Module):
         )
 
 
-def _zero_padding_rows(out: Tensor, seq_lens: Tensor | None, doc_ids: Tensor | None) -> Tensor:
-    """Zero the query rows past each sample's valid length and those marked -1 in doc_ids
-    (Note [padding without a mask_mod check]); ``out`` as it is when both are None.
+def _zero_padding_rows(out: Tensor, first_key: Tensor | None) -> Tensor:
+    """Zero the padding query rows of a layout (Note [padding without a mask_mod check]); ``out``
+    as it is without one (``first_key`` None).
 
     Note [padding without a mask_mod check]
-        The split and fa4 backends run the Eagle3 rule without the seq_lens check (the causal
-        kernel has none; fa4 gets the plain mask_mod, Note [FA4 mask_mod], which reads only
-        doc_ids). For a valid query q < L that changes nothing: its causal keys kv <= q and its
-        suffix keys kv' = q are all valid. Only padding rows see anything they should not, so they
-        are set to zeros here, the defined output (and their gradients, through this product,
-        are zero). fa4 still skips the blocks that hold only padding: its block tensors come from
-        seq_lens; the plain mask_mod stays exact on the valid rows of the blocks it does list
-        (tests/test_fa4.py checks this by brute force). Documents are different: fa4's mask_mod
-        reads doc_ids, and split's causal part runs on the per-document mask (Note [documents in
-        the split backend] in ``_split.py``), but split's suffix still lets a -1 row see its own
-        diagonal, so rows marked -1 are zeroed here too.
+        The split backend runs the Eagle3 rule without a padding check: with seq_lens only, its
+        causal kernel has none, and its suffix always lets a query see its own diagonal. For a
+        valid query q that changes nothing: its causal keys kv <= q and its suffix keys kv' = q
+        are all valid (Note [one layout table] in ``_layout.py``). Only padding rows see anything
+        they should not, so they are set to zeros here, the defined output (and their gradients,
+        through this product, are zero). With documents, split's causal part runs on the
+        per-document mask (Note [documents in the split backend] in ``_split.py``); its suffix
+        still needs the zeroing. fa4's plain mask_mod reads the layout table, so its padding rows
+        attend nothing already; they are zeroed too, so that the defined output does not rest on
+        how FA4 writes a row with no key.
     """
-    if seq_lens is None and doc_ids is None:
+    if first_key is None:
         return out
-    valid = _valid_positions(out.size(2), seq_lens, doc_ids, out.device)  # [B, Q_LEN]
+    valid = _valid_queries(out.size(2), first_key, out.device)  # [B, Q_LEN]
     return out * valid[:, None, :, None].to(out.dtype)
 
 

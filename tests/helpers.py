@@ -68,6 +68,26 @@ def assert_same_blocks(ours: BlockMask, ref: BlockMask, *, broadcast=False) -> N
     assert torch.equal(ours.to_dense(), ref.to_dense())
 
 
+def assert_same_live_blocks(ours: BlockMask, ref: BlockMask) -> None:
+    """A static-width mask (key axis of Q_LEN * max_rounds) against create_block_mask's at the
+    live length: every row lists the same blocks below the live end, in all four pairs, and
+    nothing past it."""
+    n_kv = ref.kv_indices.shape[-1]  # kv blocks of the live keys
+    assert ours.BLOCK_SIZE == ref.BLOCK_SIZE
+    for num_name, idx_name in PAIRS:
+        got = listed(getattr(ours, num_name), getattr(ours, idx_name))
+        want = listed(getattr(ref, num_name), getattr(ref, idx_name))
+        assert_ascending(getattr(ours, num_name), getattr(ours, idx_name))
+        if num_name.startswith(("kv", "full_kv")):  # [B, H, n_q, n_kv_max]: live columns first
+            live, dead = got[..., :n_kv], got[..., n_kv:]
+        else:  # [B, H, n_kv_max, n_q]: live rows first
+            live, dead = got[..., :n_kv, :], got[..., n_kv:, :]
+        if not torch.equal(live, want.expand_as(live)):
+            diff = (live != want).nonzero()[:5].tolist()
+            raise AssertionError(f"{num_name}/{idx_name} differ at [b, h, row, col] {diff}")
+        assert not dead.any(), f"{num_name}: blocks listed past the live keys"
+
+
 def rel_err(got: Tensor, want: Tensor) -> float:
     """``||got - want|| / ||want||``, in float64."""
     return ((got.double() - want.double()).norm() / want.double().norm()).item()

@@ -101,3 +101,14 @@ def test_eager_module_ignores_dead_rounds(ttt_attention):
     out = module(q, k, v, torch.tensor(2))
     want = dense_reference_attention(q, k, v, eagle3_dense(200, 800, live_kv_len=400))
     torch.testing.assert_close(out.double(), want, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("dtype, value, live", [(torch.uint8, 3, 3), (torch.int32, 2**31 - 1, 4)])
+def test_compiled_rounds_of_a_narrow_dtype(ttt_attention, dtype, value, live):
+    """rounds is widened to int64 before any arithmetic (Note [widen rounds first]): a uint8 3 is 3
+    (3 * Q_LEN in uint8 wraps), and an int32 2**31 - 1 is clamped to max_rounds (it overflowed)."""
+    _, compiled = ttt_attention
+    q, k, v = _qkv(1, 4, 2, 200, 800, seed=3)
+    out = compiled(q, k, v, torch.tensor(value, dtype=dtype))
+    want = dense_reference_attention(q, k, v, eagle3_dense(200, 800, live_kv_len=200 * live))
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=ATOL)

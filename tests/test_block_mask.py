@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import pytest
+import strategies
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from helpers import (
     PAIRS,
     assert_same_blocks,
+    assert_same_live_blocks,
     ceil_div,
     eagle3_dense,
     listed,
@@ -105,19 +107,9 @@ def test_static_width_lists_only_live_rounds(q_len, max_rounds, block_size):
     n_kv_max = ceil_div(q_len * max_rounds, kv_bs)
     for r in range(1, max_rounds + 1):
         ours = module(torch.tensor(r))
-        ref = reference_block_mask(q_len, q_len * r, block_size)
-        n_kv = ceil_div(q_len * r, kv_bs)
         assert ours.kv_indices.shape[-1] == n_kv_max  # static width
         assert ours.seq_lengths == (q_len, q_len * max_rounds)
-        for num_name, idx_name in PAIRS:
-            got = listed(getattr(ours, num_name), getattr(ours, idx_name))
-            want = listed(getattr(ref, num_name), getattr(ref, idx_name))
-            if num_name.startswith(("kv", "full_kv")):
-                assert torch.equal(got[..., :n_kv], want), (r, num_name)
-                assert not got[..., n_kv:].any(), (r, num_name)  # nothing past the live rounds
-            else:
-                assert torch.equal(got[..., :n_kv, :], want), (r, num_name)
-                assert not got[..., n_kv:, :].any(), (r, num_name)
+        assert_same_live_blocks(ours, reference_block_mask(q_len, q_len * r, block_size))
         # Its mask_mod is the reference on the live keys and False past them.
         q = torch.arange(q_len).unsqueeze(-1)
         kv = torch.arange(q_len * max_rounds).unsqueeze(0)
@@ -138,3 +130,17 @@ def test_static_width_clamps_out_of_range_tensor(rounds):
     q = torch.arange(100).unsqueeze(-1)
     kv = torch.arange(800).unsqueeze(0)
     assert torch.equal(ours.mask_mod(None, None, q, kv), want.mask_mod(None, None, q, kv))
+
+
+@pytest.mark.parametrize("dtype", strategies.INT_DTYPES)
+def test_static_width_rounds_of_every_int_dtype(dtype):
+    """Every integer dtype means its value: widened to int64 and clamped, never wrapped."""
+    module = Eagle3BlockMask(100, 8, block_size=(64, 32))
+    info = torch.iinfo(dtype)
+    q = torch.arange(100).unsqueeze(-1)
+    kv = torch.arange(800).unsqueeze(0)
+    for value in sorted(x for x in {info.min, -1, 0, 3, 8, 9, 127, info.max} if info.min <= x <= info.max):
+        ours = module(torch.tensor(value, dtype=dtype))
+        live = min(max(value, 1), 8)
+        assert_same_live_blocks(ours, reference_block_mask(100, 100 * live, (64, 32)))
+        assert torch.equal(ours.mask_mod(None, None, q, kv), eagle3_dense(100, 800, live_kv_len=100 * live))

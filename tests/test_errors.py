@@ -30,9 +30,27 @@ def test_eagle3_block_mask_errors(args, kwargs, match):
         eagle3_block_mask(*args, device="cpu", **kwargs)
 
 
-def test_mask_mod_error():
-    with pytest.raises(ValueError, match=r"Q_LEN must be a positive int, got Q_LEN=0"):
-        eagle3_mask_mod(0)
+@pytest.mark.parametrize(
+    "args, kwargs, match",
+    [
+        ((0,), {}, r"eagle3_mask_mod: Q_LEN must be >= 1, got Q_LEN=0"),
+        (("256",), {}, r"Q_LEN must be an int, got Q_LEN='256'"),
+        ((256.5,), {}, r"Q_LEN must be an int, got Q_LEN=256\.5"),
+        ((None,), {}, r"Q_LEN must be an int, got Q_LEN=None"),
+        ((True,), {}, r"Q_LEN must be an int, got Q_LEN=True"),
+        ((4,), {"seq_lens": [3, 4]}, r"seq_lens must be an int tensor \[B\], got \[3, 4\]"),
+        ((4,), {"seq_lens": torch.tensor([3.0])}, r"seq_lens must be an int tensor \[B\], got shape \(1,\) and dtype torch.float32"),
+        ((4,), {"doc_ids": torch.zeros(1, 4)}, r"doc_ids must be an int tensor \[B, Q_LEN\], got shape \(1, 4\) and dtype torch.float32"),
+        ((4,), {"doc_ids": torch.zeros(1, 5, dtype=torch.long)}, r"doc_ids must be \[B, Q_LEN=4\], got shape \(1, 5\)"),
+        ((4,), {"doc_ids": torch.zeros(4, dtype=torch.long)}, r"doc_ids must be an int tensor \[B, Q_LEN\], got shape \(4,\)"),
+        ((4,), {"seq_lens": torch.tensor([1, 2]), "doc_ids": torch.zeros(3, 4, dtype=torch.long)}, r"one batch size, got 2 and 3"),
+        ((4,), {"seq_lens": torch.tensor([2], dtype=torch.uint64)}, r"seq_lens has dtype torch.uint64, .* seq_lens.to\(torch.int64\)"),
+    ],
+)
+def test_mask_mod_errors(args, kwargs, match):
+    """eagle3_mask_mod checks its arguments like the rest of the API (before any tensor op)."""
+    with pytest.raises(ValueError, match=match):
+        eagle3_mask_mod(*args, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -90,6 +108,7 @@ def test_attention_input_errors(mutate, match):
         (torch.tensor(2.0), r"rounds must be a 0-d int tensor, got shape \(\) and dtype torch.float32"),
         (torch.tensor([2]), r"rounds must be a 0-d int tensor, got shape \(1,\)"),
         (torch.tensor(2, device="meta"), r"rounds is on meta but the attention inputs are on cpu"),
+        (torch.tensor(2, dtype=torch.uint64), r"rounds has dtype torch.uint64, whose values above 2\*\*63 - 1 cannot be widened"),
     ],
 )
 def test_rounds_errors(rounds, match):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import strategies
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,7 +17,8 @@ from helpers import (
 )
 
 from compiled_mask import Eagle3Attention, _fa4, eagle3_block_mask, eagle3_mask_mod
-from compiled_mask.block_mask import _static_eagle3_block_mask, _plain_mask_mod_is_exact
+from compiled_mask._op import _first_keys
+from compiled_mask.block_mask import _eagle3_block_mask, _plain_mask_mod_is_exact
 
 
 def test_missing_fa4_says_how_to_install(monkeypatch):
@@ -118,8 +120,8 @@ def test_plain_mask_mod_exactness_rule(block_size):
         max_rounds = 3
         kv_len = q_len * max_rounds
         for live in range(1, max_rounds + 1):
-            bm = _static_eagle3_block_mask(q_len, max_rounds, q_bs, kv_bs, 1, 1, live, "cpu",
-                                           plain_mask_mod=True)
+            bm = _eagle3_block_mask(q_len, kv_len, q_bs, kv_bs, 1, 1, torch.device("cpu"),
+                                    torch.tensor(live), None, plain_mask_mod=True)
             want = eagle3_dense(q_len, kv_len, live_kv_len=q_len * live)
             exact = torch.equal(_kernel_view(bm, eagle3_mask_mod(q_len), q_len, kv_len), want)
             if _plain_mask_mod_is_exact(q_len, q_bs, kv_bs):
@@ -139,10 +141,9 @@ def _documents(q_len, lengths):
 
 
 @pytest.mark.parametrize("q_len, block_size", [(1000, (128, 128)), (512, (256, 128)), (300, (64, 32))])
-def test_plain_mask_mod_with_padding_blocks_is_exact_on_valid_rows(q_len, block_size):
-    """fa4 with seq_lens and doc_ids: block tensors from both, the plain mask_mod with the document
-    check (no live check, no seq_lens check); every row below its sample's length is exact (Note
-    [padding without a mask_mod check]); rows past it are zeroed afterwards."""
+def test_plain_mask_mod_with_layouts_is_exact(q_len, block_size):
+    """fa4 with seq_lens and doc_ids: block tensors and the plain mask_mod (no live check) both
+    read the layout table; every row is exact, padding rows included (they attend nothing)."""
     max_rounds = 3
     seq_lens = torch.tensor([q_len, q_len // 3, 1, 0, q_len - 129, q_len])
     doc_ids = torch.cat([_documents(q_len, lengths) for lengths in (
@@ -150,27 +151,30 @@ def test_plain_mask_mod_with_padding_blocks_is_exact_on_valid_rows(q_len, block_
     )])
     for docs in (None, doc_ids):
         for live in range(1, max_rounds + 1):
-            _assert_plain_mask_mod_exact_below_lengths(q_len, max_rounds, block_size, live, seq_lens, docs)
+            _assert_plain_mask_mod_exact(q_len, max_rounds, block_size, live, seq_lens, docs, len(seq_lens))
 
 
-def _assert_plain_mask_mod_exact_below_lengths(q_len, max_rounds, block_size, live, seq_lens, doc_ids):
-    """What FA4 computes from the block tensors (seq_lens, doc_ids, live rounds) and the plain
-    mask_mod equals the live mask on every row below its sample's length."""
-    bm = _static_eagle3_block_mask(q_len, max_rounds, *block_size, len(seq_lens), 1, live, "cpu",
-                                   seq_lens=seq_lens, doc_ids=doc_ids, plain_mask_mod=True)
+def _assert_plain_mask_mod_exact(q_len, max_rounds, block_size, live, seq_lens, doc_ids, B):
+    """What FA4 computes from the block tensors (layout, live rounds) and the plain mask_mod
+    equals the live mask on every row."""
+    bm = _eagle3_block_mask(q_len, q_len * max_rounds, *block_size, B, 1, torch.device("cpu"),
+                            torch.tensor(live), _first_keys(q_len, seq_lens, doc_ids), plain_mask_mod=True)
     want = eagle3_dense(q_len, q_len * max_rounds, live_kv_len=q_len * live, seq_lens=seq_lens,
                         doc_ids=doc_ids)
-    for b, n in enumerate(seq_lens.tolist()):
+    if want.dim() == 2:  # no layout
+        want = want.expand(B, 1, *want.shape)
+    for b in range(B):
         seen = _kernel_view(bm, bm.mask_mod, q_len, q_len * max_rounds, b)
-        assert torch.equal(seen[:n], want[b, 0, :n]), (b, n, live)
+        assert torch.equal(seen, want[b, 0]), (b, live)
 
 
 def test_plain_mask_mod_reads_documents_in_bounds():
-    """The rows of the last tile past Q_LEN read doc_ids at q_idx % Q_LEN, not past its end."""
+    """The rows of the last tile past Q_LEN read the layout table at q_idx % Q_LEN, not past its
+    end."""
     from compiled_mask.block_mask import _plain_eagle3_mask_mod
 
     doc_ids = _documents(200, [120, 80])
-    mask_mod = _plain_eagle3_mask_mod(200, doc_ids)
+    mask_mod = _plain_eagle3_mask_mod(200, _first_keys(200, None, doc_ids))
     q_idx, kv_idx = torch.arange(256)[:, None], torch.arange(400)[None, :]
     seen = mask_mod(torch.tensor(0), torch.tensor(0), q_idx, kv_idx)  # IndexError if out of bounds
     want = eagle3_dense(200, 400, doc_ids=doc_ids)[0, 0]
@@ -257,16 +261,13 @@ def test_fa4_cuda_graph_forward(fresh_compile_state):
 @settings(max_examples=60, deadline=None)
 @given(q_bs=st.sampled_from([16, 32, 64]), kv_div=st.sampled_from([1, 2, 4]), data=st.data())
 def test_fuzz_plain_mask_mod_exactness_rule(q_bs, kv_div, data):
-    """The rule on random shapes, padding included: where it holds, every valid row is exact."""
+    """The rule on random shapes and layouts: where it holds, every row is exact."""
     kv_bs = q_bs // kv_div
     q_len = data.draw(st.integers(1, 3 * q_bs + kv_bs))
     max_rounds = data.draw(st.integers(1, 3))
     live = data.draw(st.integers(1, max_rounds))
-    seq_lens = torch.tensor(data.draw(st.lists(st.integers(0, q_len), min_size=1, max_size=3)))
-    runs = st.lists(st.integers(-q_len, q_len).filter(bool), min_size=1, max_size=6)
-    doc_ids = data.draw(st.none() | st.lists(runs, min_size=len(seq_lens), max_size=len(seq_lens)))
-    if doc_ids is not None:
-        doc_ids = torch.cat([_documents(q_len, lengths) for lengths in doc_ids])
+    B = data.draw(st.integers(1, 3))
+    seq_lens, doc_ids = data.draw(strategies.layouts(B, q_len))
     if not _plain_mask_mod_is_exact(q_len, q_bs, kv_bs):
         return
-    _assert_plain_mask_mod_exact_below_lengths(q_len, max_rounds, (q_bs, kv_bs), live, seq_lens, doc_ids)
+    _assert_plain_mask_mod_exact(q_len, max_rounds, (q_bs, kv_bs), live, seq_lens, doc_ids, B)

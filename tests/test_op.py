@@ -7,6 +7,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from compiled_mask._op import _eagle3_block_mask_op
+from compiled_mask._op import _first_keys
 
 CPU = torch.device("cpu")
 # (Q_LEN, KV_LEN, Q_BS, KV_BS, B, H, rounds)
@@ -31,7 +32,7 @@ LAYOUT_CASES = [
 def _args(case, device=CPU):
     *ints, rounds = case
     rounds = None if rounds is None else torch.tensor(rounds, device=device)
-    return (*ints, device, rounds, None, None)
+    return (*ints, device, rounds, None)
 
 
 def _layout_args(case, device=CPU):
@@ -40,7 +41,7 @@ def _layout_args(case, device=CPU):
     doc_ids = None if doc_ids is None else torch.tensor(doc_ids, device=device)
     B = (seq_lens if seq_lens is not None else doc_ids).shape[0]
     rounds = None if rounds is None else torch.tensor(rounds, device=device)
-    return (Q_LEN, KV_LEN, q_bs, kv_bs, B, H, device, rounds, seq_lens, doc_ids)
+    return (Q_LEN, KV_LEN, q_bs, kv_bs, B, H, device, rounds, _first_keys(Q_LEN, seq_lens, doc_ids))
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -59,7 +60,7 @@ def test_fake_shapes_equal_real(case):
     with FakeTensorMode() as mode:
         *ints, rounds = case
         fake_rounds = None if rounds is None else mode.from_tensor(torch.tensor(rounds))
-        fake = _eagle3_block_mask_op(*ints, CPU, fake_rounds, None, None)
+        fake = _eagle3_block_mask_op(*ints, CPU, fake_rounds, None)
     assert len(fake) == len(real) == 8
     for f, r in zip(fake, real):
         assert (f.shape, f.stride(), f.dtype, f.device) == (r.shape, r.stride(), r.dtype, r.device)

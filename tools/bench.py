@@ -48,7 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a cl
 from compiled_mask import Eagle3Attention, eagle3_mask_mod  # noqa: E402
 from compiled_mask._fa4 import fa4_available  # noqa: E402
 from compiled_mask._op import _eagle3_block_mask_op  # noqa: E402
-from compiled_mask.block_mask import _static_eagle3_block_mask  # noqa: E402
+from compiled_mask._op import _first_keys  # noqa: E402
+from compiled_mask.block_mask import _eagle3_block_mask  # noqa: E402
 from compiled_mask.inspect import GraphCounter  # noqa: E402
 
 ROTATE = 3  # input sets cycled through while timing
@@ -141,10 +142,10 @@ def mask_build_rows(device, q_lens, rounds_list, block_sizes, reps) -> list[dict
 
                 def op_eager():
                     return _eagle3_block_mask_op(q_len, kv_len, q_bs, kv_bs, 1, 1, device,
-                                                 live[next(it) % ROTATE], None, None)
+                                                 live[next(it) % ROTATE], None)
 
                 def build(r):
-                    bm = _static_eagle3_block_mask(q_len, rounds, q_bs, kv_bs, 1, 1, r, device)
+                    bm = _eagle3_block_mask(q_len, q_len * rounds, q_bs, kv_bs, 1, 1, device, r, None)
                     return bm.as_tuple()[2:10]
 
                 compiled_build = torch.compile(build, fullgraph=True)
@@ -195,7 +196,7 @@ def layout_build_rows(device, q_len, rounds, batch, reps) -> list[dict]:
     mask_mod = eagle3_mask_mod(q_len, seq_lens=seq_lens, doc_ids=doc_ids)
     methods = [
         ("compiled_mask op, eager", lambda: _eagle3_block_mask_op(
-            q_len, kv_len, 128, 128, batch, 1, device, live, seq_lens, doc_ids)),
+            q_len, kv_len, 128, 128, batch, 1, device, live, _first_keys(q_len, seq_lens, doc_ids))),
         ("create_block_mask, _compile=True", lambda: create_block_mask(
             mask_mod, batch, 1, q_len, kv_len, device=device, _compile=True)),
     ]
