@@ -8,7 +8,7 @@ import struct
 import pytest
 import torch
 import torch._dynamo
-from expecttest import TestCase
+from expect import TestCase
 
 from compiled_mask.cli import guards, show
 from compiled_mask.inspect import guard_group, parse_graph_break_log, parse_guard_tree
