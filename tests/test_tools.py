@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
 
 import pytest
 import torch
@@ -160,3 +161,53 @@ round 1  2  3
         self.assertEqual(data[:8], b"\x89PNG\r\n\x1a\n")
         width, height = struct.unpack(">II", data[16:24])  # IHDR
         self.assertEqual((width, height), (800, 400))
+
+
+# ----------------------------------------------------------------------------- usage errors
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "no_such_module:factory"], "--model 'no_such_module:factory': no module 'no_such_module' from "),
+    (["--model", "factory"], "--model must look like 'package.module:callable' or 'path/to/file.py:callable'"),
+    (["--model", "no/such/file.py:factory"], "--model 'no/such/file.py:factory': there is no file"),
+    (["--model", "compiled_mask.examples:nothing"], "--model 'compiled_mask.examples:nothing': compiled_mask.examples ("),
+    (["--q-len", "0"], "lengths and rounds must be >= 1, got --q-len 0."),
+    (["--device", "cpu", "--backward"], "--backward needs a CUDA device"),
+    (["--device", "nonsense"], "--device 'nonsense': "),
+])
+def test_guards_usage_errors_are_one_line(capsys, argv, message):
+    assert guards.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"compiled-mask-guards: error: {message}"), err
+    assert err.count("\n") == 1, err  # one line, no traceback
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--q-len", "300", "--kv-len", "100"], "eagle3_block_mask: KV_LEN must be >= Q_LEN"),
+    (["--q-len", "300", "--rounds", "2", "--block-size", "1", "2", "3"], "--block-size takes one or two ints"),
+    (["--q-len", "300", "--kv-len", "1000", "--live", "2"], "--live needs whole rounds"),
+    (["--q-len", "3000", "--rounds", "3", "--dense"], "--dense prints one char per (q, kv) pair"),
+])
+def test_show_usage_errors_are_one_line(capsys, argv, message):
+    assert show.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"compiled-mask-show: error: {message}"), captured.err
+    assert captured.err.count("\n") == 1 and not captured.out, captured
+
+
+def test_model_from_a_file(tmp_path, monkeypatch):
+    """--model path/to/file.py:callable loads the file, whose folder comes first on sys.path (as
+    `python path/to/file.py`), so it may import its neighbours."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "neighbour.py").write_text("ANSWER = 42\n")
+    (tmp_path / "models" / "my_models.py").write_text(
+        "from neighbour import ANSWER\n\ndef factory(q_len, max_rounds, device):\n    return ANSWER\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "my_models", raising=False)
+    monkeypatch.delitem(sys.modules, "neighbour", raising=False)
+    factory = guards.load_factory("models/my_models.py:factory")
+    assert factory(1, 1, None) == 42
+    assert guards.load_factory("models/my_models.py:factory") is factory  # loaded once
+    with pytest.raises(ValueError, match=r"my_models \(.*my_models\.py\) has no 'other'"):
+        guards.load_factory("models/my_models.py:other")
