@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import struct
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch._dynamo
 from expect import TestCase
+from test_readme import samples
 
 from compiled_mask.cli import guards, show
 from compiled_mask.inspect import guard_group, parse_graph_break_log, parse_guard_tree
@@ -17,10 +19,32 @@ from compiled_mask.inspect import guard_group, parse_graph_break_log, parse_guar
 pytestmark = pytest.mark.usefixtures("fresh_compile_state")
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def readme_guards_sample(model: str) -> tuple[list[str], list[str]]:
+    """The README's ``$ compiled-mask-guards`` sample whose ``--model`` is ``model``."""
+    found = [(argv, out) for argv, out in samples((ROOT / "README.md").read_text(), "compiled-mask-guards")
+             if dict(zip(argv, argv[1:])).get("--model", guards.DEFAULT_MODEL) == model]
+    assert len(found) == 1, f"expected one README sample with --model {model}, found {len(found)}"
+    return found[0]
+
+
+def is_subsequence(shown: list[str], printed: list[str]) -> bool:
+    rest = iter(printed)
+    return all(any(line == p for p in rest) for line in shown)
+
+
 class TestGuardReport(TestCase):
     def test_demo_model_one_graph_per_q_len(self):
         report = guards.run(guards.DEFAULT_MODEL, [64, 128], 8, torch.device("cpu"))
         self.assertTrue(report.ok)
+        # The README's sample is this run, with some lines cut.
+        argv, shown = readme_guards_sample(guards.DEFAULT_MODEL)
+        self.assertEqual(argv, ["--q-len", "64", "128", "--max-rounds", "8"])
+        printed = guards.format_report(report).splitlines()
+        self.assertTrue(is_subsequence(shown, printed), "README.md's sample is not what the tool prints:\n"
+                        + "\n".join(printed))
         self.assertExpectedInline(guards.format_report(report, guards=False), """\
 model: compiled_mask.examples:demo_model  device: cpu  Q_LEN: 64 128  rounds: 1..8  forward
 graphs compiled: 2 (2 Q_LEN value(s) x 8 steps)
@@ -59,11 +83,18 @@ EQUALS_MATCH: L['self'].kv_heads == 2""")
                                       "--max-rounds", "3", "--expect-graphs", "1"]), 1)
 
     def test_item_graph_break_is_reported_with_its_line(self):
-        report = guards.run("bad_models:item_rounds", [64], 3, torch.device("cpu"))
+        # As the README runs it: from the repository root, the model given as a file.
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(ROOT)
+            report = guards.run("tests/bad_models.py:item_rounds", [64], 3, torch.device("cpu"))
         self.assertFalse(report.ok)
         (brk,) = report.graph_breaks
-        self.assertRegex(brk.where, r"bad_models\.py:\d+ `kv_len = q.size\(2\) \* int\(rounds.item\(\)\)`")
+        self.assertRegex(brk.where, r"^tests/bad_models\.py:\d+ `kv_len = q.size\(2\) \* int\(rounds.item\(\)\)`$")
         self.assertIn("Tensor.item()", brk.reason)
+        argv, shown = readme_guards_sample("tests/bad_models.py:item_rounds")
+        self.assertEqual(argv, ["--model", "tests/bad_models.py:item_rounds", "--q-len", "64", "--max-rounds", "3",
+                                "--no-guards", "--expect-graphs", "1"])
+        self.assertEqual(shown, guards.format_report(report, guards=False).splitlines())
 
     def test_json_and_exit_code(self):
         import contextlib
