@@ -81,16 +81,16 @@ say "torch $("$PY" -c 'import torch; print(torch.__version__, "CUDA", torch.vers
 
 # --- compiled-mask itself (editable), with the test tools for `test` -------------------------------
 extra=""
-what="compiled-mask (editable, this checkout)"
+what="compiled-mask (editable, this checkout) and numpy (torch warns at import without it)"
 if [ "$cmd" = test ]; then
   extra="[test]"
-  what="$what and the test tools (pytest, expecttest, hypothesis, matplotlib, numpy; triton on Linux)"
+  what="compiled-mask (editable, this checkout) and the test tools (pytest, expecttest, hypothesis, matplotlib, numpy; triton on Linux)"
 fi
 stamp="$stamp_dir/dev-stamp-${cmd/train/demo}"
 want=$(cksum < pyproject.toml)
 if [ -n "${DEV_REINSTALL:-}" ] || [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   say "installing $what into $where"
-  "$PY" -m pip install -e ".$extra"
+  "$PY" -m pip install -e ".$extra" numpy
   mkdir -p "$stamp_dir"
   printf '%s\n' "$want" > "$stamp"
 fi
