@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 import sys
 from pathlib import Path
@@ -31,8 +32,13 @@ def readme_guards_sample(model: str) -> tuple[list[str], list[str]]:
 
 
 def is_subsequence(shown: list[str], printed: list[str]) -> bool:
-    rest = iter(printed)
-    return all(any(line == p for p in rest) for line in shown)
+    """Every shown line is printed, in order. The count of identity/type guards is left out: it
+    depends on what the process compiled before (164 or 165 here, in one torch version)."""
+    def norm(line):
+        return re.sub(r"identity/type \d+", "identity/type N", line)
+
+    rest = iter(map(norm, printed))
+    return all(any(norm(line) == p for p in rest) for line in shown)
 
 
 class TestGuardReport(TestCase):
