@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     try:  # usage errors: one line and exit code 2, as argparse's own
-        block_size = args.block_size and (tuple(args.block_size) if len(args.block_size) == 2 else args.block_size[0])
+        block_size = args.block_size and (
+            tuple(args.block_size) if len(args.block_size) == 2 else args.block_size[0])
         device = _device(args.device)
         dtype = getattr(torch, args.dtype)
         model = DraftLayer(args.q_len, args.rounds, args.hidden, args.heads, args.kv_heads,

@@ -103,9 +103,10 @@ class Result:
 def _pytest(args: list[str], report: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env[_REPORT_ENV] = str(report)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), env.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, "-m", "pytest", "-p", "run_gpu_tests", "-p", "no:cacheprovider", *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True)
+    paths = [str(Path(__file__).parent), env.get("PYTHONPATH")]  # tools/: this file as the plugin
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
+    command = [sys.executable, "-m", "pytest", "-p", "run_gpu_tests", "-p", "no:cacheprovider", *args]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
 
 
 def _records(report: Path) -> list[dict]:
@@ -145,9 +146,11 @@ def run_one(test: str) -> tuple[Result, str]:
         return Result(test, "FAIL", seconds, failed[0].get("error", first_error(log))), log
     if errors:
         return Result(test, "FAIL", seconds, errors[0]["error"]), log
-    if run.returncode not in (0, 5) or not any(p["when"] == "call" for p in phases) and not skipped:
+    ran = any(p["when"] == "call" for p in phases) or skipped
+    if run.returncode not in (0, 5) or not ran:
         # A crash (signal, illegal memory access) or a test that did not run at all.
-        return Result(test, "FAIL", seconds, f"exit code {run.returncode}, no result: {first_error(log)}"), log
+        detail = f"exit code {run.returncode}, no result: {first_error(log)}"
+        return Result(test, "FAIL", seconds, detail), log
     if skipped:
         if skipped[0].get("xfail"):
             return Result(test, "XFAIL", seconds), log
@@ -209,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     if not tests:
         print("no GPU tests collected", flush=True)
 
-    require = re.compile("|".join(_REQUIREMENTS[name] for name in args.require), re.I) if args.require else None
+    require = None
+    if args.require:
+        require = re.compile("|".join(_REQUIREMENTS[name] for name in args.require), re.I)
     counts = dict.fromkeys(["PASS", "SKIP", "XFAIL", "FAIL"], 0)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         for done in as_completed([pool.submit(run_one, t) for t in tests]):

@@ -6,8 +6,9 @@
     compiled-mask-guards --model tests/bad_models.py:item_rounds --q-len 64   # a file works too
     compiled-mask-guards --expect-graphs 1 --json        # for CI: non-zero exit on extra graphs
 
-``--model module:callable`` (or ``path/to/file.py:callable``) names a factory ``factory(q_len, max_rounds, device)`` that returns
-``(model, make_inputs)``, where ``make_inputs(rounds)`` gives the arguments of one TTT step (see
+``--model module:callable`` (or ``path/to/file.py:callable``) names a factory
+``factory(q_len, max_rounds, device)`` that returns ``(model, make_inputs)``, where
+``make_inputs(rounds)`` gives the arguments of one TTT step (see
 ``compiled_mask.examples.demo_model``). The report lists the graphs compiled, every recompile with
 its reason, every graph break with its reason and source line, the guards of each compiled graph
 grouped by kind, and a verdict: one graph per Q_LEN is OK, anything more is explained.
@@ -114,9 +115,9 @@ def load_factory(spec: str) -> Callable[..., tuple[Any, Callable[[int], tuple]]]
         except ModuleNotFoundError as e:
             if e.name is None or not (target == e.name or target.startswith(e.name + ".")):
                 raise  # the module exists but imports something missing: keep the traceback
+            as_file = f"path/to/{target.replace('.', '/')}.py:{name}"
             raise ValueError(f"--model {spec!r}: no module {target!r} from {os.getcwd()}. Run from "
-                             f"the folder that holds it, or name the file: --model path/to/{target.replace('.', '/')}.py:{name}"
-                             ) from None
+                             f"the folder that holds it, or name the file: --model {as_file}") from None
     if not hasattr(module, name):
         raise ValueError(f"--model {spec!r}: {module.__name__} ({module.__file__}) has no {name!r}.")
     return getattr(module, name)
@@ -128,7 +129,7 @@ def _load_file(spec: str, path: Path) -> ModuleType:
         raise ValueError(f"--model {spec!r}: there is no file {str(path)!r} (from {os.getcwd()}).")
     path = path.resolve()
     loaded = sys.modules.get(path.stem)
-    if loaded is not None and getattr(loaded, "__file__", None) and Path(loaded.__file__).resolve() == path:
+    if getattr(loaded, "__file__", None) and Path(loaded.__file__).resolve() == path:
         return loaded
     if str(path.parent) not in sys.path:
         sys.path.insert(0, str(path.parent))
@@ -222,8 +223,8 @@ def _check_args(args: argparse.Namespace) -> torch.device:
     except RuntimeError as e:
         raise ValueError(f"--device {args.device!r}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: torch {torch.__version__} sees no CUDA device here. "
-                         "Use --device cpu.")
+        raise ValueError(f"--device {args.device}: torch {torch.__version__} sees no CUDA device "
+                         "here. Use --device cpu.")
     if args.backward and device.type == "cpu":
         raise ValueError("--backward needs a CUDA device: flex_attention has no backward on CPU.")
     return device
