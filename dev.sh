@@ -65,7 +65,13 @@ if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; th
 fi
 
 # --- torch: kept where present; else torch==2.13.0 from the index, saying which build that is -----
-if ! "$PY" -c "import torch" 2>/dev/null; then
+# (read from the installed metadata: importing torch costs seconds on every run)
+torch_version() {
+  "$PY" -c 'import importlib.metadata as m
+try: print(m.version("torch"))
+except m.PackageNotFoundError: pass'
+}
+if [ -z "$(torch_version)" ]; then
   if [ -n "${TORCH_INDEX_URL:-}" ]; then
     say "installing torch==$TORCH_VERSION into $where from $TORCH_INDEX_URL"
     "$PY" -m pip install "torch==$TORCH_VERSION" --index-url "$TORCH_INDEX_URL"
@@ -77,7 +83,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install "torch==$TORCH_VERSION"
   fi
 fi
-say "torch $("$PY" -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda or "none")')"
+say "using torch $(torch_version) in $where"
 
 # --- compiled-mask itself (editable), with the test tools for `test` -------------------------------
 extra=""
