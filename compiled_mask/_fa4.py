@@ -16,23 +16,38 @@ Note [FA4 mask_mod]
     KV_BLOCK_SIZE - 1 (Note [when the plain mask_mod is exact] in ``block_mask.py``). Smaller
     unaligned Q_LEN raise, and so does eager use (eager flex evaluates mask_mod on the whole grid).
 
-Importing compiled_mask never imports FA4; asking for ``backend="fa4"`` without it raises an error
-that says how to install it.
+Importing compiled_mask never imports FA4; asking for ``backend="fa4"`` without it, or with a
+release older than the floor (Note [FA4 version floor]), raises an error that says what to install.
+
+Note [FA4 version floor]
+    flash-attn-4 releases before 4.0.0b26 race in the SM90 block-sparse backward: the kernel,
+    launched with programmatic dependent launch, loads the LSE written by the preprocess kernel
+    before waiting for it, and returned garbage or NaN gradients in 0.1-1% of launches under flex's
+    FLASH backend with a mask_mod (flash-attention PR #2756, merged 2026-08-05: the
+    ``griddepcontrol_wait`` before ``load_LSE`` in ``block_sparse_utils.py``; 4.0.0b25 lacks it,
+    4.0.0b26 is the first release with it). The floor is 4.0.0b36, the release this library was
+    shown to work with (H200, torch 2.11, nvidia-cutlass-dsl 4.8.1); the ``fa4`` extra in
+    pyproject.toml carries the same bounds. The version comes from the installed distribution's
+    metadata, so the check imports no FA4 code; a flash_attn without metadata (a source tree on
+    sys.path) has no known version and is not refused.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.util
 
 import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
+from torch.torch_version import TorchVersion
 
 from compiled_mask._flex import flex_eagle3_attention
 from compiled_mask.block_mask import _plain_mask_mod_is_exact
 
 _INSTALL_HINT = "Install it with: pip install 'compiled-mask[fa4]' (the flash-attn-4 package)."
+_FA4_MIN_VERSION = "4.0.0b36"  # Note [FA4 version floor]; the same bound as the fa4 extra
 # FA4's tiles are 128 wide in both directions on SM90 and SM100 (m tile 128 x q_stage 2 = 256 on
 # SM100); a sparse block must be a multiple of the tile (flash_attn/cute/block_sparsity.py).
 _FA4_TILE = 128
@@ -47,11 +62,29 @@ def fa4_available() -> bool:
         return False
 
 
+def _installed_fa4_version() -> str | None:
+    """The installed flash-attn-4 release, from its metadata (imports nothing); None if unknown."""
+    try:
+        return importlib.metadata.version("flash-attn-4")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def _check_fa4_installed(where: str) -> None:
     if not fa4_available():
         raise ModuleNotFoundError(
             f"{where}: backend='fa4' needs FlashAttention-4 (flash_attn.cute), which is not "
             f"installed. {_INSTALL_HINT} Or use backend='flex'."
+        )
+    version = _installed_fa4_version()
+    # TorchVersion compares by PEP 440 (4.0.0b9 < 4.0.0b36 < 4.0.0rc1 < 4.0.0), with no
+    # dependency on the `packaging` distribution, which torch does not require.
+    if version is not None and TorchVersion(version) < _FA4_MIN_VERSION:
+        raise ImportError(
+            f"{where}: backend='fa4' needs flash-attn-4 >= {_FA4_MIN_VERSION}, but {version} is "
+            "installed; releases before 4.0.0b26 can return garbage or NaN gradients (an SM90 "
+            "block-sparse backward race, Note [FA4 version floor]). Upgrade with: pip install -U "
+            f"'flash-attn-4>={_FA4_MIN_VERSION}' 'nvidia-cutlass-dsl>=4.8.1'. Or use backend='flex'."
         )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo
-from expecttest import TestCase
+from expect import TestCase
 from helpers import dense_reference_attention, eagle3_dense
 from torch import nn
 from torch.nn.attention.flex_attention import flex_attention

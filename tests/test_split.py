@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from expecttest import TestCase
+from expect import TestCase
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from helpers import (

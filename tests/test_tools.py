@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch._dynamo
-from expecttest import TestCase
+from expect import TestCase
+from test_readme import samples
 
 from compiled_mask.cli import guards, show
 from compiled_mask.inspect import guard_group, parse_graph_break_log, parse_guard_tree
@@ -16,10 +20,37 @@ from compiled_mask.inspect import guard_group, parse_graph_break_log, parse_guar
 pytestmark = pytest.mark.usefixtures("fresh_compile_state")
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def readme_guards_sample(model: str) -> tuple[list[str], list[str]]:
+    """The README's ``$ compiled-mask-guards`` sample whose ``--model`` is ``model``."""
+    found = [(argv, out) for argv, out in samples((ROOT / "README.md").read_text(), "compiled-mask-guards")
+             if dict(zip(argv, argv[1:])).get("--model", guards.DEFAULT_MODEL) == model]
+    assert len(found) == 1, f"expected one README sample with --model {model}, found {len(found)}"
+    return found[0]
+
+
+def is_subsequence(shown: list[str], printed: list[str]) -> bool:
+    """Every shown line is printed, in order. The count of identity/type guards is left out: it
+    depends on what the process compiled before (164 or 165 here, in one torch version)."""
+    def norm(line):
+        return re.sub(r"identity/type \d+", "identity/type N", line)
+
+    rest = iter(map(norm, printed))
+    return all(any(norm(line) == p for p in rest) for line in shown)
+
+
 class TestGuardReport(TestCase):
     def test_demo_model_one_graph_per_q_len(self):
         report = guards.run(guards.DEFAULT_MODEL, [64, 128], 8, torch.device("cpu"))
         self.assertTrue(report.ok)
+        # The README's sample is this run, with some lines cut.
+        argv, shown = readme_guards_sample(guards.DEFAULT_MODEL)
+        self.assertEqual(argv, ["--q-len", "64", "128", "--max-rounds", "8"])
+        printed = guards.format_report(report).splitlines()
+        self.assertTrue(is_subsequence(shown, printed), "README.md's sample is not what the tool prints:\n"
+                        + "\n".join(printed))
         self.assertExpectedInline(guards.format_report(report, guards=False), """\
 model: compiled_mask.examples:demo_model  device: cpu  Q_LEN: 64 128  rounds: 1..8  forward
 graphs compiled: 2 (2 Q_LEN value(s) x 8 steps)
@@ -58,11 +89,18 @@ EQUALS_MATCH: L['self'].kv_heads == 2""")
                                       "--max-rounds", "3", "--expect-graphs", "1"]), 1)
 
     def test_item_graph_break_is_reported_with_its_line(self):
-        report = guards.run("bad_models:item_rounds", [64], 3, torch.device("cpu"))
+        # As the README runs it: from the repository root, the model given as a file.
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(ROOT)
+            report = guards.run("tests/bad_models.py:item_rounds", [64], 3, torch.device("cpu"))
         self.assertFalse(report.ok)
         (brk,) = report.graph_breaks
-        self.assertRegex(brk.where, r"bad_models\.py:\d+ `kv_len = q.size\(2\) \* int\(rounds.item\(\)\)`")
+        self.assertRegex(brk.where, r"^tests/bad_models\.py:\d+ `kv_len = q.size\(2\) \* int\(rounds.item\(\)\)`$")
         self.assertIn("Tensor.item()", brk.reason)
+        argv, shown = readme_guards_sample("tests/bad_models.py:item_rounds")
+        self.assertEqual(argv, ["--model", "tests/bad_models.py:item_rounds", "--q-len", "64", "--max-rounds", "3",
+                                "--no-guards", "--expect-graphs", "1"])
+        self.assertEqual(shown, guards.format_report(report, guards=False).splitlines())
 
     def test_json_and_exit_code(self):
         import contextlib
@@ -160,3 +198,53 @@ round 1  2  3
         self.assertEqual(data[:8], b"\x89PNG\r\n\x1a\n")
         width, height = struct.unpack(">II", data[16:24])  # IHDR
         self.assertEqual((width, height), (800, 400))
+
+
+# ----------------------------------------------------------------------------- usage errors
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "no_such_module:factory"], "--model 'no_such_module:factory': no module 'no_such_module' from "),
+    (["--model", "factory"], "--model must look like 'package.module:callable' or 'path/to/file.py:callable'"),
+    (["--model", "no/such/file.py:factory"], "--model 'no/such/file.py:factory': there is no file"),
+    (["--model", "compiled_mask.examples:nothing"], "--model 'compiled_mask.examples:nothing': compiled_mask.examples ("),
+    (["--q-len", "0"], "lengths and rounds must be >= 1, got --q-len 0."),
+    (["--device", "cpu", "--backward"], "--backward needs a CUDA device"),
+    (["--device", "nonsense"], "--device 'nonsense': "),
+])
+def test_guards_usage_errors_are_one_line(capsys, argv, message):
+    assert guards.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"compiled-mask-guards: error: {message}"), err
+    assert err.count("\n") == 1, err  # one line, no traceback
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--q-len", "300", "--kv-len", "100"], "eagle3_block_mask: KV_LEN must be >= Q_LEN"),
+    (["--q-len", "300", "--rounds", "2", "--block-size", "1", "2", "3"], "--block-size takes one or two ints"),
+    (["--q-len", "300", "--kv-len", "1000", "--live", "2"], "--live needs whole rounds"),
+    (["--q-len", "3000", "--rounds", "3", "--dense"], "--dense prints one char per (q, kv) pair"),
+])
+def test_show_usage_errors_are_one_line(capsys, argv, message):
+    assert show.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"compiled-mask-show: error: {message}"), captured.err
+    assert captured.err.count("\n") == 1 and not captured.out, captured
+
+
+def test_model_from_a_file(tmp_path, monkeypatch):
+    """--model path/to/file.py:callable loads the file, whose folder comes first on sys.path (as
+    `python path/to/file.py`), so it may import its neighbours."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "neighbour.py").write_text("ANSWER = 42\n")
+    (tmp_path / "models" / "my_models.py").write_text(
+        "from neighbour import ANSWER\n\ndef factory(q_len, max_rounds, device):\n    return ANSWER\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "my_models", raising=False)
+    monkeypatch.delitem(sys.modules, "neighbour", raising=False)
+    factory = guards.load_factory("models/my_models.py:factory")
+    assert factory(1, 1, None) == 42
+    assert guards.load_factory("models/my_models.py:factory") is factory  # loaded once
+    with pytest.raises(ValueError, match=r"my_models \(.*my_models\.py\) has no 'other'"):
+        guards.load_factory("models/my_models.py:other")

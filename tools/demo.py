@@ -40,8 +40,19 @@ def reference_step(model: DraftLayer, x: Tensor, k_buf: Tensor, v_buf: Tensor, r
     return model.finish(x, out)
 
 
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: torch {torch.__version__} sees no CUDA device here. "
+                         "Use --device cpu.")
+    return device
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="demo.py", description=__doc__.splitlines()[0])
     parser.add_argument("--q-len", type=int, default=384)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--batch", type=int, default=2)
@@ -54,16 +65,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
-    block_size = args.block_size and (tuple(args.block_size) if len(args.block_size) == 2 else args.block_size[0])
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
-
-    model = DraftLayer(args.q_len, args.rounds, args.hidden, args.heads, args.kv_heads,
-                       block_size, args.backend).to(device, dtype)
+    try:  # usage errors: one line and exit code 2, as argparse's own
+        block_size = args.block_size and (
+            tuple(args.block_size) if len(args.block_size) == 2 else args.block_size[0])
+        device = _device(args.device)
+        dtype = getattr(torch, args.dtype)
+        model = DraftLayer(args.q_len, args.rounds, args.hidden, args.heads, args.kv_heads,
+                           block_size, args.backend).to(device, dtype)
+        masks = Eagle3BlockMask(args.q_len, args.rounds, block_size=model.attn.block_size_for(device))
+    except (ValueError, NotImplementedError, ImportError) as e:  # ImportError: FA4 missing or too old
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
     counter = GraphCounter()
     compiled = torch.compile(model, backend=counter, fullgraph=True)
-    masks = Eagle3BlockMask(args.q_len, args.rounds, block_size=model.attn.block_size_for(device))
 
     x = torch.randn(args.batch, args.q_len, args.hidden, device=device, dtype=dtype)
     kv_shape = (args.batch, args.kv_heads, args.q_len * args.rounds, model.head_dim)
@@ -79,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     worst = 0.0
     with torch.no_grad():  # flex_attention has no backward on CPU
         for r in range(1, args.rounds + 1):
+            if r == 1:
+                print("compiling the step (first step only; can take a minute on a small CPU)...",
+                      flush=True)
             rounds = torch.tensor(r, device=device)
             t0 = time.perf_counter()
             x_next, k_buf, v_buf = compiled(x, k_buf, v_buf, rounds)

@@ -3,10 +3,12 @@
     compiled-mask-guards                                 # the demo model, Q_LEN 128, rounds 1..8
     compiled-mask-guards --q-len 128 256 --max-rounds 8
     compiled-mask-guards --model mypkg.models:factory --backward --device cuda
+    compiled-mask-guards --model tests/bad_models.py:item_rounds --q-len 64   # a file works too
     compiled-mask-guards --expect-graphs 1 --json        # for CI: non-zero exit on extra graphs
 
-``--model module:callable`` names a factory ``factory(q_len, max_rounds, device)`` that returns
-``(model, make_inputs)``, where ``make_inputs(rounds)`` gives the arguments of one TTT step (see
+``--model module:callable`` (or ``path/to/file.py:callable``) names a factory
+``factory(q_len, max_rounds, device)`` that returns ``(model, make_inputs)``, where
+``make_inputs(rounds)`` gives the arguments of one TTT step (see
 ``compiled_mask.examples.demo_model``). The report lists the graphs compiled, every recompile with
 its reason, every graph break with its reason and source line, the guards of each compiled graph
 grouped by kind, and a verdict: one graph per Q_LEN is OK, anything more is explained.
@@ -16,12 +18,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -89,13 +94,54 @@ class Report:
 
 
 def load_factory(spec: str) -> Callable[..., tuple[Any, Callable[[int], tuple]]]:
-    """Import ``module:callable``, looking in the current directory first (as ``python -m``)."""
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise ValueError(f"--model must look like 'package.module:callable', got {spec!r}.")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    return getattr(importlib.import_module(module), name)
+    """The factory named by ``--model``: ``package.module:callable``, imported with the current
+    directory first on ``sys.path`` (as ``python -m``), or ``path/to/file.py:callable``, loaded
+    from that file with its folder first on ``sys.path`` (as ``python path/to/file.py``).
+
+    Raises:
+        ValueError: the spec is malformed, or names a module, file or attribute that is not there.
+    """
+    target, _, name = spec.rpartition(":")
+    if not target or not name:
+        raise ValueError(f"--model must look like 'package.module:callable' or "
+                         f"'path/to/file.py:callable', got {spec!r}.")
+    if target.endswith(".py"):
+        module = _load_file(spec, Path(target))
+    else:
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(target)
+        except ModuleNotFoundError as e:
+            if e.name is None or not (target == e.name or target.startswith(e.name + ".")):
+                raise  # the module exists but imports something missing: keep the traceback
+            as_file = f"path/to/{target.replace('.', '/')}.py:{name}"
+            raise ValueError(f"--model {spec!r}: no module {target!r} from {os.getcwd()}. Run from "
+                             f"the folder that holds it, or name the file: --model {as_file}") from None
+    if not hasattr(module, name):
+        raise ValueError(f"--model {spec!r}: {module.__name__} ({module.__file__}) has no {name!r}.")
+    return getattr(module, name)
+
+
+def _load_file(spec: str, path: Path) -> ModuleType:
+    """Load ``path`` as the module named by its stem (reused if that module is this file)."""
+    if not path.is_file():
+        raise ValueError(f"--model {spec!r}: there is no file {str(path)!r} (from {os.getcwd()}).")
+    path = path.resolve()
+    loaded = sys.modules.get(path.stem)
+    if getattr(loaded, "__file__", None) and Path(loaded.__file__).resolve() == path:
+        return loaded
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    module_spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[path.stem] = module  # as an import would: dataclasses and pickle look it up there
+    try:
+        module_spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[path.stem]
+        raise
+    return module
 
 
 def _loss(out: Any) -> torch.Tensor:
@@ -130,6 +176,7 @@ def run(model_spec: str, q_lens: list[int], max_rounds: int, device: torch.devic
                     report.recompiles.append(Recompile(q_len, rounds, reasons[0] + more))
                 for b in breaks:
                     where, _, reason = b.partition("`: ")
+                    where = where.removeprefix(os.getcwd() + os.sep)  # files below here: relative
                     report.graph_breaks.append(GraphBreak(q_len, reason, where + "`"))
             report.graphs_per_q_len[q_len] = counter.graphs - before
         report.graphs = counter.graphs
@@ -165,11 +212,30 @@ def format_report(report: Report, *, guards: bool = True) -> str:
     return "\n".join(lines)
 
 
+def _check_args(args: argparse.Namespace) -> torch.device:
+    """The device to run on; ValueError for arguments that cannot work."""
+    bad = [f"--q-len {q}" for q in args.q_len if q < 1]
+    bad += [f"--max-rounds {args.max_rounds}"] if args.max_rounds < 1 else []
+    if bad:
+        raise ValueError(f"lengths and rounds must be >= 1, got {', '.join(bad)}.")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {args.device!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: torch {torch.__version__} sees no CUDA device "
+                         "here. Use --device cpu.")
+    if args.backward and device.type == "cpu":
+        raise ValueError("--backward needs a CUDA device: flex_attention has no backward on CPU.")
+    return device
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="compiled-mask-guards",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="factory 'module:callable' -> (model, make_inputs)")
+                        help="factory 'module:callable' or 'path/to/file.py:callable' -> "
+                             "(model, make_inputs)")
     parser.add_argument("--q-len", type=int, nargs="+", default=[128])
     parser.add_argument("--max-rounds", type=int, default=8)
     parser.add_argument("--backward", action="store_true", help="forward+backward (GPU)")
@@ -180,8 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--expect-graphs", type=int, default=None,
                         help="exit 1 when more graphs than this were compiled (or any graph break)")
     args = parser.parse_args(argv)
-    report = run(args.model, args.q_len, args.max_rounds, torch.device(args.device),
-                 args.backward, args.backend)
+    try:  # usage errors: one line and exit code 2, as argparse's own
+        device = _check_args(args)
+        load_factory(args.model)
+    except ValueError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    report = run(args.model, args.q_len, args.max_rounds, device, args.backward, args.backend)
     if args.json:
         data = asdict(report) | {"ok": report.ok, "verdicts": report.verdicts()}
         print(json.dumps(data, indent=1, default=str))

@@ -122,21 +122,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dense", action="store_true", help="also print the token-level mask")
     parser.add_argument("--png", help="write a picture to this file (needs matplotlib)")
     args = parser.parse_args(argv)
-    if len(args.block_size) not in (1, 2):
-        parser.error("--block-size takes one or two ints")
-    block_size = (args.block_size * 2)[:2]
-    kv_len = args.kv_len if args.kv_len is not None else args.q_len * args.rounds
-    bm = build(args.q_len, kv_len, tuple(block_size), args.live)
+    try:  # usage errors: one line and exit code 2, as argparse's own
+        if len(args.block_size) not in (1, 2):
+            raise ValueError(f"--block-size takes one or two ints, got {len(args.block_size)}.")
+        block_size = (args.block_size * 2)[:2]
+        kv_len = args.kv_len if args.kv_len is not None else args.q_len * args.rounds
+        bm = build(args.q_len, kv_len, tuple(block_size), args.live)
+        dense = dense_map(bm, args.q_len, kv_len) if args.dense else None
+    except ValueError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
     live = "" if args.live is None else f", live rounds {args.live}"
     print(f"Eagle3 block mask: Q_LEN={args.q_len}, KV_LEN={kv_len}{live}")
     print(text_map(bm, args.q_len, kv_len))
-    if args.dense:
-        print(dense_map(bm, args.q_len, kv_len))
+    if dense is not None:
+        print(dense)
     if args.png:
         try:
             save_png(bm, args.q_len, kv_len, args.png)
         except ModuleNotFoundError as e:
-            print(f"compiled-mask-show: {e}", file=sys.stderr)
+            print(f"{parser.prog}: error: {e}", file=sys.stderr)
             return 2
         print(f"wrote {args.png}")
     return 0
