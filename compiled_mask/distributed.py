@@ -400,8 +400,11 @@ class _ContextParallelSplit(torch.autograd.Function):
             nonlocal saved
             const, n = next(consts)
             tensors, saved = tuple(saved[:n]), saved[n:]
-            return _split._causal_backward(dout[:, :, rows], q_i, k_i, v_i, out[:, :, rows],
-                                           lse[:, :, rows], tensors, const, scale, causal=causal)
+            # Row slices of the merged dout/out/lse, made dense for the kernels (a no-op with one
+            # chunk).
+            return _split._causal_backward(dout[:, :, rows].contiguous(), q_i, k_i, v_i,
+                                           out[:, :, rows].contiguous(), lse[:, :, rows].contiguous(),
+                                           tensors, const, scale, causal=causal)
 
         dq_c, dk_c, dv_c = [], [], []
         dk_full = torch.zeros(k_full.shape, dtype=torch.float32, device=k_full.device)
