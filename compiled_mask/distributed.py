@@ -179,6 +179,9 @@ class Eagle3ContextParallelAttention(nn.Module):
         positions: ``[L]`` int64 buffer, the global positions of this rank's queries (for rotary
             embeddings); L = q_len // world_size.
         local_len: L.
+        kv_len: ``L * max_rounds``, the length of the local K/V buffer (as ``Eagle3Attention.kv_len``
+            is the global one): a model that sizes its buffer by ``attn.kv_len`` and writes round s
+            at ``[s * attn.kv_len // max_rounds, ...)`` runs unchanged on either module.
     """
 
     def __init__(
@@ -223,6 +226,7 @@ class Eagle3ContextParallelAttention(nn.Module):
         self.backend = backend
         self.scale = scale
         self.local_len = q_len // self.world_size
+        self.kv_len = self.local_len * max_rounds  # the local K/V buffer (Eagle3Attention.kv_len)
         self.register_buffer("positions", shard_positions(q_len, self.world_size, self.rank, layout),
                              persistent=False)
         # The single-GPU attention the Ulysses mode runs on the full sequence of its head shard.
@@ -258,6 +262,14 @@ class Eagle3ContextParallelAttention(nn.Module):
         """
         where = type(self).__name__
         L, P = self.local_len, self.world_size
+        for name, t, n in (("q", q, L), ("k", k, L * self.max_rounds), ("v", v, L * self.max_rounds)):
+            if t.dim() == 4 and t.size(2) != n:
+                raise ValueError(
+                    f"{where}: {name} must be this rank's shard of Q_LEN / world_size = {L} positions "
+                    f"{'per round ' if name != 'q' else ''}({n} in dim 2), got {name}.shape="
+                    f"{tuple(t.shape)}. Shard the global tensors with shard_sequence(x, "
+                    f"{self.q_len}, {P}, rank={self.rank}, layout={self.layout!r})."
+                )
         _check_qkv(q, k, v, L, L * self.max_rounds)
         _check_rounds(where, rounds, self.max_rounds, q.device)
         if seq_lens is not None or doc_ids is not None:
@@ -290,7 +302,8 @@ class Eagle3ContextParallelAttention(nn.Module):
         if seq_lens is None:
             return out
         # Note [padding without a mask_mod check] in modules.py: valid rows are exact; zero the rest.
-        valid = _valid_positions(self.q_len, seq_lens, None, q.device)[:, self.positions]  # [B, L]
+        positions = self.positions.to(q.device)  # (a no-op once the module is on q's device)
+        valid = _valid_positions(self.q_len, seq_lens, None, q.device)[:, positions]  # [B, L]
         return out * valid[:, None, :, None].to(out.dtype)
 
     # ------------------------------------------------------------------------------- Ulysses

@@ -186,6 +186,7 @@ def _check_eager(rank, world_size, device):
     for mode, layout in _MODES:
         attn = Eagle3ContextParallelAttention(q_len, max_rounds, mode=mode, layout=layout)
         assert torch.equal(attn.positions, shard_positions(q_len, world_size, rank, layout))
+        assert attn.kv_len == max_rounds * q_len // world_size  # the local buffer's length
         run = lambda **kw: _run_sharded(attn, inputs, live, rank, world_size, q_len, layout, **kw)  # noqa: E731
         check = lambda got, want, what: _assert_shard_matches(  # noqa: E731
             got, want, rank, world_size, q_len, layout, 1e-5, f"{mode}/{layout} {what}")
