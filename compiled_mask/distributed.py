@@ -182,6 +182,19 @@ class Eagle3ContextParallelAttention(nn.Module):
         kv_len: ``L * max_rounds``, the length of the local K/V buffer (as ``Eagle3Attention.kv_len``
             is the global one): a model that sizes its buffer by ``attn.kv_len`` and writes round s
             at ``[s * attn.kv_len // max_rounds, ...)`` runs unchanged on either module.
+
+    Example::
+
+        # On each rank, after torch.distributed.init_process_group(...):
+        P, rank = dist.get_world_size(), dist.get_rank()
+        q_len, max_rounds = 64, 3
+        attn = Eagle3ContextParallelAttention(q_len, max_rounds, mode="allgather")
+        torch.manual_seed(0)  # the same global tensors on every rank, for the example
+        q = torch.randn(1, 4, q_len, 16)
+        k_buf, v_buf = torch.randn(2, 1, 2, q_len * max_rounds, 16)
+        local = [shard_sequence(t, q_len, P, rank) for t in (q, k_buf, v_buf)]
+        out = attn(*local, torch.tensor(2))  # [1, 4, q_len // P, 16]: the rows attn.positions
+        assert out.shape == (1, 4, q_len // P, 16)
     """
 
     def __init__(

@@ -50,6 +50,26 @@ def test_shards_partition_the_sequence(world_size, layout):
         assert causal_work == sorted(causal_work) and len(set(causal_work)) == world_size
 
 
+def test_docstring_examples():
+    """The ``>>>`` examples of the module (shard_positions) run as written."""
+    import doctest
+
+    import compiled_mask.distributed
+
+    result = doctest.testmod(compiled_mask.distributed)
+    assert result.attempted >= 2 and result.failed == 0
+
+
+def _class_example(rank, world_size):
+    """Run the ``Example::`` block of Eagle3ContextParallelAttention's docstring on this rank."""
+    import textwrap
+
+    doc = Eagle3ContextParallelAttention.__doc__
+    code = textwrap.dedent(doc.split("Example::", 1)[1])
+    exec(code, {"torch": torch, "dist": dist, "shard_sequence": shard_sequence,
+                "Eagle3ContextParallelAttention": Eagle3ContextParallelAttention})
+
+
 def test_shard_positions_examples():
     assert shard_positions(8, 2, 0).tolist() == [0, 1, 6, 7]
     assert shard_positions(8, 2, 1).tolist() == [2, 3, 4, 5]
@@ -197,6 +217,7 @@ def _check_eager(rank, world_size, device):
         else:
             with pytest.raises(NotImplementedError, match="doc_ids with mode='allgather' is not supported yet"):
                 run(doc_ids=doc["doc_ids"])
+    _class_example(rank, world_size)
     # User errors need a group, so they are checked here.
     attn = Eagle3ContextParallelAttention(q_len, max_rounds, mode="ulysses")
     q, k, v, _ = _inputs(1, 3 * world_size, 3, q_len, max_rounds, 16, torch.float32, device)
