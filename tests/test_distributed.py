@@ -264,6 +264,30 @@ def test_two_ranks_compiled_one_graph():
     _spawn(_check_compiled, 2, modes, torch.float32, 1e-5, "aot_eager", 4, 2, 48, 16)
 
 
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def _load_bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "bench_distributed.py"
+    spec = importlib.util.spec_from_file_location("bench_distributed", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_bytes_per_step_match_the_docs():
+    """The per-rank bytes docs/context_parallel.md tabulates (32/8 heads, d=128, 7 rounds, bf16)."""
+    bytes_per_step = _load_bench().bytes_per_step
+    args = dict(max_rounds=7, B=1, Hq=32, Hkv=8, D=128, elt=2)
+    gb = lambda mode, q_len, P: round(bytes_per_step(mode, q_len, P, **args) / 1e9, 2)  # noqa: E731
+    assert [gb("ulysses", 131072, P) for P in (2, 8)] == [2.95, 1.29]
+    assert [gb("allgather", 131072, P) for P in (2, 8, 64)] == [0.54, 0.94, 1.06]
+    assert [gb("ulysses", 65536, 2), gb("allgather", 65536, 2)] == [1.48, 0.27]
+
+
 # ----------------------------------------------------------------------------- two GPUs (NCCL)
 
 

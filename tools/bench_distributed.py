@@ -45,6 +45,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _release(device: torch.device) -> None:
+    """Drop compiled graphs and cached blocks between rows, so each row's peak is its own."""
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _time_steps(step, device: torch.device, reps: int, group=None) -> list[float]:
     """Wall of each of ``reps`` steps in ms after a barrier (CUDA events on GPU)."""
     times = []
@@ -142,7 +149,7 @@ def _comm_only(mode, q_len, P, max_rounds, B, Hq, Hkv, D, dtype, device, reps, g
     return statistics.median(_time_steps(step, device, reps, group))
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--q-lens", type=int, nargs="+", default=[65536, 131072])
     parser.add_argument("--max-rounds", type=int, default=7)
@@ -154,7 +161,7 @@ def main() -> int:
     parser.add_argument("--no-single", action="store_true", help="skip the one-GPU baseline")
     parser.add_argument("--smoke", action="store_true", help="CPU, gloo, tiny sizes, aot_eager")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp")))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch 2.13 renames the c10d calls
 
     if args.smoke:
@@ -187,7 +194,7 @@ def main() -> int:
                 single = {"ms": float("nan"), "compile_s": float("nan"), "peak_gib": float("inf")}
             rows.append({"q_len": q_len, "what": "1 GPU, split", **single, "bytes": 0.0, "comm_ms": 0.0})
             del attn
-            torch.cuda.empty_cache() if device.type == "cuda" else None
+            _release(device)
         for spec in args.modes:
             mode, _, layout = spec.partition(":")
             layout = layout or "zigzag"
@@ -211,7 +218,7 @@ def main() -> int:
                 row["efficiency"] = single["ms"] / (P * row["ms"])
             rows.append(row)
             del attn
-            torch.cuda.empty_cache() if device.type == "cuda" else None
+            _release(device)
 
     if rank == 0:
         head = (f"Context parallel, one TTT step fwd+bwd: {card} x {P}, torch {torch.__version__}, "
