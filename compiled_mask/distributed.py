@@ -14,8 +14,8 @@ needs other ranks' data. Two modes:
 
 The collectives are ``torch.distributed._functional_collectives``, which torch.compile traces into
 the step's graph (forward and backward), so a compiled TTT step is still one graph for every
-value of ``rounds``. torch 2.13 on CPU with gloo compiles them with Inductor (checked by
-``tests/test_distributed.py``).
+value of ``rounds``. On CPU with gloo (torch 2.13) they trace under ``aot_eager``
+(``tests/test_distributed.py``) and compile with Inductor (docs/context_parallel.md, "Compiles").
 
 Note [shard layout]
     Q_LEN is cut into ``n`` equal chunks of ``C`` positions: ``n = 2P`` for ``"zigzag"``, where
@@ -317,7 +317,7 @@ class Eagle3ContextParallelAttention(nn.Module):
         # Note [padding without a mask_mod check] in modules.py: valid rows are exact; zero the rest.
         positions = self.positions.to(q.device)  # (a no-op once the module is on q's device)
         valid = _valid_positions(self.q_len, seq_lens, None, q.device)[:, positions]  # [B, L]
-        return out * valid[:, None, :, None].to(out.dtype)
+        return out * valid[:, None, :, None].to(out.dtype)  # [B, Hq, L, Dv]
 
     # ------------------------------------------------------------------------------- Ulysses
 
