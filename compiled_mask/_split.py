@@ -47,28 +47,29 @@ def _cudnn_available() -> bool:
     return torch.backends.cudnn.is_available()
 
 
-def _causal_forward(q: Tensor, k: Tensor, v: Tensor, scale: float
+def _causal_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool = True
                     ) -> tuple[Tensor, Tensor, tuple[Tensor, ...], tuple]:
     """Causal attention: ``(out [B, Hq, L, D], lse [B, Hq, L] fp32, tensors, consts)``, the last
-    two what the kernel's backward needs (tensors to save for backward, and plain values)."""
+    two what the kernel's backward needs (tensors to save for backward, and plain values).
+    ``causal=False``: every key (the context-parallel prefix, ``distributed.py``)."""
     kernel = _causal_kernel(q)
     if kernel == "cudnn":
         out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = (
-            torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False,
+            torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False,
                                                                scale=scale)
         )
         return out, lse.view(lse.shape[:3]), (seed, offset), (kernel, max_q, max_k)  # lse: [B, H, L, 1]
     if kernel == "flash":
         out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = (
-            torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)
+            torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
         )
         return out, lse, (cum_q, cum_k, seed, offset), (kernel, max_q, max_k)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
     return out, lse, (), (kernel,)
 
 
 def _causal_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                     tensors: tuple[Tensor, ...], consts: tuple, scale: float
+                     tensors: tuple[Tensor, ...], consts: tuple, scale: float, causal: bool = True
                      ) -> tuple[Tensor, Tensor, Tensor]:
     """The kernel's backward for ``out``/``lse`` (the merged ones: Note [backward through the merge])."""
     kernel, *sizes = consts
@@ -77,16 +78,16 @@ def _causal_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
         max_q, max_k = sizes
         return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
             dout, q, k, v, out, lse.unsqueeze(-1), seed, offset, None, None, None, max_q, max_k, 0.0,
-            True, scale=scale,  # cuDNN's logsumexp is [B, H, L, 1]
+            causal, scale=scale,  # cuDNN's logsumexp is [B, H, L, 1]
         )
     if kernel == "flash":
         cum_q, cum_k, seed, offset = tensors
         max_q, max_k = sizes
         return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            dout, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset, scale=scale
+            dout, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, causal, seed, offset, scale=scale
         )
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        dout, q, k, v, out, lse, 0.0, True, scale=scale
+        dout, q, k, v, out, lse, 0.0, causal, scale=scale
     )
 
 

@@ -1,0 +1,454 @@
+"""Context parallel Eagle3 attention: the sequence sharded over a process group, in one graph.
+
+Every round is sharded the same way along the sequence: rank r holds the same positions of q and
+of every round of the K/V buffer (:func:`shard_positions`). A query's suffix keys
+``q + s * Q_LEN`` then live on its own rank, so only the causal part over the first Q_LEN keys
+needs other ranks' data. Two modes:
+
+* ``"ulysses"``: all-to-all from sequence shards to head shards (q and the whole K/V buffer), the
+  unchanged single-GPU :class:`~compiled_mask.Eagle3Attention` on the full sequence for
+  ``Hq / P`` query heads (any backend, seq_lens and doc_ids included), all-to-all back.
+* ``"allgather"``: all-gather round 0 of K/V (the causal keys), the causal part of each local
+  query chunk against them, the local suffix rounds merged by log-sum-exp as the split backend
+  merges them; the gathered keys' gradients are reduce-scattered back.
+
+The collectives are ``torch.distributed._functional_collectives``, which torch.compile traces into
+the step's graph (forward and backward), so a compiled TTT step is still one graph for every
+value of ``rounds``. On CPU with gloo (torch 2.13) they trace under ``aot_eager``
+(``tests/test_distributed.py``) and compile with Inductor (docs/context_parallel.md, "Compiles").
+
+Note [shard layout]
+    Q_LEN is cut into ``n`` equal chunks of ``C`` positions: ``n = 2P`` for ``"zigzag"``, where
+    rank r holds chunks r and 2P-1-r (rank 0 the first and the last chunk): under a causal mask
+    every rank then has the same work (chunk c attends c*C + (C+1)/2 keys on average, and
+    r + (2P-1-r) is the same for every r); ``n = P`` for ``"contiguous"``, rank r holding chunk r
+    (the last rank does 2P-1 times the causal work of the first; simplest to shard by hand).
+    A rank's local sequence is its chunks in ascending order: ``L = Q_LEN / P`` positions.
+    The local K/V buffer is ``[B, Hkv, max_rounds * L, D]``: round s at ``[s * L, (s + 1) * L)``,
+    holding the rank's positions of round s in the same order as q. So the local buffer is the
+    global one with each round sharded like q (:func:`shard_sequence`), and a draft model writes
+    round s of its local keys at ``[s * L, (s + 1) * L)`` exactly as it would on one GPU with
+    ``q_len = L``. seq_lens ``[B]`` and doc_ids ``[B, Q_LEN]`` are *global* (every rank passes
+    the same tensors; they are small).
+
+Note [all-gather, not a ring]
+    The all-gather mode holds round 0 of K and V for the whole sequence on every rank
+    (``2 * Q_LEN * Hkv * D`` elements: 0.5 GB in bf16 at Q_LEN = 128K, 8 K/V heads, d=128)
+    instead of passing blocks round a ring. In exchange it is one collective forward and one
+    backward (a reduce-scatter of the gathered keys' gradients), which torch.compile traces as
+    plain functional collectives, and each query chunk's causal part is two large kernel calls
+    (its full prefix, its causal diagonal block) rather than P smaller ones. The diagonal blocks
+    and the suffix need only local data. docs/context_parallel.md counts the bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from torch import Tensor, nn
+
+from compiled_mask import _split
+from compiled_mask._blocks import _valid_positions
+from compiled_mask._checks import _check_doc_layout, _check_positive, _check_rounds
+from compiled_mask.modules import Eagle3Attention, _check_qkv
+
+__all__ = ["Eagle3ContextParallelAttention", "shard_positions", "shard_sequence"]
+
+_MODES = ("ulysses", "allgather")
+_LAYOUTS = ("zigzag", "contiguous")
+
+# torch 2.13 gives all_gather_single autograd and deprecates all_gather_tensor_autograd, the name
+# torch 2.11 has.
+_all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+
+
+def _check_layout(where: str, q_len: int, world_size: int, layout: str) -> None:
+    if layout not in _LAYOUTS:
+        raise ValueError(f"{where}: unknown layout={layout!r}; choose one of {list(_LAYOUTS)}.")
+    chunks = _num_chunks(world_size, layout)
+    if q_len % chunks != 0:
+        raise ValueError(
+            f"{where}: layout={layout!r} cuts Q_LEN into {chunks} equal chunks over "
+            f"world_size={world_size} ranks, got q_len={q_len} (not a multiple of {chunks}). "
+            f"Pad the sequence to a multiple of {chunks} (and mark the padding with seq_lens)."
+        )
+
+
+def _num_chunks(world_size: int, layout: str) -> int:
+    return 2 * world_size if layout == "zigzag" else world_size
+
+
+def _rank_chunks(world_size: int, rank: int, layout: str) -> tuple[int, ...]:
+    """The global chunk indices rank ``rank`` holds, in its local order (Note [shard layout])."""
+    return (rank, 2 * world_size - 1 - rank) if layout == "zigzag" else (rank,)
+
+
+def _global_order(world_size: int, layout: str) -> list[tuple[int, int]]:
+    """``(rank, local chunk)`` of each global chunk 0, 1, ..., in order."""
+    where = {c: (p, j) for p in range(world_size) for j, c in enumerate(_rank_chunks(world_size, p, layout))}
+    return [where[c] for c in range(_num_chunks(world_size, layout))]
+
+
+def shard_positions(q_len: int, world_size: int, rank: int, layout: str = "zigzag", *,
+                    device: torch.device | str | None = None) -> Tensor:
+    """The global positions a rank holds, in its local order (Note [shard layout]).
+
+    Args:
+        q_len: the global Q_LEN.
+        world_size, rank: the group's size and this rank in it.
+        layout: ``"zigzag"`` (rank r holds chunks r and 2P-1-r of 2P: balanced causal work) or
+            ``"contiguous"`` (chunk r of P).
+        device: where to put the result (default CPU).
+
+    Returns:
+        ``[q_len // world_size]`` int64: local position i is global position ``result[i]``. Use it
+        for rotary embeddings, to shard inputs (``x[..., result, :]``, or :func:`shard_sequence`
+        for every round at once), labels and loss masks.
+
+    Example::
+
+        >>> shard_positions(8, 2, 0)
+        tensor([0, 1, 6, 7])
+        >>> shard_positions(8, 2, 1, "contiguous")
+        tensor([4, 5, 6, 7])
+    """
+    where = "shard_positions"
+    _check_positive(where, q_len=q_len, world_size=world_size)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"{where}: rank must be an int in [0, world_size={world_size}), got rank={rank!r}.")
+    _check_layout(where, q_len, world_size, layout)
+    C = q_len // _num_chunks(world_size, layout)
+    return torch.cat([torch.arange(c * C, (c + 1) * C, device=device)
+                      for c in _rank_chunks(world_size, rank, layout)])
+
+
+def shard_sequence(x: Tensor, q_len: int, world_size: int, rank: int, layout: str = "zigzag", *,
+                   dim: int = 2) -> Tensor:
+    """A rank's shard of every round of a sequence tensor (Note [shard layout]).
+
+    Args:
+        x: a tensor whose ``dim`` holds ``R * q_len`` positions, R >= 1 rounds of q_len: q
+            ``[B, H, Q_LEN, D]`` (R = 1), the K/V buffer ``[B, Hkv, Q_LEN * max_rounds, D]``,
+            hidden states ``[B, Q_LEN, E]`` (``dim=1``), ...
+        q_len, world_size, rank, layout: as :func:`shard_positions`.
+        dim: the sequence dim.
+
+    Returns:
+        ``x`` with ``dim`` of size ``R * (q_len // world_size)``: round s's slice holds the
+        positions ``shard_positions(...)`` of round s, in that order. A copy.
+    """
+    where = "shard_sequence"
+    dim = dim % x.dim()
+    positions = shard_positions(q_len, world_size, rank, layout, device=x.device)
+    if x.size(dim) % q_len != 0:
+        raise ValueError(
+            f"{where}: dim {dim} of x must hold whole rounds of q_len={q_len} positions, got "
+            f"x.shape={tuple(x.shape)}."
+        )
+    rounds = x.size(dim) // q_len
+    xr = x.unflatten(dim, (rounds, q_len))  # [..., R, Q_LEN, ...]
+    return xr.index_select(dim + 1, positions).flatten(dim, dim + 1)  # [..., R * L, ...]
+
+
+class Eagle3ContextParallelAttention(nn.Module):
+    """Eagle3 TTT attention with the sequence sharded over a process group (module docstring).
+
+    A drop-in for :class:`~compiled_mask.Eagle3Attention` on each rank: the same ``forward``,
+    with each tensor replaced by the rank's shard (Note [shard layout]). ``q_len`` stays the
+    global Q_LEN; ``rounds`` stays a 0-d tensor, so a compiled step is one graph for every TTT
+    step, collectives included.
+
+    Args:
+        q_len: the global Q_LEN (queries per round over all ranks).
+        max_rounds: rounds the K/V buffer holds.
+        group: the process group the sequence is sharded over (default: the world).
+        mode: ``"ulysses"`` (all-to-all to head shards; needs Hq and Hkv divisible by the group
+            size) or ``"allgather"`` (round-0 K/V gathered, the causal part per query chunk, the
+            suffix local). See docs/context_parallel.md for which to pick.
+        layout: ``"zigzag"`` or ``"contiguous"`` (:func:`shard_positions`). Q_LEN must be a
+            multiple of 2P (zigzag) or P (contiguous).
+        backend: the attention backend. ``"ulysses"`` runs ``Eagle3Attention(backend=...)`` on
+            the gathered sequence, so any of ``"flex"``, ``"fa4"``, ``"split"``; ``"allgather"``
+            runs the split backend's kernels and takes only ``"split"``.
+        scale: softmax scale; default ``1 / sqrt(D)``.
+        block_size, kernel_options: for the Ulysses mode's block-mask backends
+            (``Eagle3Attention``).
+
+    Attributes:
+        positions: ``[L]`` int64 buffer, the global positions of this rank's queries (for rotary
+            embeddings); L = q_len // world_size.
+        local_len: L.
+        kv_len: ``L * max_rounds``, the length of the local K/V buffer (as ``Eagle3Attention.kv_len``
+            is the global one): a model that sizes its buffer by ``attn.kv_len`` and writes round s
+            at ``[s * attn.kv_len // max_rounds, ...)`` runs unchanged on either module.
+
+    Example::
+
+        # On each rank, after torch.distributed.init_process_group(...):
+        P, rank = dist.get_world_size(), dist.get_rank()
+        q_len, max_rounds = 64, 3
+        attn = Eagle3ContextParallelAttention(q_len, max_rounds, mode="allgather")
+        torch.manual_seed(0)  # the same global tensors on every rank, for the example
+        q = torch.randn(1, 4, q_len, 16)
+        k_buf, v_buf = torch.randn(2, 1, 2, q_len * max_rounds, 16)
+        local = [shard_sequence(t, q_len, P, rank) for t in (q, k_buf, v_buf)]
+        out = attn(*local, torch.tensor(2))  # [1, 4, q_len // P, 16]: the rows attn.positions
+        assert out.shape == (1, 4, q_len // P, 16)
+    """
+
+    def __init__(
+        self,
+        q_len: int,
+        max_rounds: int,
+        *,
+        group: dist.ProcessGroup | None = None,
+        mode: str = "allgather",
+        layout: str = "zigzag",
+        backend: str = "split",
+        scale: float | None = None,
+        block_size: int | tuple[int, int] | None = None,
+        kernel_options: dict | None = None,
+    ) -> None:
+        super().__init__()
+        where = type(self).__name__
+        _check_positive(where, q_len=q_len, max_rounds=max_rounds)
+        if mode not in _MODES:
+            raise ValueError(f"{where}: unknown mode={mode!r}; choose one of {list(_MODES)}.")
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError(
+                f"{where}: torch.distributed is not initialised. Call "
+                "torch.distributed.init_process_group(...) before building the module."
+            )
+        group = dist.group.WORLD if group is None else group
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        _check_layout(where, q_len, self.world_size, layout)
+        if mode == "allgather" and (backend != "split" or block_size is not None or kernel_options is not None):
+            raise ValueError(
+                f"{where}: mode='allgather' runs the split backend's kernels (a fused causal kernel "
+                f"and the suffix merge), got backend={backend!r}, block_size={block_size}, "
+                f"kernel_options={kernel_options}. Use backend='split', or mode='ulysses' for a "
+                "block-mask backend."
+            )
+        self.group = group
+        self.q_len = q_len
+        self.max_rounds = max_rounds
+        self.mode = mode
+        self.layout = layout
+        self.backend = backend
+        self.scale = scale
+        self.local_len = q_len // self.world_size
+        self.kv_len = self.local_len * max_rounds  # the local K/V buffer (Eagle3Attention.kv_len)
+        self.register_buffer("positions", shard_positions(q_len, self.world_size, self.rank, layout),
+                             persistent=False)
+        # The single-GPU attention the Ulysses mode runs on the full sequence of its head shard.
+        self.local = (
+            Eagle3Attention(q_len, max_rounds, backend=backend, block_size=block_size, scale=scale,
+                            kernel_options=kernel_options)
+            if mode == "ulysses" else None
+        )
+
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        rounds: Tensor | int,
+        *,
+        seq_lens: Tensor | None = None,
+        doc_ids: Tensor | None = None,
+    ) -> Tensor:
+        """Attention of this rank's queries over the live rounds (Note [shard layout]).
+
+        Args:
+            q: ``[B, Hq, L, D]``, this rank's queries (L = Q_LEN / P, positions
+                :attr:`positions`).
+            k: ``[B, Hkv, max_rounds * L, D]``, this rank's K buffer: round s at
+                ``[s * L, (s + 1) * L)``, the same positions as q. v: likewise ``[..., Dv]``.
+            rounds: live rounds, a 0-d int tensor (one graph for all values), or eagerly an int.
+            seq_lens: optional ``[B]``; doc_ids: optional ``[B, Q_LEN]``: *global*, as for
+                ``Eagle3Attention`` (every rank passes the same). doc_ids needs mode="ulysses".
+
+        Returns:
+            ``[B, Hq, L, Dv]``, this rank's rows of the global output.
+        """
+        where = type(self).__name__
+        L, P = self.local_len, self.world_size
+        for name, t, n in (("q", q, L), ("k", k, L * self.max_rounds), ("v", v, L * self.max_rounds)):
+            if t.dim() == 4 and t.size(2) != n:
+                raise ValueError(
+                    f"{where}: {name} must be this rank's shard of Q_LEN / world_size = {L} positions "
+                    f"{'per round ' if name != 'q' else ''}({n} in dim 2), got {name}.shape="
+                    f"{tuple(t.shape)}. Shard the global tensors with shard_sequence(x, "
+                    f"{self.q_len}, {P}, rank={self.rank}, layout={self.layout!r})."
+                )
+        _check_qkv(q, k, v, L, L * self.max_rounds)
+        _check_rounds(where, rounds, self.max_rounds, q.device)
+        if seq_lens is not None or doc_ids is not None:
+            batch = _check_doc_layout(where, self.q_len, 1, seq_lens, doc_ids, q.device)
+            if batch != q.size(0):
+                raise ValueError(f"{where}: seq_lens/doc_ids have batch {batch} but q has batch {q.size(0)}.")
+        if self.mode == "ulysses":
+            for name, heads in (("Hq", q.size(1)), ("Hkv", k.size(1))):
+                if heads % P != 0:
+                    raise ValueError(
+                        f"{where}: mode='ulysses' gives each of the {P} ranks a slice of the heads, "
+                        f"got {name}={heads}, not a multiple of {P}. Use mode='allgather' (any head "
+                        "count), or a group whose size divides both head counts."
+                    )
+            return self._ulysses(q, k, v, rounds, seq_lens, doc_ids)
+        if doc_ids is not None:
+            raise NotImplementedError(
+                f"{where}: doc_ids with mode='allgather' is not supported yet (the causal part "
+                "would need a kernel that stops at each document's start). Use mode='ulysses', "
+                "which takes doc_ids."
+            )
+        if q.device.type == "cuda" and q.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(
+                f"{where}: mode='allgather' runs fused attention kernels (cuDNN or flash) on CUDA, "
+                f"which take bf16 or fp16 inputs, got {q.dtype}. Cast q, k, v."
+            )
+        if not isinstance(rounds, Tensor):
+            rounds = torch.tensor(rounds, device=q.device)
+        out = self._allgather(q, k, v, rounds)
+        if seq_lens is None:
+            return out
+        # Note [padding without a mask_mod check] in modules.py: valid rows are exact; zero the rest.
+        positions = self.positions.to(q.device)  # (a no-op once the module is on q's device)
+        valid = _valid_positions(self.q_len, seq_lens, None, q.device)[:, positions]  # [B, L]
+        return out * valid[:, None, :, None].to(out.dtype)  # [B, Hq, L, Dv]
+
+    # ------------------------------------------------------------------------------- Ulysses
+
+    def _ulysses(self, q: Tensor, k: Tensor, v: Tensor, rounds: Tensor | int,
+                 seq_lens: Tensor | None, doc_ids: Tensor | None) -> Tensor:
+        qh = self._seq_to_heads(q, 1)  # [B, Hq/P, Q_LEN, D]
+        kh = self._seq_to_heads(k, self.max_rounds)  # [B, Hkv/P, Q_LEN * max_rounds, D]
+        vh = self._seq_to_heads(v, self.max_rounds)
+        out = self.local(qh, kh, vh, rounds, seq_lens=seq_lens, doc_ids=doc_ids)  # [B, Hq/P, Q_LEN, Dv]
+        return self._heads_to_seq(out)
+
+    def _seq_to_heads(self, x: Tensor, rounds: int) -> Tensor:
+        """``[B, H, R * L, D]`` sequence shard -> ``[B, H / P, R * Q_LEN, D]`` head shard, global
+        position order."""
+        P, L = self.world_size, self.local_len
+        B, H, _, D = x.shape
+        send = x.reshape(B, P, H // P, rounds, L, D).transpose(0, 1).contiguous()  # [P, B, H/P, R, L, D]
+        recv = funcol.all_to_all_single_autograd(send, None, None, self.group)  # [P(src), B, H/P, R, L, D]
+        n_local = len(_rank_chunks(P, 0, self.layout))
+        recv = recv.view(P, B, H // P, rounds, n_local, L // n_local, D)  # [P, B, H/P, R, nl, C, D]
+        pieces = [recv[p, :, :, :, j] for p, j in _global_order(P, self.layout)]  # each [B, H/P, R, C, D]
+        return torch.stack(pieces, dim=3).reshape(B, H // P, rounds * self.q_len, D)  # [B, H/P, R * Q_LEN, D]
+
+    def _heads_to_seq(self, x: Tensor) -> Tensor:
+        """``[B, H / P, Q_LEN, D]`` head shard (global order) -> ``[B, H, L, D]`` sequence shard."""
+        P, L = self.world_size, self.local_len
+        B, Hp, _, D = x.shape
+        n_local = len(_rank_chunks(P, 0, self.layout))
+        chunks = x.view(B, Hp, _num_chunks(P, self.layout), L // n_local, D)  # [B, H/P, n, C, D]
+        pieces = [chunks[:, :, c] for p in range(P) for c in _rank_chunks(P, p, self.layout)]
+        send = torch.stack(pieces).view(P, n_local, B, Hp, L // n_local, D)  # [P(dst), nl, B, H/P, C, D]
+        recv = funcol.all_to_all_single_autograd(send, None, None, self.group)  # [P(src), nl, B, H/P, C, D]
+        return recv.permute(2, 0, 3, 1, 4, 5).reshape(B, P * Hp, L, D)  # [B, H, L, D]
+
+    # ----------------------------------------------------------------------------- all-gather
+
+    def _allgather(self, q: Tensor, k: Tensor, v: Tensor, rounds: Tensor) -> Tensor:
+        P, L = self.world_size, self.local_len
+        B, Hkv, _, D = k.shape
+        n_local = len(_rank_chunks(P, 0, self.layout))
+        C = L // n_local
+        kv0 = torch.stack([k[:, :, :L], v[:, :, :L]])  # round 0: [2, B, Hkv, L, D]
+        gathered = _all_gather_autograd(kv0, 0, self.group)  # [P * 2, B, Hkv, L, D]
+        gathered = gathered.view(P, 2, B, Hkv, n_local, C, D)  # [P, 2, B, Hkv, nl, C, D]
+        pieces = [gathered[p, :, :, :, j] for p, j in _global_order(P, self.layout)]  # each [2, B, Hkv, C, D]
+        kv_full = torch.stack(pieces, dim=3).view(2, B, Hkv, self.q_len, D)  # [2, B, Hkv, Q_LEN, D]
+        scale = q.shape[-1] ** -0.5 if self.scale is None else self.scale
+        chunks = _rank_chunks(P, self.rank, self.layout)
+        return _ContextParallelSplit.apply(q, k, v, kv_full[0], kv_full[1], rounds, chunks, C, scale)
+
+
+def _merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Two softmax parts over disjoint keys as one: ``(out, lse)``, out in ``out_a``'s dtype."""
+    lse = torch.logaddexp(lse_a, lse_b)  # [B, H, C]
+    out = (torch.exp(lse_a - lse).unsqueeze(-1) * out_a.float()
+           + torch.exp(lse_b - lse).unsqueeze(-1) * out_b.float())  # [B, H, C, D]
+    return out.to(out_a.dtype), lse
+
+
+class _ContextParallelSplit(torch.autograd.Function):
+    """The split backend with its causal part cut per query chunk (Note [all-gather, not a ring]).
+
+    Local query chunk i holds global chunk ``g = chunks[i]`` (C positions): its causal keys are
+    the prefix ``[0, g * C)`` of the gathered round 0, all attended (a non-causal kernel call),
+    and its diagonal block ``[g * C, (g + 1) * C)``, causal, which is the rank's own round-0 keys
+    of that chunk. The two parts are merged by log-sum-exp, then the local suffix rounds by the
+    split backend's suffix op. Backward: each kernel's backward given the *merged* out/lse
+    (Note [backward through the merge] in ``_split.py``); the prefix gradients land in the
+    gathered keys' gradient, which the all-gather's backward reduce-scatters to their ranks.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, k_full: Tensor, v_full: Tensor, rounds: Tensor,
+                chunks: tuple[int, ...], C: int, scale: float) -> Tensor:
+        L = q.size(2)
+        outs, lses, saved, consts = [], [], [], []
+        for i, g in enumerate(chunks):
+            rows = slice(i * C, (i + 1) * C)
+            q_i = q[:, :, rows]  # [B, Hq, C, D]
+            out_i, lse_i, tensors, const = _split._causal_forward(q_i, k[:, :, rows], v[:, :, rows], scale)
+            saved += tensors
+            consts.append((const, len(tensors)))
+            if g > 0:  # the prefix: every key of the chunks before g
+                out_p, lse_p, tensors, const = _split._causal_forward(
+                    q_i, k_full[:, :, : g * C], v_full[:, :, : g * C], scale, causal=False)
+                saved += tensors
+                consts.append((const, len(tensors)))
+                out_i, lse_i = _merge(out_i, lse_i, out_p, lse_p)
+            outs.append(out_i)
+            lses.append(lse_i)
+        out_c = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]  # [B, Hq, L, Dv]
+        lse_c = torch.cat(lses, dim=2) if len(lses) > 1 else lses[0]  # [B, Hq, L]
+        out, lse = _split._suffix_forward(q, k, v, out_c, lse_c, rounds, L, scale)
+        ctx.save_for_backward(q, k, v, k_full, v_full, rounds, out, lse, *saved)
+        ctx.chunks, ctx.C, ctx.scale, ctx.consts = chunks, C, scale, consts
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        q, k, v, k_full, v_full, rounds, out, lse, *saved = ctx.saved_tensors
+        C, scale = ctx.C, ctx.scale
+        dout = dout.contiguous()
+        consts = iter(ctx.consts)
+
+        def kernel_backward(q_i, k_i, v_i, rows, causal):
+            nonlocal saved
+            const, n = next(consts)
+            tensors, saved = tuple(saved[:n]), saved[n:]
+            # Row slices of the merged dout/out/lse, made dense for the kernels (a no-op with one
+            # chunk).
+            return _split._causal_backward(dout[:, :, rows].contiguous(), q_i, k_i, v_i,
+                                           out[:, :, rows].contiguous(), lse[:, :, rows].contiguous(),
+                                           tensors, const, scale, causal=causal)
+
+        dq_c, dk_c, dv_c = [], [], []
+        dk_full = torch.zeros(k_full.shape, dtype=torch.float32, device=k_full.device)
+        dv_full = torch.zeros(v_full.shape, dtype=torch.float32, device=v_full.device)
+        for i, g in enumerate(ctx.chunks):
+            rows = slice(i * C, (i + 1) * C)
+            q_i = q[:, :, rows]
+            dq_i, dk_i, dv_i = kernel_backward(q_i, k[:, :, rows], v[:, :, rows], rows, True)
+            if g > 0:
+                dq_p, dk_p, dv_p = kernel_backward(q_i, k_full[:, :, : g * C], v_full[:, :, : g * C],
+                                                   rows, False)
+                dq_i = dq_i + dq_p
+                dk_full[:, :, : g * C] += dk_p
+                dv_full[:, :, : g * C] += dv_p
+            dq_c.append(dq_i)
+            dk_c.append(dk_i)
+            dv_c.append(dv_i)
+        cat = lambda ts: torch.cat(ts, dim=2) if len(ts) > 1 else ts[0]  # noqa: E731
+        dq, dk, dv = _split._suffix_backward(dout, q, k, v, out, lse, rounds, cat(dq_c), cat(dk_c),
+                                             cat(dv_c), q.size(2), scale)
+        return dq, dk, dv, dk_full.to(k_full.dtype), dv_full.to(v_full.dtype), None, None, None, None
