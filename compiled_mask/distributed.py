@@ -49,8 +49,9 @@ import torch.distributed._functional_collectives as funcol
 from torch import Tensor, nn
 
 from compiled_mask import _split
-from compiled_mask._blocks import _valid_positions
-from compiled_mask._checks import _check_doc_layout, _check_positive, _check_rounds
+from compiled_mask._checks import _check_doc_layout, _check_positive, _check_rounds, _live_rounds
+from compiled_mask._layout import _valid_queries
+from compiled_mask._op import _first_keys
 from compiled_mask.modules import Eagle3Attention, _check_qkv
 
 __all__ = ["Eagle3ContextParallelAttention", "shard_positions", "shard_sequence"]
@@ -309,14 +310,14 @@ class Eagle3ContextParallelAttention(nn.Module):
                 f"{where}: mode='allgather' runs fused attention kernels (cuDNN or flash) on CUDA, "
                 f"which take bf16 or fp16 inputs, got {q.dtype}. Cast q, k, v."
             )
-        if not isinstance(rounds, Tensor):
-            rounds = torch.tensor(rounds, device=q.device)
+        rounds = _live_rounds(rounds, self.max_rounds, q.device)  # Note [widen rounds first]
         out = self._allgather(q, k, v, rounds)
         if seq_lens is None:
             return out
         # Note [padding without a mask_mod check] in modules.py: valid rows are exact; zero the rest.
         positions = self.positions.to(q.device)  # (a no-op once the module is on q's device)
-        valid = _valid_positions(self.q_len, seq_lens, None, q.device)[:, positions]  # [B, L]
+        first_key = _first_keys(self.q_len, seq_lens, None)  # [B, Q_LEN], Note [one layout table]
+        valid = _valid_queries(self.q_len, first_key, q.device)[:, positions]  # [B, L]
         return out * valid[:, None, :, None].to(out.dtype)  # [B, Hq, L, Dv]
 
     # ------------------------------------------------------------------------------- Ulysses
