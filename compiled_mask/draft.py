@@ -35,7 +35,6 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from compiled_mask._blocks import _doc_layout
 from compiled_mask.modules import Eagle3Attention
 
 __all__ = ["Eagle3DraftConfig", "Eagle3DraftModel", "Eagle3Model", "Eagle3Output"]
@@ -394,9 +393,10 @@ class Eagle3Model(nn.Module):
             target_p = None
             target_ids = target.clamp(min=0)
             mask = mask & (target >= 0)
+        first_key = None
         if seq_lens is not None or doc_ids is not None:
-            valid, start = _doc_layout(T, seq_lens, doc_ids, input_ids.device)  # [B, T] each
-            mask = mask & valid
+            first_key = _first_key(T, seq_lens, doc_ids)  # [B, T]
+            mask = mask & (first_key <= torch.arange(T, device=first_key.device))  # valid positions
 
         hidden = draft.project_hidden_states(hidden_states.to(draft.fc.weight.dtype))  # [B, T, H]
         positions = torch.arange(T + self.length - 1, device=input_ids.device)  # [T + length - 1]
@@ -412,8 +412,8 @@ class Eagle3Model(nn.Module):
             # Step s predicts, at position t < T - s, what step 0 predicts at t + s.
             logits = draft.compute_logits(hidden)[:, : T - s]  # [B, T - s, V]
             step_mask = mask[:, s:]  # [B, T - s]
-            if doc_ids is not None:
-                step_mask = step_mask & (start[:, s:] == start[:, : T - s])  # same document
+            if first_key is not None:  # the shifted target in the same document
+                step_mask = step_mask & (first_key[:, s:] == first_key[:, : T - s])
             step_p = None if target_p is None else target_p[:, s:]  # [B, T - s, V]
             ploss, acc = _step_loss(logits, step_p, target_ids[:, s:], step_mask)
             plosses.append(ploss)
@@ -470,6 +470,28 @@ class Eagle3Model(nn.Module):
 
     def extra_repr(self) -> str:
         return f"q_len={self.q_len}, length={self.length}, attention_backend={self.attention_backend!r}"
+
+
+def _first_key(T: int, seq_lens: Tensor | None, doc_ids: Tensor | None) -> Tensor:
+    """``first_key [B, T]`` int64: the first position of each position's document (0 without
+    documents), T for padding (past ``seq_lens`` or marked -1).
+
+    The per-sample layout rule of ``eagle3_mask_mod`` (a document is a maximal run of equal ids;
+    -1 and positions past ``seq_lens`` are padding) as one table: two valid positions are in one
+    document iff their entries are equal, and position t is valid iff ``first_key[t] <= t``.
+    """
+    device = (doc_ids if doc_ids is not None else seq_lens).device
+    pos = torch.arange(T, device=device)  # [T]
+    if doc_ids is None:
+        first_key = torch.zeros(seq_lens.shape[0], T, dtype=torch.int64, device=device)  # [B, T]
+    else:
+        starts_run = torch.ones_like(doc_ids, dtype=torch.bool)  # [B, T]
+        starts_run[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+        first_key = torch.where(starts_run, pos, 0).cummax(-1).values  # [B, T]
+        first_key = torch.where(doc_ids == -1, T, first_key)
+    if seq_lens is not None:
+        first_key = torch.where(pos >= seq_lens.unsqueeze(-1), T, first_key)  # [B, T]
+    return first_key
 
 
 def _loss_dtype(t: Tensor) -> torch.dtype:

@@ -51,13 +51,8 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone, uninstalled
-from compiled_mask import (  # noqa: E402
-    Eagle3Attention,
-    Eagle3DraftConfig,
-    Eagle3DraftModel,
-    Eagle3Model,
-    eagle3_mask_mod,
-)
+from compiled_mask import Eagle3Attention, eagle3_mask_mod  # noqa: E402
+from compiled_mask import Eagle3DraftConfig, Eagle3DraftModel, Eagle3Model  # noqa: E402
 from compiled_mask._fa4 import fa4_available  # noqa: E402
 from compiled_mask._op import _eagle3_block_mask_op  # noqa: E402
 from compiled_mask.block_mask import _static_eagle3_block_mask  # noqa: E402
