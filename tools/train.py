@@ -115,9 +115,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch.compile backend for the training step ('none': eager)")
     parser.add_argument("--batches", type=int, default=16,
                         help="distinct synthetic batches, cycled (generated up front)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default on CPU: 1; the small draft gains "
+                             "little from more, and on a busy machine more threads wait on each other)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
+    if args.threads or device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
     dtype = getattr(torch, args.dtype) if args.dtype else (
         torch.float32 if device.type == "cpu" else torch.bfloat16)
     torch.manual_seed(args.seed)
