@@ -5,6 +5,8 @@ Public API:
     eagle3_block_mask(Q_LEN, ...)   the BlockMask, analytically, in O(blocks); eager or compiled
     Eagle3BlockMask                 nn.Module: the static-width BlockMask for a live-round tensor
     Eagle3Attention                 nn.Module: mask + attention, one graph for all TTT steps
+    Eagle3DraftConfig, Eagle3DraftModel, Eagle3Model, Eagle3Output
+                                    an Eagle3 draft and its TTT training unroll (draft.py)
 """
 
 __all__ = [
@@ -12,8 +14,13 @@ __all__ = [
     "eagle3_block_mask",
     "Eagle3BlockMask",
     "Eagle3Attention",
+    "Eagle3DraftConfig",
+    "Eagle3DraftModel",
+    "Eagle3Model",
+    "Eagle3Output",
 ]
 
 from compiled_mask.block_mask import eagle3_block_mask
+from compiled_mask.draft import Eagle3DraftConfig, Eagle3DraftModel, Eagle3Model, Eagle3Output
 from compiled_mask.mask_mod import eagle3_mask_mod
 from compiled_mask.modules import Eagle3Attention, Eagle3BlockMask

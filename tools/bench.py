@@ -16,7 +16,13 @@ Four tables, one run, all rows side by side:
    seq_lens, backend "flex"; a packed batch (2 rows of documents of random lengths) with and
    without doc_ids, per backend;
 3. compile cost: cold compile time (a fresh process per backend) and graph count of a TTT loop
-   of rounds 1..8, per backend.
+   of rounds 1..8, per backend;
+4. draft training step (``--only draft``, not in the default run): one whole Eagle3 TTT training
+   step (forward and backward of a Llama-3-8B-sized draft, 7 TTT steps, bf16) as one compiled
+   graph with each backend, against the way trainers do it today (the model eager, a new
+   ``create_block_mask(..., _compile=True)`` per TTT step, a compiled ``flex_attention``, K/V
+   growing each step): step time, TFLOP/s, peak memory, cold compile time and graphs, at Q_LEN
+   8192 and 32768, one fresh process per row.
 
 Timing: CUDA events through triton.testing.do_bench (median, after warm-up), fresh random inputs,
 several input sets rotated so the cache does not flatter small sizes; on CPU (--smoke) a
@@ -46,6 +52,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone, uninstalled
 from compiled_mask import Eagle3Attention, eagle3_mask_mod  # noqa: E402
+from compiled_mask import Eagle3DraftConfig, Eagle3DraftModel, Eagle3Model  # noqa: E402
 from compiled_mask._fa4 import fa4_available  # noqa: E402
 from compiled_mask._op import _eagle3_block_mask_op  # noqa: E402
 from compiled_mask._op import _first_keys  # noqa: E402
@@ -432,6 +439,145 @@ def compile_row(spec: dict) -> dict:
     return row
 
 
+# ----------------------------------------------------------------------------- 4. draft step
+
+LLAMA3_8B_DRAFT = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, draft_vocab_size=32000)
+SMOKE_DRAFT = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=512, draft_vocab_size=256)
+TODAY = "today: create_block_mask(_compile=True) per TTT step + compiled flex_attention, model eager"
+
+
+class TodayEagle3Model(Eagle3Model):
+    """The TTT step as open-source Eagle3 trainers run it: the model eager, K/V caches that grow
+    by one round per TTT step (``torch.cat``), a new ``create_block_mask(..., _compile=True)``
+    per step over the grown length, and ``torch.compile(flex_attention)``. Same parameters and
+    loss as :class:`Eagle3Model`; only the attention differs."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, attention_backend="flex", **kwargs)
+        self.flex = torch.compile(flex_attention)
+
+    def _layer(self, embeds, hidden, cos, sin, s, k_rounds, v_rounds, seq_lens, doc_ids):
+        layer = self.draft_model.midlayer
+        B, T, _ = hidden.shape
+        x = torch.cat((layer.input_layernorm(embeds), layer.hidden_norm(hidden)), dim=-1)
+        q, k, v = layer.self_attn.project(x, cos, sin)
+        k_rounds.append(k)
+        v_rounds.append(v)
+        k_cache, v_cache = torch.cat(k_rounds, dim=2), torch.cat(v_rounds, dim=2)  # [B, Hkv, T * (s + 1), D]
+        block_mask = create_block_mask(eagle3_mask_mod(T), 1, 1, T, T * (s + 1), device=q.device,
+                                       _compile=True)
+        out = self.flex(q, k_cache, v_cache, block_mask=block_mask, enable_gqa=True)
+        hidden = hidden + layer.self_attn.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+def draft_step_tflop(cfg: Eagle3DraftConfig, q_len: int, length: int, batch: int = 1) -> tuple[float, float]:
+    """(matmul TFLOP, attention TFLOP) of one training step, forward + backward.
+
+    Matmuls: every projection of each TTT step three times (forward, input and weight
+    gradients), ``fc`` twice (its input, the target's hidden states, needs no gradient), the
+    frozen embedding not at all. Attention: the causal half of Q_LEN x Q_LEN per step (the
+    suffix diagonals add Q_LEN * s pairs, negligible), forward 2 and backward 5 matmuls.
+    """
+    H, I, D = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    Hq, Hkv, V = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.draft_vocab_size
+    per_token = 2 * (2 * H * (Hq + 2 * Hkv) * D + Hq * D * H + 3 * H * I + H * V)  # one step, fwd
+    tokens = batch * q_len
+    matmul = 3 * per_token * tokens * length + 2 * 2 * 3 * cfg.target_hidden_size * H * tokens
+    attention = length * 3.5 * 2 * batch * Hq * D * q_len * q_len  # causal: 2 * (4 * T^2 * D / 2)
+    return matmul / 1e12, attention / 1e12
+
+
+def draft_rows(device, q_lens, methods, length, smoke, reps) -> list[dict]:
+    """One fresh Python process per (method, Q_LEN): cold compile, then step time and peak memory."""
+    rows = []
+    for q_len in q_lens:
+        for method in methods:
+            spec = dict(device=str(device), method=method, q_len=q_len, length=length, smoke=smoke,
+                        reps=reps)
+            row = dict(table="draft", method=_draft_method_name(method), Q_LEN=q_len, ttt_steps=length)
+            if device.type == "cpu" and method != "split":
+                row["skipped"] = "needs CUDA (flex_attention has no CPU backward)"
+            else:
+                run = subprocess.run([sys.executable, __file__, "--draft-row", json.dumps(spec)],
+                                     capture_output=True, text=True)
+                lines = run.stdout.strip().splitlines()
+                if run.returncode == 0 and lines:
+                    row = json.loads(lines[-1])
+                else:
+                    err = (run.stderr.strip().splitlines() or [""])[-1][:160]
+                    row["skipped"] = f"exit {run.returncode}: {err}"
+            rows.append(row)
+            print(_fmt_row(row), flush=True)
+    return rows
+
+
+def _draft_method_name(method: str) -> str:
+    return TODAY if method == "today" else f"Eagle3Model({method!r}), one graph"
+
+
+def draft_row(spec: dict) -> dict:
+    """One row of the draft table, in this (fresh) process."""
+    device = torch.device(spec["device"])
+    q_len, length, method = spec["q_len"], spec["length"], spec["method"]
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    cfg = Eagle3DraftConfig(**(SMOKE_DRAFT if spec["smoke"] else LLAMA3_8B_DRAFT))
+    row = dict(table="draft", method=_draft_method_name(method), Q_LEN=q_len, ttt_steps=length)
+    matmul_tf, attn_tf = draft_step_tflop(cfg, q_len, length)
+    torch.manual_seed(0)
+    draft = Eagle3DraftModel(cfg)
+    draft.freeze_embedding()
+    if method == "today":
+        model = TodayEagle3Model(draft, q_len, length)
+    else:
+        model = Eagle3Model(draft, q_len, length, attention_backend=method)
+    model.to(device, dtype)
+    g = torch.Generator(device=device).manual_seed(0)
+    inputs = (torch.randint(0, cfg.vocab_size, (1, q_len), device=device, generator=g),
+              torch.randn(1, q_len, 3 * cfg.hidden_size, device=device, dtype=dtype, generator=g),
+              torch.randn(1, q_len, cfg.draft_vocab_size, device=device, generator=g).softmax(-1),
+              torch.ones(1, q_len, dtype=torch.bool, device=device))
+    params = [p for p in model.parameters() if p.requires_grad]
+    step = model if method == "today" else torch.compile(model, fullgraph=True)
+
+    def train_step():
+        out = step(*inputs)
+        out.loss.backward()
+        for p in params:
+            p.grad = None
+        return out
+
+    try:
+        with torch._inductor.utils.fresh_cache():
+            t0 = time.perf_counter()
+            train_step()
+            _sync(device)
+            row["cold_s"] = round(time.perf_counter() - t0, 1)
+            train_step()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            times = []
+            for _ in range(spec["reps"]):
+                _sync(device)
+                t0 = time.perf_counter()
+                train_step()
+                _sync(device)
+                times.append(time.perf_counter() - t0)
+        step_s = statistics.median(times)
+        row.update(step_ms=round(1e3 * step_s, 1), TFLOP=round(matmul_tf + attn_tf, 3),
+                   **{"TFLOP/s": round((matmul_tf + attn_tf) / step_s, 3)},
+                   graphs=torch._dynamo.utils.counters["stats"]["unique_graphs"])
+        if device.type == "cuda":
+            row["peak_GiB"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
+    except torch.OutOfMemoryError:
+        row["skipped"] = "out of memory"
+    except Exception as e:  # noqa: BLE001 - a method that cannot run is a row too
+        row["skipped"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    return row
+
+
 # ----------------------------------------------------------------------------- profile
 
 
@@ -495,7 +641,10 @@ TABLES = {
                   "x_one_document", "skipped"],
     "compile": ["method", "Q_LEN", "rounds", "pass_", "cold_s", "later_steps_ms", "graphs",
                 "skipped"],
+    "draft": ["method", "Q_LEN", "ttt_steps", "step_ms", "TFLOP", "TFLOP/s", "peak_GiB", "cold_s",
+              "graphs", "skipped"],
 }
+DEFAULT_TABLES = [t for t in TABLES if t != "draft"]  # the draft step runs only when asked for
 
 
 def markdown(rows: list[dict]) -> str:
@@ -565,17 +714,24 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="a subset, under 5 minutes on a GPU")
     mode.add_argument("--smoke", action="store_true", help="tiny sizes, any device (CI)")
-    parser.add_argument("--only", choices=list(TABLES), nargs="+", default=list(TABLES))
+    parser.add_argument("--only", choices=list(TABLES), nargs="+", default=DEFAULT_TABLES,
+                        help="tables to run (default: all but 'draft': 8 rows of a minute or two each)")
     parser.add_argument("--backends", nargs="+", choices=["flex", "split", "fa4"],
                         help="Eagle3Attention backends to time (default: all that can run here)")
     parser.add_argument("--profile", action="store_true",
                         help="also write the top kernels of one fwd+bwd step per backend (profile.txt)")
     parser.add_argument("--compile-row", help=argparse.SUPPRESS)  # internal: one cold compile
+    parser.add_argument("--draft-row", help=argparse.SUPPRESS)  # internal: one draft-step row
+    parser.add_argument("--draft-q-lens", type=int, nargs="+",
+                        help="Q_LEN values of the draft table (default: 8192 32768; --smoke: 64)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     args = parser.parse_args(argv)
     if args.compile_row:
         print(json.dumps(compile_row(json.loads(args.compile_row))))
+        return 0
+    if args.draft_row:
+        print(json.dumps(draft_row(json.loads(args.draft_row))))
         return 0
     device = torch.device(args.device)
     warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
@@ -619,6 +775,10 @@ def main(argv: list[str] | None = None) -> int:
         rows += compile_rows(device, dtype, att["q_len"] if not args.smoke else 128,
                              8 if not args.smoke else 3, att["heads"], att["D"], backends,
                              backward=device.type == "cuda")
+    if "draft" in args.only:
+        q_lens_draft = args.draft_q_lens or ([64] if args.smoke else [8192, 32768])
+        rows += draft_rows(device, q_lens_draft, backends + ["today"], length=3 if args.smoke else 7,
+                           smoke=args.smoke, reps=2 if args.smoke else 5)
 
     args.out.mkdir(parents=True, exist_ok=True)
     if args.profile:

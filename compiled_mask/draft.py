@@ -1,0 +1,523 @@
+"""An Eagle3 draft model and its TTT training unroll, one compiled graph for the whole step.
+
+The draft is built the way SpecForge (``LlamaForCausalLMEagle3``) and TorchSpec build theirs, with
+the same module and parameter names, so their checkpoints' state dicts load here:
+
+    fc                 Linear(3 * target_hidden_size -> hidden_size): fuses the target's three
+                       auxiliary hidden states (a low, a middle and a late layer)
+    embed_tokens       the target's token embedding (usually frozen: ``freeze_embedding()``)
+    midlayer           one Llama decoder layer whose attention reads 2 * hidden_size:
+                         input_layernorm(token embedding) ++ hidden_norm(hidden states)
+                         -> self_attn (q/k/v_proj, RoPE, GQA through Eagle3Attention, o_proj)
+                         + residual -> post_attention_layernorm -> mlp (SwiGLU) + residual
+    norm, lm_head      RMSNorm and the head over the draft vocabulary
+    t2d, d2t           vocabulary maps: t2d[target id] is True for ids in the draft vocabulary,
+                       d2t[draft id] = target id - draft id
+
+:class:`Eagle3Model` is the training-time test (TTT) unroll, as TorchSpec's ``Eagle3Model`` and
+SpecForge's ``OfflineEagle3Model`` run it: step s feeds its hidden states to step s + 1, shifts
+the token ids, target and loss mask by one more position, writes its K/V as round s of the
+static buffer and attends over rounds 0..s with the Eagle3 mask. Each step's loss is the cross
+entropy against the target's next-token distribution (or ids) under the loss mask; the total
+weights step s by 0.8**s, as Eagle3 does. Everything, including the loss, is tensor ops with no
+data-dependent Python, so ``torch.compile(Eagle3Model(...), fullgraph=True)`` gives one graph for
+the forward and backward of the whole step, for every batch of the same shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import Tensor, nn
+
+from compiled_mask.modules import Eagle3Attention
+
+__all__ = ["Eagle3DraftConfig", "Eagle3DraftModel", "Eagle3Model", "Eagle3Output"]
+
+
+@dataclasses.dataclass
+class Eagle3DraftConfig:
+    """Sizes of an Eagle3 draft (HF ``LlamaConfig`` names; the defaults are Llama-3-8B's).
+
+    Args:
+        hidden_size: width of the draft (and, unless ``target_hidden_size`` says otherwise, of
+            the target's hidden states).
+        intermediate_size: SwiGLU width.
+        num_attention_heads, num_key_value_heads: query and K/V heads (GQA when they differ).
+        head_dim: per-head width; default ``hidden_size // num_attention_heads``.
+        vocab_size: the target's vocabulary (embedding rows, ``t2d``).
+        draft_vocab_size: rows of ``lm_head`` (the tokens the draft proposes).
+        target_hidden_size: width of each of the target's three auxiliary hidden states; default
+            ``hidden_size``.
+        rms_norm_eps: RMSNorm epsilon.
+        rope_theta: RoPE base (Llama 3: 500000).
+    """
+
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int | None = None
+    vocab_size: int = 128256
+    draft_vocab_size: int = 32000
+    target_hidden_size: int | None = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+
+    def __post_init__(self) -> None:
+        where = "Eagle3DraftConfig"
+        for name in ("hidden_size", "intermediate_size", "num_attention_heads",
+                     "num_key_value_heads", "vocab_size", "draft_vocab_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{where}: {name} must be an int >= 1, got {name}={value!r}.")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"{where}: hidden_size={self.hidden_size} is not a multiple of "
+                    f"num_attention_heads={self.num_attention_heads}; set head_dim explicitly."
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.head_dim % 2:
+            raise ValueError(f"{where}: RoPE needs an even head_dim, got head_dim={self.head_dim}.")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"{where}: num_attention_heads must be a multiple of num_key_value_heads (GQA), "
+                f"got {self.num_attention_heads} and {self.num_key_value_heads}."
+            )
+        if self.draft_vocab_size > self.vocab_size:
+            raise ValueError(
+                f"{where}: draft_vocab_size={self.draft_vocab_size} exceeds vocab_size="
+                f"{self.vocab_size}; the draft vocabulary is a subset of the target's."
+            )
+        if self.target_hidden_size is None:
+            self.target_hidden_size = self.hidden_size
+
+
+class Eagle3Output(NamedTuple):
+    """What :class:`Eagle3Model` returns; all tensors, so nothing syncs with the host.
+
+    Attributes:
+        loss: 0-d float32, ``sum_s 0.8**s * plosses[s]`` (backpropagate this).
+        plosses: ``[length]`` float32, each TTT step's masked mean cross entropy.
+        acces: ``[length]`` float32, each step's top-1 agreement with the target on its
+            masked positions.
+    """
+
+    loss: Tensor
+    plosses: Tensor
+    acces: Tensor
+
+
+class _RMSNorm(nn.Module):
+    """Llama's RMSNorm: normalise in float32, scale in the input dtype (``weight`` [hidden])."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x32.to(x.dtype)
+
+
+class _MLP(nn.Module):
+    """SwiGLU: ``down_proj(silu(gate_proj(x)) * up_proj(x))``."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _SelfAttention(nn.Module):
+    """The projections of the Eagle3 layer: q/k/v from ``2 * hidden_size`` inputs, o_proj back."""
+
+    def __init__(self, config: Eagle3DraftConfig) -> None:
+        super().__init__()
+        H, D = config.hidden_size, config.head_dim
+        self.num_heads, self.num_key_value_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, D)
+        self.q_proj = nn.Linear(2 * H, self.num_heads * D, bias=False)
+        self.k_proj = nn.Linear(2 * H, self.num_key_value_heads * D, bias=False)
+        self.v_proj = nn.Linear(2 * H, self.num_key_value_heads * D, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * D, H, bias=False)
+
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``x [B, T, 2 * hidden]`` -> q ``[B, Hq, T, D]``, k and v ``[B, Hkv, T, D]``, RoPE on q, k."""
+        B, T, _ = x.shape
+        D = self.head_dim
+        q = self.q_proj(x).view(B, T, self.num_heads, D).transpose(1, 2)  # [B, Hq, T, D]
+        k = self.k_proj(x).view(B, T, self.num_key_value_heads, D).transpose(1, 2)  # [B, Hkv, T, D]
+        v = self.v_proj(x).view(B, T, self.num_key_value_heads, D).transpose(1, 2)  # [B, Hkv, T, D]
+        # contiguous(): the attention kernels (and Inductor's CPU flex kernel) want [B, H, T, D]
+        # rows; the K/V round is copied into the buffer anyway.
+        return _rope(q, cos, sin).contiguous(), _rope(k, cos, sin), v
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding, HF's rotate-half convention: ``x [B, H, T, D]``, cos/sin ``[T, D]``."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)  # [B, H, T, D]
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class _DecoderLayer(nn.Module):
+    """SpecForge's ``midlayer``: a Llama decoder layer over [embedding ++ hidden states]."""
+
+    def __init__(self, config: Eagle3DraftConfig) -> None:
+        super().__init__()
+        H, eps = config.hidden_size, config.rms_norm_eps
+        self.self_attn = _SelfAttention(config)
+        self.mlp = _MLP(H, config.intermediate_size)
+        self.hidden_norm = _RMSNorm(H, eps)
+        self.input_layernorm = _RMSNorm(H, eps)
+        self.post_attention_layernorm = _RMSNorm(H, eps)
+
+
+class Eagle3DraftModel(nn.Module):
+    """The Eagle3 draft (SpecForge's ``LlamaForCausalLMEagle3``: same modules, same names).
+
+    The pieces a TTT step uses are methods with SpecForge's names: :meth:`embed_input_ids`,
+    :meth:`project_hidden_states`, :meth:`compute_logits`; the decoder layer runs inside
+    :class:`Eagle3Model`, which owns the K/V rounds and the attention.
+
+    Args:
+        config: the sizes (:class:`Eagle3DraftConfig`).
+
+    Example::
+
+        >>> cfg = Eagle3DraftConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+        ...                         num_key_value_heads=2, vocab_size=300, draft_vocab_size=100)
+        >>> draft = Eagle3DraftModel(cfg)
+        >>> draft.midlayer.self_attn.q_proj.weight.shape  # reads [embedding ++ hidden states]
+        torch.Size([64, 128])
+    """
+
+    def __init__(self, config: Eagle3DraftConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.fc = nn.Linear(3 * config.target_hidden_size, config.hidden_size, bias=False)
+        self.midlayer = _DecoderLayer(config)
+        self.norm = _RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.draft_vocab_size, bias=False)
+        # The identity map until set_vocab_mapping: draft id i is target id i.
+        self.register_buffer("t2d", torch.arange(config.vocab_size) < config.draft_vocab_size)
+        self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.int64))
+        inv_freq = 1.0 / config.rope_theta ** (
+            torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [D / 2]
+
+    def freeze_embedding(self) -> None:
+        """Stop training ``embed_tokens`` (it is the target's; Eagle3 trainers keep it frozen)."""
+        self.embed_tokens.weight.requires_grad_(False)
+
+    def embed_input_ids(self, input_ids: Tensor) -> Tensor:
+        """``[B, T]`` target-vocabulary ids -> ``[B, T, hidden_size]``."""
+        return self.embed_tokens(input_ids)
+
+    def project_hidden_states(self, hidden_states: Tensor) -> Tensor:
+        """The target's three auxiliary hidden states ``[B, T, 3 * target_hidden_size]`` ->
+        ``[B, T, hidden_size]`` (``fc``)."""
+        expected = 3 * self.config.target_hidden_size
+        if hidden_states.size(-1) != expected:
+            raise ValueError(
+                f"Eagle3DraftModel: hidden_states must be the target's three auxiliary hidden "
+                f"states concatenated, [B, T, 3 * target_hidden_size = {expected}], got shape "
+                f"{tuple(hidden_states.shape)}."
+            )
+        return self.fc(hidden_states)
+
+    def compute_logits(self, hidden_states: Tensor) -> Tensor:
+        """``[B, T, hidden_size]`` (pre-norm) -> ``[B, T, draft_vocab_size]`` logits."""
+        return self.lm_head(self.norm(hidden_states))
+
+    def rope_cos_sin(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos and sin ``[P, head_dim]`` of RoPE at ``positions [P]``."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [P, D / 2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    @torch.no_grad()
+    def set_vocab_mapping(self, draft_to_target: Tensor) -> None:
+        """Set ``t2d``/``d2t`` from the target id of each draft id.
+
+        Args:
+            draft_to_target: ``[draft_vocab_size]`` distinct target ids (e.g. the most frequent
+                tokens, sorted), as SpecForge's vocab-mapping file lists them.
+        """
+        n = self.config.draft_vocab_size
+        if draft_to_target.shape != (n,) or draft_to_target.dtype.is_floating_point:
+            raise ValueError(
+                f"Eagle3DraftModel.set_vocab_mapping: expected [{n}] int target ids, got shape "
+                f"{tuple(draft_to_target.shape)} and dtype {draft_to_target.dtype}."
+            )
+        ids = draft_to_target.to(self.d2t.device, torch.int64)
+        self.d2t.copy_(ids - torch.arange(n, device=ids.device))
+        self.t2d.zero_()
+        self.t2d[ids] = True
+
+    def target_to_draft_ids(self, target_ids: Tensor) -> Tensor:
+        """Target-vocabulary ids -> draft ids, -1 where the draft vocabulary lacks the token."""
+        n = self.config.draft_vocab_size
+        table = torch.full((self.config.vocab_size,), -1, dtype=torch.int64, device=self.d2t.device)
+        table[self.d2t + torch.arange(n, device=self.d2t.device)] = torch.arange(n, device=self.d2t.device)
+        return table[target_ids.clamp(min=0)].masked_fill(target_ids < 0, -1)
+
+
+# Note [writing a round]
+#     Eagle3 TTT step s attends over the K/V of steps 0..s, a static buffer
+#     [B, Hkv, Q_LEN * length, D] with round s at [s * Q_LEN, (s + 1) * Q_LEN). Two ways of
+#     writing a round into a buffer that lives outside the step both fail for training:
+#       - in place (``k_buf[:, :, s * Q_LEN:(s + 1) * Q_LEN] = k``): step s - 1's attention saved
+#         the buffer for its backward, so backward() raises "modified by an inplace operation";
+#       - functionally with the buffer as an input of a compiled step (``index_copy``, as the demo
+#         does in inference): the buffer of step 1 is a fresh zeros tensor, that of step 2 an
+#         output of step 1 that requires grad, and dynamo guards on requires_grad, so it compiles
+#         a second graph ("tensor 'k_buf' requires_grad mismatch").
+#     Here the buffer never exists outside the step. Each step keeps its round as its own tensor
+#     and the buffer of step s is built from the rounds so far plus zeros for the dead ones,
+#     ``cat([k_0, ..., k_s, 0])``, inside the one compiled graph of the whole unroll: nothing is
+#     written in place (autograd saves no tensor that is later modified), no buffer is a graph
+#     input (no requires_grad guard), and cat's backward hands each round exactly its slice of the
+#     buffer's gradient. Built that way and saved for backward, the buffers would cost
+#     O(length**2) memory (step s holds a whole buffer: 7 steps at Q_LEN 8192, 8 K/V heads, d 128,
+#     bf16 keep 1.5 GiB of buffers where the rounds are 0.22 GiB), so the cat runs under activation
+#     checkpointing: the compiled graph saves only the rounds (O(length)) and rebuilds each
+#     step's buffer in the backward, one copy of the rounds per step (tests/test_draft.py checks
+#     what the compiled step saves; docs/benchmarks.md has the bytes). Only the compiled step gains:
+#     eagerly the attention's own autograd node keeps the buffer it was given, so eager runs
+#     (the tests' reference) build it plainly and stay O(length**2).
+def _round_buffer(length: int, *rounds: Tensor) -> Tensor:
+    """``cat([r_0, ..., r_s])`` padded with zeros (finite, never attended) for the rounds not yet
+    written: the static buffer ``[B, H, Q_LEN * length, D]``."""
+    T = rounds[0].shape[2]
+    buf = torch.cat(rounds, dim=2) if len(rounds) > 1 else rounds[0]  # [B, H, T * (s + 1), D]
+    # One op for the zeros (not a cat with a zeros tensor): a separate zeros tensor would be
+    # constant-folded out of the checkpointed region and saved for backward.
+    return F.pad(buf, (0, 0, 0, T * (length - len(rounds))))  # [B, H, T * length, D]
+
+
+def _build_buffer(rounds: list[Tensor], length: int) -> Tensor:
+    """:func:`_round_buffer`, under activation checkpointing when compiled with autograd
+    (Note [writing a round])."""
+    needs_grad = torch.is_grad_enabled() and any(r.requires_grad for r in rounds)
+    if not (needs_grad and torch.compiler.is_compiling()):
+        return _round_buffer(length, *rounds)
+    return torch.utils.checkpoint.checkpoint(_round_buffer, length, *rounds, use_reentrant=False)
+
+
+class Eagle3Model(nn.Module):
+    """Eagle3 training-time test: ``length`` draft steps, the loss and its per-step parts.
+
+    As TorchSpec's ``Eagle3Model`` (``draft_model``, ``length``, ``attention_backend``): step s
+    embeds the ids shifted by s, runs the decoder layer on them and on the previous step's hidden
+    states (step 0: ``fc`` of the target's auxiliary states), writes its K/V as round s and
+    attends over rounds 0..s with :class:`~compiled_mask.Eagle3Attention` (query q sees the causal
+    keys of round 0 and key q of each later round). RoPE positions of step s are ``t + s``. The
+    loss of step s compares ``compute_logits`` at position t with the target at ``t + s``.
+
+    Compile it whole: ``torch.compile(Eagle3Model(...), fullgraph=True)``; one graph serves the
+    forward and backward of every batch of the same shape (new ``seq_lens``/``doc_ids`` values
+    included; None and a tensor are two graphs, so pass the same kind every call).
+
+    Args:
+        draft_model: the :class:`Eagle3DraftModel`.
+        q_len: tokens per sample (T); batches are padded or packed to it.
+        length: TTT steps (Eagle3 uses 7).
+        attention_backend: ``Eagle3Attention``'s backend: "split", "flex" or "fa4".
+        loss_decay: step s's loss weight is ``loss_decay ** s`` (Eagle3: 0.8).
+    """
+
+    def __init__(self, draft_model: Eagle3DraftModel, q_len: int, length: int = 7, *,
+                 attention_backend: str = "split", loss_decay: float = 0.8) -> None:
+        super().__init__()
+        for name, value in (("q_len", q_len), ("length", length)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Eagle3Model: {name} must be an int >= 1, got {name}={value!r}.")
+        self.draft_model = draft_model
+        self.q_len = q_len
+        self.length = length
+        self.attention_backend = attention_backend
+        self.attn = Eagle3Attention(q_len, length, backend=attention_backend)
+        self.loss_decay = loss_decay
+        self.register_buffer("live_rounds", torch.arange(1, length + 1), persistent=False)  # [length]
+
+    def forward(self, input_ids: Tensor, hidden_states: Tensor, target: Tensor, loss_mask: Tensor,
+                *, seq_lens: Tensor | None = None, doc_ids: Tensor | None = None) -> Eagle3Output:
+        """One TTT unroll: losses and accuracies of every step.
+
+        The inputs are aligned for step 0, as TorchSpec's ``Eagle3Model`` and SpecForge's offline
+        trainer receive them: at position t the target model has read tokens ..t, and
+
+        Args:
+            input_ids: ``[B, T]`` target-vocabulary ids, the token *after* position t.
+            hidden_states: ``[B, T, 3 * target_hidden_size]``, the target's three auxiliary
+                hidden states at position t, concatenated.
+            target: what step 0 predicts at position t (the token after ``input_ids[:, t]``):
+                either ``[B, T, draft_vocab_size]`` float probabilities over the draft vocabulary
+                (the target's next-token distribution), or ``[B, T]`` int draft-vocabulary ids,
+                -1 where the token is not in the draft vocabulary (no loss there;
+                :meth:`Eagle3DraftModel.target_to_draft_ids` maps target ids).
+            loss_mask: ``[B, T]`` bool or 0/1: which step-0 predictions count. Step s uses it
+                shifted by s (positions whose target lies past T drop out).
+            seq_lens: optional ``[B]`` valid length of each sample (padded batch).
+            doc_ids: optional ``[B, T]`` document of each position, -1 for padding (packed
+                batch; a document is a maximal run of equal ids). The attention stays inside
+                documents, and step s drops positions whose shifted target is in another document.
+
+        Returns:
+            :class:`Eagle3Output`: ``loss`` (weighted sum of the steps), ``plosses`` and
+            ``acces`` ``[length]``.
+        """
+        draft = self.draft_model
+        B, T = input_ids.shape
+        self._check_inputs(input_ids, hidden_states, target, loss_mask)
+        mask = loss_mask.bool()
+        if target.dtype.is_floating_point:
+            target_p = target.to(_loss_dtype(target))
+            target_ids = target_p.argmax(-1)  # [B, T], once for all steps
+        else:
+            target_p = None
+            target_ids = target.clamp(min=0)
+            mask = mask & (target >= 0)
+        first_key = None
+        if seq_lens is not None or doc_ids is not None:
+            first_key = _first_key(T, seq_lens, doc_ids)  # [B, T]
+            mask = mask & (first_key <= torch.arange(T, device=first_key.device))  # valid positions
+
+        hidden = draft.project_hidden_states(hidden_states.to(draft.fc.weight.dtype))  # [B, T, H]
+        positions = torch.arange(T + self.length - 1, device=input_ids.device)  # [T + length - 1]
+        cos_all, sin_all = draft.rope_cos_sin(positions, hidden.dtype)  # [T + length - 1, D] each
+        k_rounds: list[Tensor] = []
+        v_rounds: list[Tensor] = []
+        plosses, acces = [], []
+        for s in range(self.length):
+            ids = input_ids if s == 0 else F.pad(input_ids[:, s:], (0, s))  # [B, T], shifted by s
+            embeds = draft.embed_input_ids(ids).to(hidden.dtype)  # [B, T, H]
+            hidden = self._layer(embeds, hidden, cos_all[s : s + T], sin_all[s : s + T], s,
+                                 k_rounds, v_rounds, seq_lens, doc_ids)
+            # Step s predicts, at position t < T - s, what step 0 predicts at t + s.
+            logits = draft.compute_logits(hidden)[:, : T - s]  # [B, T - s, V]
+            step_mask = mask[:, s:]  # [B, T - s]
+            if first_key is not None:  # the shifted target in the same document
+                step_mask = step_mask & (first_key[:, s:] == first_key[:, : T - s])
+            step_p = None if target_p is None else target_p[:, s:]  # [B, T - s, V]
+            ploss, acc = _step_loss(logits, step_p, target_ids[:, s:], step_mask)
+            plosses.append(ploss)
+            acces.append(acc)
+        loss = sum(self.loss_decay**s * ploss for s, ploss in enumerate(plosses))
+        return Eagle3Output(loss, torch.stack(plosses), torch.stack(acces))
+
+    def _layer(self, embeds: Tensor, hidden: Tensor, cos: Tensor, sin: Tensor, s: int,
+               k_rounds: list[Tensor], v_rounds: list[Tensor], seq_lens: Tensor | None,
+               doc_ids: Tensor | None) -> Tensor:
+        """One pass of the decoder layer (TTT step s): the next hidden states ``[B, T, H]``."""
+        layer = self.draft_model.midlayer
+        B, T, _ = hidden.shape
+        residual = hidden
+        x = torch.cat((layer.input_layernorm(embeds), layer.hidden_norm(hidden)), dim=-1)  # [B, T, 2H]
+        q, k, v = layer.self_attn.project(x, cos, sin)
+        k_rounds.append(k)
+        v_rounds.append(v)
+        k_buf = _build_buffer(k_rounds, self.length)  # [B, Hkv, T * length, D]
+        v_buf = _build_buffer(v_rounds, self.length)
+        out = self.attn(q, k_buf, v_buf, self.live_rounds[s], seq_lens=seq_lens, doc_ids=doc_ids)
+        out = out.transpose(1, 2).reshape(B, T, -1)  # [B, T, Hq * D]
+        hidden = residual + layer.self_attn.o_proj(out)
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))  # [B, T, H]
+
+    def _check_inputs(self, input_ids: Tensor, hidden_states: Tensor, target: Tensor,
+                      loss_mask: Tensor) -> None:
+        where = "Eagle3Model"
+        cfg = self.draft_model.config
+        if input_ids.dim() != 2 or input_ids.shape[1] != self.q_len:
+            raise ValueError(
+                f"{where}: input_ids must be [B, T] with T = q_len = {self.q_len}, got shape "
+                f"{tuple(input_ids.shape)}. Pad or pack batches to q_len."
+            )
+        B, T = input_ids.shape
+        if hidden_states.shape[:2] != (B, T):
+            raise ValueError(
+                f"{where}: hidden_states must be [B, T, 3 * target_hidden_size] with B, T = {B}, "
+                f"{T} (from input_ids), got shape {tuple(hidden_states.shape)}."
+            )
+        if target.dtype.is_floating_point:
+            if target.shape != (B, T, cfg.draft_vocab_size):
+                raise ValueError(
+                    f"{where}: a float target must be [B, T, draft_vocab_size] = "
+                    f"[{B}, {T}, {cfg.draft_vocab_size}] probabilities, got shape {tuple(target.shape)}."
+                )
+        elif target.shape != (B, T):
+            raise ValueError(
+                f"{where}: an int target must be [B, T] = [{B}, {T}] draft-vocabulary ids, got "
+                f"shape {tuple(target.shape)}."
+            )
+        if loss_mask.shape != (B, T):
+            raise ValueError(f"{where}: loss_mask must be [B, T] = [{B}, {T}], got {tuple(loss_mask.shape)}.")
+
+    def extra_repr(self) -> str:
+        return f"q_len={self.q_len}, length={self.length}, attention_backend={self.attention_backend!r}"
+
+
+def _first_key(T: int, seq_lens: Tensor | None, doc_ids: Tensor | None) -> Tensor:
+    """``first_key [B, T]`` int64: the first position of each position's document (0 without
+    documents), T for padding (past ``seq_lens`` or marked -1).
+
+    The per-sample layout rule of ``eagle3_mask_mod`` (a document is a maximal run of equal ids;
+    -1 and positions past ``seq_lens`` are padding) as one table: two valid positions are in one
+    document iff their entries are equal, and position t is valid iff ``first_key[t] <= t``.
+    """
+    device = (doc_ids if doc_ids is not None else seq_lens).device
+    pos = torch.arange(T, device=device)  # [T]
+    if doc_ids is None:
+        first_key = torch.zeros(seq_lens.shape[0], T, dtype=torch.int64, device=device)  # [B, T]
+    else:
+        starts_run = torch.ones_like(doc_ids, dtype=torch.bool)  # [B, T]
+        starts_run[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+        first_key = torch.where(starts_run, pos, 0).cummax(-1).values  # [B, T]
+        first_key = torch.where(doc_ids == -1, T, first_key)
+    if seq_lens is not None:
+        first_key = torch.where(pos >= seq_lens.unsqueeze(-1), T, first_key)  # [B, T]
+    return first_key
+
+
+def _loss_dtype(t: Tensor) -> torch.dtype:
+    """float32 for bf16/fp16 (the loss is computed in float32), else the tensor's own dtype."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _step_loss(logits: Tensor, target_p: Tensor | None, target_ids: Tensor, mask: Tensor
+               ) -> tuple[Tensor, Tensor]:
+    """Masked mean cross entropy and top-1 agreement of one TTT step.
+
+    Args:
+        logits: ``[B, L, V]``; target_p: ``[B, L, V]`` target probabilities, or None to score
+            ``target_ids``; target_ids: ``[B, L]`` the target's token (its argmax), >= 0;
+            mask: ``[B, L]`` bool, the positions that count.
+
+    Returns:
+        ``(loss, acc)``, 0-d (float32 or wider); both 0 when no position counts.
+    """
+    logp = torch.log_softmax(logits.to(_loss_dtype(logits)), dim=-1)  # [B, L, V], float32 or wider
+    if target_p is not None:
+        nll = -(target_p * logp).sum(-1)  # [B, L]
+    else:
+        nll = -logp.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)  # [B, L]
+    weight = mask.to(logp.dtype)
+    count = weight.sum().clamp(min=1.0)
+    loss = (nll * weight).sum() / count
+    acc = ((logits.argmax(-1) == target_ids).to(logp.dtype) * weight).sum() / count
+    return loss, acc
