@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
@@ -19,11 +20,14 @@ def flex_eagle3_attention(
 
     Args:
         q: ``[B, Hq, Q_LEN, D]``; k, v: ``[B, Hkv, KV_LEN, D]`` with Hq a multiple of Hkv.
-        block_mask: the Eagle3 BlockMask (its B and H may be 1 and broadcast).
+        block_mask: the Eagle3 BlockMask (its B and H may be 1 and broadcast), whose mask_mod
+            attends no key at or past the live end (Note [live keys in mask_mod]).
 
     Returns:
         ``[B, Hq, Q_LEN, Dv]``.
     """
+    if q.device.type == "cpu":
+        k, v, block_mask = _whole_kv_blocks(k, v, block_mask)
     return flex_attention(
         q,
         k,
@@ -33,3 +37,30 @@ def flex_eagle3_attention(
         enable_gqa=q.size(1) != k.size(1),
         kernel_options=kernel_options,
     )
+
+
+def _whole_kv_blocks(k: Tensor, v: Tensor, block_mask: BlockMask) -> tuple[Tensor, Tensor, BlockMask]:
+    """k, v and the mask over a key axis padded with zeros to a whole number of KV blocks.
+
+    Note [CPU flex and short key blocks]
+        Inductor's CPU flex template (torch 2.13) returns wrong outputs, differently from run to
+        run, when the key length is below the KV block size, where it takes the key length as
+        its kv split (seen with head dim 16 and key lengths 8, 24, 40, 56, 120: errors of 0.7 to
+        2.3, and NaN, against eager flex; create_block_mask's own masks alike). With the key axis
+        padded to whole KV blocks the kernel's split is always the block size, and the results
+        are exact. The padded keys are never attended: they lie past the live end, which the
+        block tensors and the mask_mod's live check both exclude (Note [live keys in mask_mod]
+        in ``block_mask.py``); the block tensors cover them already (n_kv blocks of KV_BS keys).
+        Padding costs a copy of k and v on CPU only, and only when KV_LEN is not a multiple of
+        KV_BLOCK_SIZE. (tests/test_attention.py and the compiled API fuzz fail without it.)
+    """
+    Q_LEN, KV_LEN = block_mask.seq_lengths
+    kv_bs = block_mask.BLOCK_SIZE[1]
+    pad = -KV_LEN % kv_bs
+    if pad == 0:
+        return k, v, block_mask
+    k = F.pad(k, (0, 0, 0, pad))  # [B, Hkv, n_kv * KV_BS, D]
+    v = F.pad(v, (0, 0, 0, pad))
+    padded = BlockMask((Q_LEN, KV_LEN + pad), *block_mask.as_tuple()[2:10], BLOCK_SIZE=block_mask.BLOCK_SIZE,
+                       mask_mod=block_mask.mask_mod)
+    return k, v, padded

@@ -112,3 +112,16 @@ def test_compiled_rounds_of_a_narrow_dtype(ttt_attention, dtype, value, live):
     out = compiled(q, k, v, torch.tensor(value, dtype=dtype))
     want = dense_reference_attention(q, k, v, eagle3_dense(200, 800, live_kv_len=200 * live))
     torch.testing.assert_close(out.double(), want, rtol=0, atol=ATOL)
+
+
+@pytest.mark.usefixtures("fresh_compile_state")
+@pytest.mark.parametrize("q_len, max_rounds", [(40, 3), (8, 1)])
+def test_compiled_flex_keys_shorter_than_a_block(q_len, max_rounds):
+    """Key axes shorter than one KV block (Note [CPU flex and short key blocks]): Inductor's CPU
+    kernel alone gets these wrong, differently per run; three runs must all be exact."""
+    attn = torch.compile(Eagle3Attention(q_len, max_rounds), fullgraph=True)
+    for seed in range(3):
+        q, k, v = _qkv(1, 2, 2, q_len, q_len * max_rounds, seed=seed)
+        out = attn(q, k, v, torch.tensor(max_rounds))
+        allowed = eagle3_dense(q_len, q_len * max_rounds)
+        torch.testing.assert_close(out.double(), dense_reference_attention(q, k, v, allowed), rtol=0, atol=ATOL)
