@@ -1,0 +1,232 @@
+"""The Triton kernels on CPU, in the Triton interpreter, against their torch references.
+
+The fused block build (``_triton_blocks.py``) is a second copy of the block rule in
+``_blocks.py``, and the suffix kernels (``_triton_suffix.py``) a second copy of the suffix math in
+``_split.py``. On a GPU they run compiled; here the interpreter runs them on CPU tensors, so CI
+holds each copy to its reference on shapes and layouts that exercise every branch.
+
+Note [an interpreter process of its own]
+    ``TRITON_INTERPRET=1`` must be set before triton is first imported (triton's own library
+    functions, ``tl.cumsum`` and the like, are jitted at import), and it must not be set where real
+    kernels run. So the tests below run in a fresh process with the variable set
+    (:func:`test_in_the_triton_interpreter`, which shows their output); in the parent process they
+    are skipped with that reason.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import strategies
+import torch
+import triton  # noqa: F401  (the test extra installs it; a missing triton must fail, not skip)
+
+from compiled_mask import _split
+from compiled_mask._blocks import eagle3_block_tensors
+from compiled_mask._op import _first_keys, _live_kv_len
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+in_interpreter = pytest.mark.skipif(
+    not INTERPRETED, reason="runs in its own TRITON_INTERPRET=1 process: test_in_the_triton_interpreter")
+CPU = torch.device("cpu")
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the interpreter process")
+def test_in_the_triton_interpreter():
+    """Run this file's kernel tests in a fresh process with TRITON_INTERPRET=1 (Note [an
+    interpreter process of its own]): all of them must run, none skip, and pass."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = Path(__file__).resolve().parent.parent  # pytest's rootdir: node ids are relative to it
+    this = f"{Path(__file__).resolve().relative_to(root)}::{test_in_the_triton_interpreter.__name__}"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "--deselect", this],
+        cwd=root, env=env, capture_output=True, text=True,
+    )
+    summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else ""
+    print(run.stdout[-4000:], run.stderr[-2000:])
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    assert re.fullmatch(r"\d+ passed, 1 deselected in .*", summary), summary
+
+
+@pytest.fixture(scope="module")
+def blocks():
+    from compiled_mask import _triton_blocks
+
+    return _triton_blocks
+
+
+@pytest.fixture(scope="module")
+def suffix():
+    from compiled_mask import _triton_suffix
+
+    return _triton_suffix
+
+
+def _assert_build_matches(blocks, Q_LEN, KV_LEN, q_bs, kv_bs, B, H, rounds, seq_lens=None, doc_ids=None):
+    """The fused build (one or two interpreted kernels) == the torch-ops build, all eight tensors."""
+    rounds_t = None if rounds is None else torch.tensor(rounds)
+    first_key = _first_keys(Q_LEN, seq_lens, doc_ids)
+    if first_key is not None:
+        B = first_key.shape[0]
+    got = blocks.eagle3_block_tensors_triton(Q_LEN, KV_LEN, q_bs, kv_bs, B, H, rounds_t, CPU, first_key)
+    live = KV_LEN if rounds is None else _live_kv_len(rounds_t, Q_LEN, KV_LEN)
+    want = eagle3_block_tensors(Q_LEN, KV_LEN, q_bs, kv_bs, B, H, live, CPU, first_key)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.shape == w.shape and g.dtype == w.dtype, i
+        assert torch.equal(g, w), (Q_LEN, KV_LEN, q_bs, kv_bs, B, H, rounds, i, seq_lens, doc_ids)
+
+
+# (Q_LEN, KV_LEN, Q_BS, KV_BS, B, H, rounds): each a branch of the rule.
+BUILD_CASES = [
+    (256, 1024, 128, 128, 1, 1, None),  # aligned
+    (300, 1000, 128, 64, 2, 3, None),  # unaligned, partial last round, B x H copies
+    (100, 500, 64, 32, 1, 1, 3),  # a live count: diagonals straddle the live end
+    (100, 500, 64, 32, 1, 1, 0),  # clamped to 1
+    (100, 500, 64, 32, 1, 1, 99),  # clamped to max_rounds
+    (7, 30, 1, 1, 1, 1, 2),  # 1x1 blocks: every pair its own block
+    (1, 5, 1, 1, 1, 1, None),  # Q_LEN = 1: FULL suffix blocks
+    (12, 40, 4, 2, 1, 2, None),  # tiny rectangular blocks
+]
+
+
+@in_interpreter
+@pytest.mark.parametrize("case", BUILD_CASES)
+def test_fused_build_matches_torch_ops(blocks, case):
+    _assert_build_matches(blocks, *case)
+
+
+# With layouts: (Q_LEN, KV_LEN, Q_BS, KV_BS, H, rounds, seq_lens, doc_ids)
+LAYOUT_CASES = [
+    (100, 400, 64, 32, 1, 2, [100, 37, 0, -3, 200], None),  # full, partial, empty, negative, long
+    (12, 36, 4, 2, 2, None, None, [[0] * 3 + [1] * 3 + [0] * 3 + [1] * 3, [-1] * 12]),  # 0,1,0,1
+    (130, 390, 128, 64, 1, 3, [120, 130], [[0] * 60 + [-1] * 5 + [0] * 65, [5] * 130]),  # -1 inside
+    # Two valid queries, 23 and 95: kv block [192, 224) holds the end of round 1 and the start of
+    # round 2, whose residues wrap (92..99, 0..23); q-block 0 needs it only for query 23.
+    (100, 300, 64, 32, 1, 3, None, [[-1] * 23 + [0] + [-1] * 71 + [1] + [-1] * 4]),
+    # Runs of 12 valid and 4 padding positions: every 16-wide chunk of the tables ends in padding,
+    # and a 24-query block's first valid query at or after position 12 is in the next chunk.
+    (100, 300, 24, 12, 1, 2, [90], [([0] * 12 + [-1] * 4) * 6 + [1] * 4]),
+]
+
+
+@in_interpreter
+@pytest.mark.parametrize("case", [(256, 1024, 32, 16, 2, 1, 3), (100, 500, 16, 8, 1, 1, None),
+                                  LAYOUT_CASES[2], LAYOUT_CASES[4]])
+def test_fused_build_in_small_chunks(blocks, monkeypatch, case):
+    """Rows and tables scanned in chunks of 16 (on a GPU: 1024), so that the carries between
+    chunks (ranks, counts, running starts) are exercised on small shapes."""
+    monkeypatch.setattr(blocks, "_block", lambda width: 16)
+    monkeypatch.setattr(blocks, "_TABLE_BLOCK", 16)
+    if len(case) == 7:
+        _assert_build_matches(blocks, *case)
+    else:
+        _assert_layout_case_matches(blocks, case)
+
+
+def _assert_layout_case_matches(blocks, case):
+    Q_LEN, KV_LEN, q_bs, kv_bs, H, rounds, seq_lens, doc_ids = case
+    seq_lens = None if seq_lens is None else torch.tensor(seq_lens)
+    doc_ids = None if doc_ids is None else torch.tensor(doc_ids)
+    _assert_build_matches(blocks, Q_LEN, KV_LEN, q_bs, kv_bs, 1, H, rounds, seq_lens, doc_ids)
+
+
+@in_interpreter
+@pytest.mark.parametrize("case", LAYOUT_CASES)
+def test_fused_build_with_layouts_matches_torch_ops(blocks, case):
+    _assert_layout_case_matches(blocks, case)
+
+
+@in_interpreter
+def test_fused_build_random_layouts(blocks):
+    """Random shapes, block sizes, live counts and layouts (strided, any int dtype)."""
+    rng = random.Random(0)
+    for _ in range(12):
+        kv_bs = rng.choice([1, 2, 8, 16, 64])
+        q_bs = kv_bs * rng.choice([1, 2, 4])
+        Q_LEN = rng.randint(1, 120)
+        KV_LEN = Q_LEN * rng.randint(1, 4) + rng.randint(0, Q_LEN - 1)
+        if -(-KV_LEN // kv_bs) > 64:  # a program per block row: keep the interpreter's count small
+            q_bs, kv_bs = 64, 32
+        rounds = rng.choice([None, rng.randint(-1, -(-KV_LEN // Q_LEN) + 1)])
+        B = rng.randint(1, 3)
+        seq_lens, doc_ids = _random_layout(rng, B, Q_LEN)
+        _assert_build_matches(blocks, Q_LEN, KV_LEN, q_bs, kv_bs, B, rng.randint(1, 2), rounds, seq_lens, doc_ids)
+
+
+def _random_layout(rng, B, Q_LEN):
+    kind = rng.choice(["none", "lens", "docs", "both", "sparse"])
+    if kind == "sparse":  # a few valid positions among padding
+        ids = torch.where(torch.rand(B, Q_LEN, generator=torch.Generator().manual_seed(rng.randint(0, 99))) < 0.1,
+                          torch.arange(Q_LEN) % 3, -1)
+        return None, ids
+    seq_lens = doc_ids = None
+    if kind in ("lens", "both"):
+        seq_lens = strategies.with_strides(
+            torch.tensor([rng.randint(-2, Q_LEN + 2) for _ in range(B)]).to(rng.choice(strategies.INT_DTYPES)),
+            rng.choice(strategies.STRIDES))
+    if kind in ("docs", "both"):
+        rows = []
+        for _ in range(B):
+            row = []
+            while len(row) < Q_LEN:
+                row += [rng.choice([-1, 0, 0, 1, 1, 2])] * rng.randint(1, max(1, Q_LEN // rng.choice([1, 4, 16])))
+            rows.append(row[:Q_LEN])
+        doc_ids = strategies.with_strides(torch.tensor(rows).to(rng.choice(strategies.INT_DTYPES)),
+                                          rng.choice(strategies.STRIDES))
+    return seq_lens, doc_ids
+
+
+# ----------------------------------------------------------------------------- suffix kernels
+
+# (B, Hq, Hkv, q_len, max_rounds, live, D, Dv)
+SUFFIX_CASES = [
+    (2, 4, 2, 37, 4, 3, 16, 16),  # Q_LEN off the 32-query tiles, GQA, a dead round
+    (1, 2, 2, 64, 3, 3, 8, 8),  # every round live
+    (1, 3, 1, 33, 3, 1, 16, 16),  # one live round: the suffix adds nothing
+    (1, 2, 1, 40, 3, 9, 24, 16),  # head dim off a power of two, Dv != D, live count clamped
+]
+
+
+def _suffix_inputs(B, Hq, Hkv, q_len, max_rounds, D, Dv, dtype, strided, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda *shape: torch.randn(*shape, generator=g).to(dtype)  # noqa: E731
+    kv = q_len * max_rounds
+    if strided:  # [B, S, H, D] storage, viewed as [B, H, S, D]
+        q = make(B, q_len, Hq, D).transpose(1, 2)
+        k, v = make(B, kv, Hkv, D).transpose(1, 2), make(B, kv, Hkv, Dv).transpose(1, 2)
+    else:
+        q, k, v = make(B, Hq, q_len, D), make(B, Hkv, kv, D), make(B, Hkv, kv, Dv)
+    out_c, lse_c = make(B, Hq, q_len, Dv), torch.randn(B, Hq, q_len, generator=g)
+    return q, k, v, out_c, lse_c
+
+
+@in_interpreter
+@pytest.mark.parametrize("case", SUFFIX_CASES)
+@pytest.mark.parametrize("dtype, strided", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)])
+def test_suffix_kernels_match_torch(suffix, case, dtype, strided):
+    """Forward merge and backward (dq, dk, dv) of the interpreted kernels == the torch math."""
+    B, Hq, Hkv, q_len, max_rounds, live, D, Dv = case
+    q, k, v, out_c, lse_c = _suffix_inputs(B, Hq, Hkv, q_len, max_rounds, D, Dv, dtype, strided)
+    rounds, scale = torch.tensor(live), D**-0.5
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+
+    out, lse = suffix.suffix_forward_triton(q, k, v, out_c, lse_c, rounds, q_len, scale)
+    want_out, want_lse = _split._suffix_forward_reference(q, k, v, out_c, lse_c, rounds, q_len, scale)
+    torch.testing.assert_close(out, want_out, **tol)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+
+    g = torch.Generator().manual_seed(1)
+    dout = torch.randn(out.shape, generator=g).to(dtype)
+    dq_c = torch.randn(q.shape, generator=g).to(dtype)
+    dk_c, dv_c = (torch.randn(B, Hkv, q_len, d, generator=g).to(dtype) for d in (D, Dv))
+    got = suffix.suffix_backward_triton(dout, q, k, v, want_out, want_lse, rounds, dq_c, dk_c, dv_c, q_len, scale)
+    want = _split._suffix_backward_reference(dout, q, k, v, want_out, want_lse, rounds, dq_c, dk_c, dv_c,
+                                             q_len, scale)
+    for name, x, y in zip(("dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(x, y, **tol, msg=lambda m: f"{name}: {m}")
