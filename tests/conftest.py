@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch._dynamo
 import torch._inductor.utils
+from hypothesis import Phase, settings
 
 
 def pytest_collection_modifyitems(config, items):
@@ -30,3 +31,11 @@ def fa4_installed(monkeypatch):
     from compiled_mask import _fa4
 
     monkeypatch.setattr(_fa4, "fa4_available", lambda: True)
+
+
+# Hypothesis: "ci" (the default) prints the reproduction blob of a failure (add the printed
+# @reproduce_failure(...) to the test to replay it) and the seed; "dev" skips shrinking, for a
+# quick first look at a failure: pytest --hypothesis-profile=dev.
+settings.register_profile("ci", print_blob=True, deadline=None)
+settings.register_profile("dev", print_blob=True, deadline=None, phases=[Phase.explicit, Phase.generate])
+settings.load_profile("ci")
