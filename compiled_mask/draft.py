@@ -35,6 +35,9 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from compiled_mask._checks import _check_doc_layout
+from compiled_mask._layout import _valid_queries
+from compiled_mask._op import _first_keys
 from compiled_mask.modules import Eagle3Attention
 
 __all__ = ["Eagle3DraftConfig", "Eagle3DraftModel", "Eagle3Model", "Eagle3Output"]
@@ -339,6 +342,17 @@ class Eagle3Model(nn.Module):
         length: TTT steps (Eagle3 uses 7).
         attention_backend: ``Eagle3Attention``'s backend: "split", "flex" or "fa4".
         loss_decay: step s's loss weight is ``loss_decay ** s`` (Eagle3: 0.8).
+
+    Example::
+
+        >>> cfg = Eagle3DraftConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2,
+        ...                         num_key_value_heads=1, vocab_size=50, draft_vocab_size=20)
+        >>> model = Eagle3Model(Eagle3DraftModel(cfg), q_len=16, length=3)
+        >>> ids, hidden = torch.randint(50, (2, 16)), torch.randn(2, 16, 3 * 32)
+        >>> out = model(ids, hidden, torch.randint(20, (2, 16)), torch.ones(2, 16))
+        >>> out.plosses.shape, out.acces.shape  # per TTT step
+        (torch.Size([3]), torch.Size([3]))
+        >>> out.loss.backward()
     """
 
     def __init__(self, draft_model: Eagle3DraftModel, q_len: int, length: int = 7, *,
@@ -395,8 +409,10 @@ class Eagle3Model(nn.Module):
             mask = mask & (target >= 0)
         first_key = None
         if seq_lens is not None or doc_ids is not None:
-            first_key = _first_key(T, seq_lens, doc_ids)  # [B, T]
-            mask = mask & (first_key <= torch.arange(T, device=first_key.device))  # valid positions
+            if _check_doc_layout("Eagle3Model", T, 1, seq_lens, doc_ids, input_ids.device) != B:
+                raise ValueError(f"Eagle3Model: seq_lens/doc_ids must have batch B={B} (from input_ids).")
+            first_key = _first_keys(T, seq_lens, doc_ids)  # [B, T], Note [one layout table]
+            mask = mask & _valid_queries(T, first_key, first_key.device)  # valid positions
 
         hidden = draft.project_hidden_states(hidden_states.to(draft.fc.weight.dtype))  # [B, T, H]
         positions = torch.arange(T + self.length - 1, device=input_ids.device)  # [T + length - 1]
@@ -470,28 +486,6 @@ class Eagle3Model(nn.Module):
 
     def extra_repr(self) -> str:
         return f"q_len={self.q_len}, length={self.length}, attention_backend={self.attention_backend!r}"
-
-
-def _first_key(T: int, seq_lens: Tensor | None, doc_ids: Tensor | None) -> Tensor:
-    """``first_key [B, T]`` int64: the first position of each position's document (0 without
-    documents), T for padding (past ``seq_lens`` or marked -1).
-
-    The per-sample layout rule of ``eagle3_mask_mod`` (a document is a maximal run of equal ids;
-    -1 and positions past ``seq_lens`` are padding) as one table: two valid positions are in one
-    document iff their entries are equal, and position t is valid iff ``first_key[t] <= t``.
-    """
-    device = (doc_ids if doc_ids is not None else seq_lens).device
-    pos = torch.arange(T, device=device)  # [T]
-    if doc_ids is None:
-        first_key = torch.zeros(seq_lens.shape[0], T, dtype=torch.int64, device=device)  # [B, T]
-    else:
-        starts_run = torch.ones_like(doc_ids, dtype=torch.bool)  # [B, T]
-        starts_run[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-        first_key = torch.where(starts_run, pos, 0).cummax(-1).values  # [B, T]
-        first_key = torch.where(doc_ids == -1, T, first_key)
-    if seq_lens is not None:
-        first_key = torch.where(pos >= seq_lens.unsqueeze(-1), T, first_key)  # [B, T]
-    return first_key
 
 
 def _loss_dtype(t: Tensor) -> torch.dtype:
