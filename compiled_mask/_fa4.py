@@ -123,6 +123,19 @@ def _check_fa4_block_size(where: str, block_size: tuple[int, int]) -> None:
         )
 
 
+def _check_fa4_head_dims(where: str, D: int, Dv: int) -> None:
+    """FA4's block-sparse kernels tile the keys 128 wide only for head dims up to 128 (Hopper):
+    at D=192, Dv=128 (MLA) it asks for 96-wide KV blocks ("Block sparsity expects
+    sparse_block_size[1]=96", H200, 4.0.0b36), which the Eagle3 layout (KV blocks dividing
+    128-query blocks) cannot give. Checked on an H200: D = Dv = 64 and 128."""
+    if D != Dv or D > 128:
+        raise NotImplementedError(
+            f"{where}: backend='fa4' takes q/k and v of one head dim up to 128 (FA4's block-sparse "
+            f"tiles), got D={D} and Dv={Dv}. Use backend='split' or 'flex', which take MLA-style "
+            "heads (e.g. D=192, Dv=128)."
+        )
+
+
 def _check_fa4_call(where: str, q_len: int, block_size: tuple[int, int]) -> None:
     """FA4 runs compiled, on a Q_LEN where the plain mask_mod is exact (Note [FA4 mask_mod])."""
     if not torch.compiler.is_compiling():

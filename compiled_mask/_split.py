@@ -23,6 +23,7 @@ Note [backward through the merge]
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 
@@ -213,11 +214,33 @@ def _(dout, q, k, v, out, lse, rounds, dq_c, dk_c, dv_c, q_len, scale):
             v.new_empty(v.shape))
 
 
+# Note [value head dim]
+#     MLA-style drafts (DeepSeek, Kimi) use a q/k head dim of 192 and a value head dim of 128. The
+#     suffix kernels take any pair; the fused causal kernels (flash, cuDNN as torch calls it, the
+#     CPU flash kernel) want one head dim. So their inputs are zero-padded to the larger one:
+#     zero columns of q and k add nothing to a score, zero columns of v give zero output columns,
+#     which are dropped (and a zero-padded dO adds nothing to the row term rowsum(dO * O)). The
+#     softmax scale is the caller's (1 / sqrt(D) of the unpadded D by default). Exact, at the
+#     cost of the padded copies of the first round's K/V (or q/k) and the kernel's wider tiles.
+
+
+def _equal_head_dims(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v with the smaller head dim (q/k's or v's) zero-padded to the larger one."""
+    D, Dv = q.shape[-1], v.shape[-1]
+    if Dv < D:
+        return q, k, F.pad(v, (0, D - Dv))  # [..., D]
+    if D < Dv:
+        return F.pad(q, (0, Dv - D)), F.pad(k, (0, Dv - D)), v  # [..., Dv]
+    return q, k, v
+
+
 class _Eagle3Split(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, rounds: Tensor, q_len: int, scale: float) -> Tensor:
-        out_c, lse_c, tensors, consts = _causal_forward(q, k[:, :, :q_len], v[:, :, :q_len], scale)
-        out, lse = _suffix_forward(q, k, v, out_c, lse_c, rounds, q_len, scale)
+        Dv = v.shape[-1]
+        q_c, k_c, v_c = _equal_head_dims(q, k[:, :, :q_len], v[:, :, :q_len])  # Note [value head dim]
+        out_c, lse_c, tensors, consts = _causal_forward(q_c, k_c, v_c, scale)
+        out, lse = _suffix_forward(q, k, v, out_c[..., :Dv], lse_c, rounds, q_len, scale)
         ctx.save_for_backward(q, k, v, rounds, out, lse, *tensors)
         ctx.consts, ctx.q_len, ctx.scale = consts, q_len, scale
         return out
@@ -226,9 +249,15 @@ class _Eagle3Split(torch.autograd.Function):
     def backward(ctx, dout: Tensor):
         q, k, v, rounds, out, lse, *tensors = ctx.saved_tensors
         q_len, scale = ctx.q_len, ctx.scale
+        D, Dv = q.shape[-1], v.shape[-1]
         dout = dout.contiguous()
-        dq_c, dk_c, dv_c = _causal_backward(dout, q, k[:, :, :q_len], v[:, :, :q_len], out, lse,
-                                            tuple(tensors), ctx.consts, scale)
+        q_c, k_c, v_c = _equal_head_dims(q, k[:, :, :q_len], v[:, :, :q_len])  # Note [value head dim]
+        dout_c, out_c = dout, out
+        if v_c.shape[-1] > Dv:  # [B, Hq, L, D]
+            dout_c, out_c = F.pad(dout, (0, v_c.shape[-1] - Dv)), F.pad(out, (0, v_c.shape[-1] - Dv))
+        dq_c, dk_c, dv_c = _causal_backward(dout_c, q_c, k_c, v_c, out_c, lse, tuple(tensors), ctx.consts,
+                                            scale)
+        dq_c, dk_c, dv_c = dq_c[..., :D], dk_c[..., :D], dv_c[..., :Dv]
         dq, dk, dv = _suffix_backward(dout, q, k, v, out, lse, rounds, dq_c, dk_c, dv_c, q_len, scale)
         return dq, dk, dv, None, None, None
 

@@ -196,7 +196,9 @@ class Eagle3Attention(nn.Module):
         Args:
             q: ``[B, Hq, Q_LEN, D]``.
             k: ``[B, Hkv, Q_LEN * max_rounds, D]``, Hq a multiple of Hkv (GQA).
-            v: ``[B, Hkv, Q_LEN * max_rounds, Dv]``.
+            v: ``[B, Hkv, Q_LEN * max_rounds, Dv]``; Dv may differ from D (MLA-style heads, e.g.
+                D 192 and Dv 128) on flex and split (Note [value head dim] in ``_split.py``); fa4
+                refuses it (``_fa4._check_fa4_head_dims``).
             rounds: live rounds, a 0-d int tensor on q's device (one graph for all values; a
                 value outside [1, max_rounds] is clamped), or eagerly an int in that range.
             seq_lens: optional ``[B]`` valid length of each sample (padded batch); doc_ids:
@@ -229,6 +231,7 @@ class Eagle3Attention(nn.Module):
                     f"{where}: backend='fa4' takes bf16 or fp16 inputs, got {q.dtype}. "
                     "Cast q, k, v (e.g. .bfloat16()) or use backend='flex'."
                 )
+            _fa4._check_fa4_head_dims(where, q.size(3), v.size(3))
             _fa4._check_fa4_call(where, self.q_len, block_size)
         B = 1 if first_key is None else q.size(0)
         block_mask = _eagle3_block_mask(
@@ -248,6 +251,12 @@ class Eagle3Attention(nn.Module):
                 f"{where}: backend='split' on CUDA runs a fused causal kernel (cuDNN or flash "
                 f"attention), which takes bf16 or fp16 inputs, got {q.dtype}. Cast q, k, v or "
                 f"use backend='flex'."
+            )
+        if q.device.type == "cuda" and max(q.size(3), v.size(3)) > 256:
+            raise ValueError(
+                f"{where}: backend='split' on CUDA runs flash attention or cuDNN for the causal "
+                f"part, which take head dims up to 256, got D={q.size(3)} and Dv={v.size(3)}. "
+                "Use backend='flex'."
             )
         if not documents:
             out = _split.split_eagle3_attention(q, k, v, rounds, q_len=self.q_len, scale=self.scale)

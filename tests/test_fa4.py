@@ -271,3 +271,15 @@ def test_fuzz_plain_mask_mod_exactness_rule(q_bs, kv_div, data):
     if not _plain_mask_mod_is_exact(q_len, q_bs, kv_bs):
         return
     _assert_plain_mask_mod_exact(q_len, max_rounds, (q_bs, kv_bs), live, seq_lens, doc_ids, B)
+
+
+@pytest.mark.parametrize("D, Dv", [(192, 128), (64, 32), (256, 256)])
+def test_fa4_refuses_head_dims_its_tiles_do_not_take(fa4_installed, monkeypatch, D, Dv):
+    """MLA heads (192/128: FA4 asks for 96-wide KV blocks on an H200) and head dims over 128."""
+    monkeypatch.setattr(_fa4, "_check_fa4_device", lambda where, device: None)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    q = torch.empty(1, 2, 256, D, device="meta", dtype=torch.bfloat16)
+    k = torch.empty(1, 2, 512, D, device="meta", dtype=torch.bfloat16)
+    v = torch.empty(1, 2, 512, Dv, device="meta", dtype=torch.bfloat16)
+    with pytest.raises(NotImplementedError, match=rf"q/k and v of one head dim up to 128 .* got D={D} and Dv={Dv}"):
+        Eagle3Attention(256, 2, backend="fa4", block_size=128)(q, k, v, torch.tensor(1, device="meta"))

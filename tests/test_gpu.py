@@ -170,3 +170,22 @@ def test_ttt_loop_forward_backward_one_graph():
 
 def test_cuda_graph_forward():
     assert_cuda_graph_forward("flex", 512, 4, 2, 64)
+
+
+@pytest.mark.parametrize("backend", ["split", "flex"])
+def test_mla_head_dims(backend):
+    """q/k head dim 192, v head dim 128 (DeepSeek/Kimi-family drafts): compiled fwd+bwd against
+    float64 on split (Note [value head dim]) and flex; fa4 refuses them (tests/test_fa4.py)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    make = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)  # noqa: E731
+    q, k, v = make(1, 8, 1024, 192), make(1, 2, 4096, 192), make(1, 2, 4096, 128)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    dout = make(1, 8, 1024, 128)
+    attn = torch.compile(Eagle3Attention(1024, 4, backend=backend), fullgraph=True)
+    out = attn(q, k, v, torch.tensor(3, device="cuda"))
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    want, want_grads = float64_reference(q, k, v, dout, eagle3_dense(1024, 4096, live_kv_len=3072))
+    errors = [rel_err(out, want)] + [rel_err(gr, w) for gr, w in zip(grads, want_grads)]
+    print(backend, "rel errors out/dq/dk/dv:", errors)
+    assert out.shape == (1, 8, 1024, 128)
+    assert all(e < 1e-2 for e in errors), errors
