@@ -37,15 +37,36 @@ from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attent
 
 
 def _causal_kernel(q: Tensor) -> str:
+    """Note [which causal kernel]. cuDNN refuses one query and one key ("s_q = s_kv = 1 is not
+    supported", H200, torch 2.11), and compiled it crashed the process instead: Q_LEN = 1 runs
+    on flash."""
     if q.device.type != "cuda":
         return "cpu"
-    D = q.shape[-1]
-    return "cudnn" if _cudnn_available() and D <= 128 and D % 8 == 0 else "flash"
+    L, D = q.shape[-2:]
+    return "cudnn" if _cudnn_available() and D <= 128 and D % 8 == 0 and L > 1 else "flash"
 
 
 @torch.compiler.assume_constant_result
 def _cudnn_available() -> bool:
     return torch.backends.cudnn.is_available()
+
+
+def _kernel_layout(t: Tensor) -> Tensor:
+    """``t`` as the fused CUDA kernels read it: unit stride in the head dim and every other stride
+    and the storage offset a multiple of 16 bytes; a copy only where it is not.
+
+    Note [aligned kernel inputs]
+        cuDNN's attention (called directly, without SDPA's own checks) gave a relative error of
+        0.21 for a q sliced out of a wider tensor (row stride 69 elements, an odd storage
+        offset; H200, torch 2.11), found by the API fuzz. Transposed views of projections
+        ([B, S, H, D] storage) keep aligned strides and are passed as they are.
+    """
+    if t.device.type != "cuda":
+        return t
+    aligned = t.stride(-1) == 1 and all((s * t.dtype.itemsize) % 16 == 0 for s in t.stride()[:-1])
+    if not torch.compiler.is_compiling():  # compiled, Inductor copies misaligned graph inputs
+        aligned = aligned and t.data_ptr() % 16 == 0
+    return t if aligned else t.contiguous()
 
 
 def _causal_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool = True
@@ -54,6 +75,7 @@ def _causal_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool 
     two what the kernel's backward needs (tensors to save for backward, and plain values).
     ``causal=False``: every key (the context-parallel prefix, ``distributed.py``)."""
     kernel = _causal_kernel(q)
+    q, k, v = (_kernel_layout(t) for t in (q, k, v))  # Note [aligned kernel inputs]
     if kernel == "cudnn":
         out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = (
             torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False,
@@ -74,6 +96,7 @@ def _causal_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                      ) -> tuple[Tensor, Tensor, Tensor]:
     """The kernel's backward for ``out``/``lse`` (the merged ones: Note [backward through the merge])."""
     kernel, *sizes = consts
+    dout, q, k, v, out = (_kernel_layout(t) for t in (dout, q, k, v, out))  # Note [aligned kernel inputs]
     if kernel == "cudnn":
         seed, offset = tensors
         max_q, max_k = sizes

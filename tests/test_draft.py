@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from expecttest import TestCase
+from expect import TestCase
 from helpers import dense_reference_attention, eagle3_dense, rel_err
 from torch._dynamo.backends.common import aot_autograd
 from functorch.compile import make_boxed_func, min_cut_rematerialization_partition

@@ -33,7 +33,7 @@ from helpers import (
     reference_block_mask,
     rel_err,
 )
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from compiled_mask import Eagle3Attention, Eagle3BlockMask
@@ -51,6 +51,7 @@ class Case:
     Hq: int
     Hkv: int
     D: int
+    Dv: int  # the value head dim (MLA-style drafts: D 192, Dv 128)
     dtype: torch.dtype
     views: tuple[str, str, str]  # of q, k, v
     rounds: int
@@ -100,9 +101,11 @@ def cases(draw, backends=("split", "split", "flex"), dtypes=(torch.float32, torc
     B = draw(st.integers(1, 3))
     rounds, rounds_dtype = draw(rounds_values(max_rounds, python_int))
     seq_lens, doc_ids = draw(strategies.layouts(B, q_len))
+    D = draw(st.sampled_from(head_dims))
+    Dv = draw(st.sampled_from((D, D // 2, D + 8))) if backend != "fa4" else D
     return Case(
         backend=backend, q_len=q_len, max_rounds=max_rounds, block_size=block_size, B=B,
-        Hq=Hkv * draw(st.integers(1, 3)), Hkv=Hkv, D=draw(st.sampled_from(head_dims)),
+        Hq=Hkv * draw(st.integers(1, 3)), Hkv=Hkv, D=D, Dv=Dv,
         dtype=draw(st.sampled_from(dtypes)), views=tuple(draw(st.sampled_from(VIEWS)) for _ in "qkv"),
         rounds=rounds, rounds_dtype=rounds_dtype, seq_lens=seq_lens, doc_ids=doc_ids,
         seed=draw(st.integers(0, 2**16)),
@@ -125,8 +128,8 @@ def _inputs(case: Case, device="cpu"):
     kv_len = case.q_len * case.max_rounds
     q = _view((case.B, case.Hq, case.q_len, case.D), case.views[0], case.dtype, g, device)
     k = _view((case.B, case.Hkv, kv_len, case.D), case.views[1], case.dtype, g, device)
-    v = _view((case.B, case.Hkv, kv_len, case.D), case.views[2], case.dtype, g, device)
-    dout = torch.randn(q.shape, generator=g).to(device, case.dtype)
+    v = _view((case.B, case.Hkv, kv_len, case.Dv), case.views[2], case.dtype, g, device)
+    dout = torch.randn(*q.shape[:3], case.Dv, generator=g).to(device, case.dtype)
     return q, k, v, dout
 
 
@@ -280,7 +283,7 @@ def test_api_refuses(case, what):
 
 @pytest.mark.gpu
 @pytest.mark.usefixtures("fresh_compile_state")
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=cases(backends=("split", "flex", "fa4"), dtypes=(torch.bfloat16,), python_int=False,
                   max_q_len=1100, head_dims=(64, 128), block_sizes=((128, 128), (256, 128))))
 def test_api_fuzz_cuda(case):
@@ -288,7 +291,47 @@ def test_api_fuzz_cuda(case):
     backward has no tile config for 64-wide KV blocks on Hopper: README, Known limits.)"""
     from compiled_mask._fa4 import fa4_available
 
-    if case.backend == "fa4" and not fa4_available():
-        pytest.skip("needs flash_attn.cute")
+    assume(case.backend != "fa4" or fa4_available())  # (tests/test_fa4.py skips loudly without it)
+    print(case, flush=True)  # a crash (an illegal access) leaves no falsifying example behind
     torch._dynamo.reset()
     check_attention(case, compiled=True, device="cuda")
+
+
+def _issue_12_cases(backend: str) -> list[Case]:
+    """The three inputs that gave wrong attention with no error on an H200 (issue 12), on CUDA:
+    seq_lens as a strided column, rounds in a narrow dtype (uint8 3; int32 2**31 - 1, which must
+    clamp), documents that come back after another id and a -1 run inside a document."""
+    cuda = torch.device("cuda")
+    base = dict(backend=backend, q_len=300, max_rounds=4, block_size=None, B=3, Hq=8, Hkv=2, D=64, Dv=64,
+                dtype=torch.bfloat16, views=("contiguous",) * 3, rounds=3, rounds_dtype=torch.int64,
+                seq_lens=None, doc_ids=None, seed=0)
+    lens = torch.tensor([[300, 3], [120, 5], [0, 7]], device=cuda)[:, 0]  # stride 2
+    docs = torch.tensor([[0] * 100 + [1] * 100 + [0] * 100, [0] * 120 + [-1] * 30 + [0] * 150,
+                         ([0] * 30 + [1] * 30) * 5], device=cuda)
+    return [
+        Case(**{**base, "seq_lens": lens}),
+        Case(**{**base, "rounds_dtype": torch.uint8}),
+        Case(**{**base, "rounds": 2**31 - 1, "rounds_dtype": torch.int32}),
+        Case(**{**base, "doc_ids": docs}),
+    ]
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("fresh_compile_state")
+@pytest.mark.parametrize("backend", ["flex", "split", "fa4"])
+def test_issue_12_inputs_exact_cuda(backend):
+    """Each backend compiled, fwd+bwd against float64; the strided seq_lens also builds the same
+    block tensors as its contiguous copy and as create_block_mask."""
+    from compiled_mask import eagle3_block_mask
+    from compiled_mask._fa4 import fa4_available
+    from helpers import assert_same_blocks
+
+    if backend == "fa4" and not fa4_available():
+        pytest.skip("needs flash_attn.cute")
+    for case in _issue_12_cases(backend):
+        torch._dynamo.reset()
+        check_attention(case, compiled=True, device="cuda")
+    lens = _issue_12_cases(backend)[0].seq_lens
+    ours = eagle3_block_mask(300, 1200, device="cuda", seq_lens=lens)
+    assert_same_blocks(ours, eagle3_block_mask(300, 1200, device="cuda", seq_lens=lens.contiguous()))
+    assert_same_blocks(ours, reference_block_mask(300, 1200, B=3, device="cuda", seq_lens=lens))

@@ -110,7 +110,7 @@ def test_forward_matches_compiled_flex():
 def test_split_cuda_vs_float64_and_flex(fresh_compile_state, monkeypatch, kernel, q_len, max_rounds,
                                         live, Hq, Hkv, D):
     """On CUDA the causal part runs cuDNN (or flash); bf16 fwd+bwd no worse than flex."""
-    assert _split._causal_kernel(torch.empty(1, 1, 1, D, device="cuda")) == "cudnn"  # the default
+    assert _split._causal_kernel(torch.empty(1, 1, 2, D, device="cuda")) == "cudnn"  # the default
     monkeypatch.setattr(_split, "_causal_kernel", lambda q: kernel)
     errors = backend_errors(("split", "flex"), q_len, max_rounds, live, Hq, Hkv, D, torch.bfloat16)
     for split_err, flex_err in zip(errors["split"], errors["flex"]):
@@ -252,3 +252,9 @@ def test_value_head_dim_differs(compiled, D, Dv):
     for name, got, ref in zip("qkv", grads, want_grads):
         assert got.shape == ref.shape and rel_err(got, ref) < 1e-5, name
 
+
+@pytest.mark.gpu
+def test_one_query_runs_on_flash():
+    """cuDNN refuses Q_LEN = 1 (and, compiled, crashed on it): flash takes it."""
+    assert _split._causal_kernel(torch.empty(1, 1, 1, 64, device="cuda")) == "flash"
+    assert _split._causal_kernel(torch.empty(1, 1, 2, 64, device="cuda")) == "cudnn"
