@@ -180,3 +180,14 @@ def _check_doc_layout(
             f"{where}: B={B} but seq_lens/doc_ids have batch {batch}. Leave B=1 or pass B={batch}."
         )
     return batch
+
+
+def _check_input_layout(where: str, Q_LEN: int, seq_lens: torch.Tensor | None, doc_ids: torch.Tensor | None,
+                        x: torch.Tensor, name: str = "q") -> None:
+    """seq_lens/doc_ids given with attention (or model) inputs: valid layouts (metadata only) on
+    ``x``'s device, of ``x``'s batch."""
+    if seq_lens is None and doc_ids is None:
+        return
+    batch = _check_doc_layout(where, Q_LEN, 1, seq_lens, doc_ids, x.device)
+    if batch != x.size(0):
+        raise ValueError(f"{where}: seq_lens/doc_ids have batch {batch} but {name} has batch {x.size(0)}.")

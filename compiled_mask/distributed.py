@@ -49,7 +49,7 @@ import torch.distributed._functional_collectives as funcol
 from torch import Tensor, nn
 
 from compiled_mask import _split
-from compiled_mask._checks import _check_doc_layout, _check_positive, _check_rounds, _live_rounds
+from compiled_mask._checks import _check_input_layout, _check_positive, _check_rounds, _live_rounds
 from compiled_mask._layout import _valid_queries
 from compiled_mask._op import _first_keys
 from compiled_mask.modules import Eagle3Attention, _check_qkv
@@ -286,10 +286,7 @@ class Eagle3ContextParallelAttention(nn.Module):
                 )
         _check_qkv(q, k, v, L, L * self.max_rounds)
         _check_rounds(where, rounds, self.max_rounds, q.device)
-        if seq_lens is not None or doc_ids is not None:
-            batch = _check_doc_layout(where, self.q_len, 1, seq_lens, doc_ids, q.device)
-            if batch != q.size(0):
-                raise ValueError(f"{where}: seq_lens/doc_ids have batch {batch} but q has batch {q.size(0)}.")
+        _check_input_layout(where, self.q_len, seq_lens, doc_ids, q)
         if self.mode == "ulysses":
             for name, heads in (("Hq", q.size(1)), ("Hkv", k.size(1))):
                 if heads % P != 0:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from compiled_mask._checks import _check_doc_layout
+from compiled_mask._checks import _check_input_layout
 from compiled_mask._layout import _valid_queries
 from compiled_mask._op import _first_keys
 from compiled_mask.modules import Eagle3Attention
@@ -409,8 +409,7 @@ class Eagle3Model(nn.Module):
             mask = mask & (target >= 0)
         first_key = None
         if seq_lens is not None or doc_ids is not None:
-            if _check_doc_layout("Eagle3Model", T, 1, seq_lens, doc_ids, input_ids.device) != B:
-                raise ValueError(f"Eagle3Model: seq_lens/doc_ids must have batch B={B} (from input_ids).")
+            _check_input_layout("Eagle3Model", T, seq_lens, doc_ids, input_ids, name="input_ids")
             first_key = _first_keys(T, seq_lens, doc_ids)  # [B, T], Note [one layout table]
             mask = mask & _valid_queries(T, first_key, first_key.device)  # valid positions
 

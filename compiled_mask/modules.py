@@ -12,6 +12,7 @@ from compiled_mask._checks import (
     _block_sizes,
     _check_device,
     _check_doc_layout,
+    _check_input_layout,
     _check_positive,
     _check_rounds,
     _live_rounds,
@@ -213,12 +214,7 @@ class Eagle3Attention(nn.Module):
         where = type(self).__name__
         _check_qkv(q, k, v, self.q_len, self.kv_len)
         _check_rounds(where, rounds, self.max_rounds, q.device)
-        if seq_lens is not None or doc_ids is not None:
-            batch = _check_doc_layout(where, self.q_len, 1, seq_lens, doc_ids, q.device)
-            if batch != q.size(0):
-                raise ValueError(
-                    f"{where}: seq_lens/doc_ids have batch {batch} but q has batch {q.size(0)}."
-                )
+        _check_input_layout(where, self.q_len, seq_lens, doc_ids, q)
         rounds = _live_rounds(rounds, self.max_rounds, q.device)  # Note [widen rounds first]
         first_key = _first_keys(self.q_len, seq_lens, doc_ids)  # Note [one layout table]
         if self.backend == "split":

@@ -290,6 +290,10 @@ def test_input_errors_name_the_fix():
         Eagle3DraftConfig(**{**TINY, "num_key_value_heads": 3})
     with pytest.raises(ValueError, match=r"length must be an int >= 1"):
         Eagle3Model(model.draft_model, 64, 0)
+    with pytest.raises(ValueError, match=r"seq_lens/doc_ids have batch 2 but input_ids has batch 1"):
+        model(input_ids, hidden, target, loss_mask, seq_lens=torch.tensor([64, 3]))
+    with pytest.raises(ValueError, match=r"doc_ids must be an int tensor \[B, Q_LEN\], got shape \(1, 64\) and dtype torch.float32"):
+        model(input_ids, hidden, target, loss_mask, doc_ids=torch.zeros(1, 64))
 
 
 def test_vocab_mapping_round_trip():
