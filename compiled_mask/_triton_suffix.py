@@ -286,7 +286,9 @@ def _suffix_backward_fused_kernel(
     for s in tl.range(1, limit, num_stages=STAGES):
         k = _tile(k_base, s_kl, s_kd, s * L + i, i_ok, d, d_ok)  # [BLOCK, BLOCK_D]: once for G heads
         v = _tile(v_base, s_vl, s_vd, s * L + i, i_ok, e, e_ok)  # [BLOCK, BLOCK_DV]
-        p = tl.where(ok, tl.exp(tl.sum(q * k[None, :, :], axis=2) * scale - lse), 0.0)  # [BLOCK_G, BLOCK]
+        # Rows out of range (padded heads, queries past L) load zeros: their p is 1 but dO is 0, so
+        # they add nothing to dk, dv, and their dq is not stored.
+        p = tl.exp(tl.sum(q * k[None, :, :], axis=2) * scale - lse)  # [BLOCK_G, BLOCK]
         ds = p * (tl.sum(dout * v[None, :, :], axis=2) - delta) * scale
         dq += ds[:, :, None] * k[None, :, :]
         row = row0 + s * L

@@ -262,7 +262,8 @@ def _assert_suffix_kernels_match(suffix, case, dtype, strided, variants):
 
 
 def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench", Path(__file__).resolve().parent.parent / "tools" / "bench.py")
+    path = Path(__file__).resolve().parent.parent / "tools" / "bench.py"
+    spec = importlib.util.spec_from_file_location("bench", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     return bench

@@ -15,7 +15,7 @@ Four tables, one run, all rows side by side:
    (enable_gqa) and MHA (K/V heads repeated), the faster of the two being the floor; fwd+bwd in
    both gradient modes (``torch.autograd.grad``, and ``.backward()`` into ``.grad`` as training
    does); the useful TFLOP/s of every row (``attention_tflop``) beside the card's dense bf16 peak;
-   ``--long`` adds Q_LEN 32768 and 65536 x 7 rounds;
+   ``--long`` adds Q_LEN 32768 and 65536 x 7 rounds (``--q-lens`` picks any);
    the split backend's suffix ops alone (``--only suffix``): each kernel variant's time, the bytes
    it must move (``suffix_bytes``), GB/s against the card's bandwidth, and a check of every
    variant against the torch reference;
@@ -524,6 +524,7 @@ def suffix_bytes(B: int, Hq: int, Hkv: int, q_len: int, max_rounds: int, live: i
 
 # Launch parameters tried by --suffix-sweep for the grouped kernels (GROUPED_FWD / FUSED_BWD).
 SUFFIX_SWEEP = [dict(rows=r, num_warps=w, stages=s) for r in (16, 32, 64) for w in (4, 8) for s in (2, 3)]
+# (run at the largest rounds only: 12 configurations x 2 kernels, a Triton compile each, ~1 min on an H200)
 
 
 @contextlib.contextmanager
@@ -575,7 +576,7 @@ def suffix_rows(device, dtype, q_len, rounds_list, heads, D, reps, peaks, sweep=
             ops = {"forward": ts.suffix_forward_triton, "backward": ts.suffix_backward_triton}
             variants = [("forward", "heads", None), ("forward", "grouped", None),
                         ("backward", "split", None), ("backward", "fused", None)]
-            if sweep:
+            if sweep and rounds == max(rounds_list):
                 variants += [(op, name, c) for op, name in (("forward", "grouped"), ("backward", "fused"))
                              for c in SUFFIX_SWEEP]
             want = {"forward": (out, lse), "backward": _split._suffix_backward_reference(*bwd_args)}
@@ -583,13 +584,15 @@ def suffix_rows(device, dtype, q_len, rounds_list, heads, D, reps, peaks, sweep=
             ts = None
             ops = {"forward": _split._suffix_forward, "backward": _split._suffix_backward}
             variants = [("forward", "torch (CPU)", None), ("backward", "torch (CPU)", None)]
-        first = {}
+        first = {}  # each op's first variant, which the others are checked against too
         for op, variant, config in variants:
-            label = variant + ("" if config is None else " rows={rows} warps={num_warps} stages={stages}".format(**config))
+            label = variant
+            if config is not None:
+                label += " rows={rows} warps={num_warps} stages={stages}".format(**config)
             row = dict(table="suffix", op=op, variant=label, Q_LEN=q_len, rounds=rounds, heads=f"{Hq}/{Hkv}", D=D,
                        dtype=str(dtype).removeprefix("torch."), MB=float(f"{nbytes[op] / 1e6:.4g}"))
-            fn = (lambda op=op, variant=variant: ops[op](*args[op], variant)) if ts else (
-                lambda op=op: ops[op](*args[op]))
+            fn = (lambda f=ops[op], a=args[op], variant=variant: f(*a, variant)) if ts else (
+                lambda f=ops[op], a=args[op]: f(*a))
             with _launch_config(ts, op, config) if ts else contextlib.nullcontext():
                 got = fn()
                 row["us"] = round(1e3 * median_ms(fn, device, reps), 1)
@@ -598,10 +601,10 @@ def suffix_rows(device, dtype, q_len, rounds_list, heads, D, reps, peaks, sweep=
                 row["pct_bw"] = float(f"{100 * row['GB/s'] / (1e3 * peaks['TB/s']):.3g}")
             if ts:
                 try:
-                    for name, x, w, y in zip(("out", "lse") if op == "forward" else ("dq", "dk", "dv"),
-                                             got, want[op], first.setdefault(op, got)):
+                    names = ("out", "lse") if op == "forward" else ("dq", "dk", "dv")
+                    for name, x, w, y in zip(names, got, want[op], first.setdefault(op, got)):
                         torch.testing.assert_close(x, w, msg=lambda m, name=name: f"{name} vs the reference: {m}")
-                        torch.testing.assert_close(x, y, msg=lambda m, name=name: f"{name} vs {variants[0 if op == 'forward' else 2][1]}: {m}")
+                        torch.testing.assert_close(x, y, msg=lambda m, name=name: f"{name} vs the first variant: {m}")
                     row["check"] = "ok"
                 except AssertionError as e:
                     row["check"] = "MISMATCH " + " ".join(str(e).split())[:200]
@@ -953,6 +956,9 @@ def main(argv: list[str] | None = None) -> int:
                              "the leaves' .grad (set to None after each step), or both (default)")
     parser.add_argument("--long", action="store_true",
                         help="also attention and suffix rows at Q_LEN 32768 and 65536 x 7 rounds (GPU)")
+    parser.add_argument("--q-lens", type=int, nargs="+",
+                        help="Q_LENs of the attention and suffix tables (default: 8192, --smoke 256); "
+                             "a Q_LEN other than the default gets 7 rounds and no create_block_mask row")
     parser.add_argument("--split-suffix", nargs="+", default=list(SPLIT_SUFFIX_DEFAULT), type=_split_suffix_arg,
                         metavar="FWD:BWD", help="attention rows of backend split with these suffix kernels, "
                         "e.g. heads:split grouped:fused ('default': the module's choice; Note [suffix "
@@ -1009,18 +1015,19 @@ def main(argv: list[str] | None = None) -> int:
             rows += mask_build_rows(device, [32768], [8], [(256, 128)], reps)
         rows += layout_build_rows(device, att["q_len"], max(att["rounds_list"]),
                                   8 if not args.smoke else 2, reps)
-    if "attention" in args.only:
-        rows += attention_rows(device, dtype, att["q_len"], att["rounds_list"], att["heads"],
-                               att["D"], backends, att["reps"], passes, peaks, args.split_suffix)
-        for q_len in long_q_lens:  # the slow create_block_mask row is left out here
-            rows += attention_rows(device, dtype, q_len, [7], att["heads"], att["D"], backends, 5, passes,
-                                   peaks, args.split_suffix, prebuilt=False)
-    if "suffix" in args.only:
-        for q_len, rounds_list in [(att["q_len"], att["rounds_list"])] + [(n, [7]) for n in long_q_lens]:
-            got, bad = suffix_rows(device, dtype, q_len, rounds_list, att["heads"], att["D"], att["reps"], peaks,
-                                   sweep=args.suffix_sweep and q_len == att["q_len"])
+    # The attention and suffix tables: (Q_LEN, rounds, reps, prebuilt create_block_mask row) each.
+    att_runs = [(n, att["rounds_list"], att["reps"], True) if n == att["q_len"] else (n, [7], 5, False)
+                for n in (args.q_lens or [att["q_len"]]) + long_q_lens]  # long: no create_block_mask row
+    if "suffix" in args.only:  # first: its checks say whether the kernels timed below are right
+        for q_len, rounds_list, reps_, _ in att_runs:
+            got, bad = suffix_rows(device, dtype, q_len, rounds_list, att["heads"], att["D"], reps_, peaks,
+                                   sweep=args.suffix_sweep)
             rows += got
             failed += bad
+    if "attention" in args.only:
+        for q_len, rounds_list, reps_, prebuilt in att_runs:
+            rows += attention_rows(device, dtype, q_len, rounds_list, att["heads"], att["D"], backends, reps_,
+                                   passes, peaks, args.split_suffix, prebuilt=prebuilt)
     if "padding" in args.only:
         rows += padding_rows(device, dtype, att["q_len"], max(att["rounds_list"]), att["heads"],
                              att["D"], 8 if not args.smoke else 2, att["reps"])
