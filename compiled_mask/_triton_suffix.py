@@ -12,9 +12,16 @@ Backward, two launches: per (query block, batch x q-head) the row term D = rowsu
 dq = dq_causal + sum_s ds_s * k_s; per (query block, batch x kv-head, suffix round) dk_s and dv_s,
 summed over the q-heads of the group (no atomics: each program owns its rows). Dead rounds get zero
 gradients. Imported only when a CUDA kernel runs (Triton is not needed on CPU).
+
+Each has a grouped form, one program per (query block, batch x kv-head) holding the G q-heads
+that share a K/V head as ``[G, BLOCK, D]`` tiles (Note [grouped suffix kernels]): the backward
+then is one launch that writes dq and every row of the K/V gradient buffer. Which form runs is
+chosen by ``FORWARD`` / ``BACKWARD`` (Note [suffix kernel switches]).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -27,6 +34,29 @@ BLOCK_L = 32  # queries per program: 32 x 128 fp32 tiles stay in registers at 4 
 # took the forward from 190 to 146 us and the backward from 646 to 452 us (with the grid orders
 # below; 1 and 2 stages, 2 and 8 warps were slower).
 PIPELINE = tl.constexpr(3)
+
+
+# Note [suffix kernel switches]
+#     Both forms of each suffix kernel stay selectable until the grouped ones are measured on a
+#     GPU: FORWARD "heads" (one program per q-head) or "grouped"; BACKWARD "split" (the dq kernel,
+#     the dk/dv kernel and a copy of the causal part's K/V gradient) or "fused" (one grouped
+#     kernel; Note [grouped suffix kernels]). The environment variables COMPILED_MASK_SUFFIX_FWD
+#     and COMPILED_MASK_SUFFIX_BWD set them when this module is imported; a benchmark may also
+#     assign the attributes between calls: the ops read them on every call, inside a compiled
+#     graph too (there the op is opaque). GROUPED_FWD and FUSED_BWD are the grouped kernels'
+#     launch parameters: ``rows`` = G heads x BLOCK queries per program (BLOCK = rows //
+#     next_power_of_2(G), at least 1), ``num_warps``, and ``stages`` of the round loop.
+def _switch(name: str, choices: tuple[str, ...], default: str) -> str:
+    value = os.environ.get(name, default)
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: expected one of {choices}; unset it for {default!r}")
+    return value
+
+
+FORWARD = _switch("COMPILED_MASK_SUFFIX_FWD", ("heads", "grouped"), "heads")
+BACKWARD = _switch("COMPILED_MASK_SUFFIX_BWD", ("split", "fused"), "split")
+GROUPED_FWD = dict(rows=32, num_warps=4, stages=3)
+FUSED_BWD = dict(rows=32, num_warps=4, stages=3)
 
 
 @triton.jit
@@ -149,45 +179,200 @@ def _suffix_dkv_kernel(
              mask=i_ok[:, None] & (e < Dv)[None, :])
 
 
+# Note [grouped suffix kernels]
+#     The G q-heads of a GQA group read the same K/V rows. The per-head kernels above leave that
+#     reuse to the L2 cache (their grids run a group's programs together), and the split backward
+#     makes three passes: dq (reads q, dO, O, dq_causal and each live round's K/V, writes dq and
+#     the row term D), dk/dv (reads each live round's K/V again, and q, dO, lse and D once per
+#     round), and a copy of the causal part's K/V gradient into the full buffer. The grouped
+#     kernels hold a group's G heads as [G, BLOCK, D] tiles, so one program reads each live
+#     round's K/V once, and the backward is a single pass: per round s it has p and ds of all G
+#     heads, adds ds * k_s into each head's dq (registers), and stores dk_s = sum_g ds * q_g and
+#     dv_s = sum_g p * dO_g (no atomics: a program owns its query rows of every round). It also
+#     writes the dead rounds' zeros and copies the causal part's dk/dv rows of its queries into
+#     the first Q_LEN rows of the same buffer: cuDNN's backward has no ``out=``, so its K/V
+#     gradient is a tensor of its own, and this copy (8% of the bytes at the size below) is no
+#     launch of its own. Bytes each kernel must move: ``suffix_bytes`` in tools/bench.py; at Q_LEN
+#     8192, 32/8 heads, d128, bf16, 7 rounds: forward 0.40 GB, backward 0.81 GB (0.07 GB of it the
+#     causal copy).
+#     A group wider than _MAX_GROUP q-heads runs the per-head kernels (its tiles would not fit
+#     in registers).
+_MAX_GROUP = 16
+
+
+@triton.jit
+def _group_rows(Hq, Hkv, G, L, BLOCK: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_DV: tl.constexpr):
+    """This program's batch, kv-head, the (batch x q-head) rows ``[BLOCK_G]`` and q-heads
+    ``[BLOCK_G]`` of its group, its query indices ``[BLOCK]``, the valid (head, query) pairs
+    ``[BLOCK_G, BLOCK]`` and the head-dim ranges of q/k and of v."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # query blocks: the fastest axis
+    bhk = tl.program_id(1).to(tl.int64)
+    b, hk = bhk // Hkv, bhk % Hkv
+    g = tl.arange(0, BLOCK_G)
+    h = hk * G + g  # [BLOCK_G]
+    ok = (g < G)[:, None] & (i < L)[None, :]  # [BLOCK_G, BLOCK]
+    return b, hk, b * Hq + h, h, i, ok, tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
+
+
+@triton.jit
+def _tile3(ptr, head_stride, row_stride, col_stride, heads, rows, ok, cols, col_mask):
+    """A ``[BLOCK_G, BLOCK, BLOCK_D]`` fp32 tile: heads x rows x columns."""
+    offsets = (heads[:, None, None] * head_stride + rows[None, :, None] * row_stride
+               + cols[None, None, :] * col_stride)
+    return tl.load(ptr + offsets, mask=ok[:, :, None] & col_mask[None, None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _suffix_forward_grouped_kernel(
+    Q, K, V, OUT_C, LSE_C, ROUNDS, OUT, LSE,
+    s_qb, s_qh, s_ql, s_qd, s_kb, s_kh, s_kl, s_kd, s_vb, s_vh, s_vl, s_vd,
+    s_cb, s_ch, s_cl, s_cd, s_lcb, s_lch, s_lcl, s_ob, s_oh, s_ol, s_od,
+    Hq, Hkv, G, L, D, Dv, S, scale,
+    BLOCK: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    """:func:`_suffix_forward_kernel` for the G heads of a kv-head at once (Note [grouped suffix
+    kernels]). LSE: contiguous [B, Hq, L]."""
+    b, hk, bh, h, i, ok, d, e = _group_rows(Hq, Hkv, G, L, BLOCK, BLOCK_G, BLOCK_D, BLOCK_DV)
+    i_ok = i < L
+    q = _tile3(Q + b * s_qb, s_qh, s_ql, s_qd, h, i, ok, d, d < D)  # [BLOCK_G, BLOCK, BLOCK_D]
+    acc = _tile3(OUT_C + b * s_cb, s_ch, s_cl, s_cd, h, i, ok, e, e < Dv)  # [BLOCK_G, BLOCK, BLOCK_DV]
+    m = tl.load(LSE_C + b * s_lcb + h[:, None] * s_lch + i[None, :] * s_lcl, mask=ok, other=0.0)
+    l_sum = tl.full([BLOCK_G, BLOCK], 1.0, tl.float32)  # acc is normalised: weight 1 at max m
+    k_base = K + b * s_kb + hk * s_kh
+    v_base = V + b * s_vb + hk * s_vh
+    for s in tl.range(1, _live_limit(ROUNDS, S), num_stages=STAGES):
+        k = _tile(k_base, s_kl, s_kd, s * L + i, i_ok, d, d < D)  # [BLOCK, BLOCK_D]: once for G heads
+        score = tl.sum(q * k[None, :, :], axis=2) * scale  # [BLOCK_G, BLOCK]
+        m_new = tl.maximum(m, score)
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(score - m_new)
+        v = _tile(v_base, s_vl, s_vd, s * L + i, i_ok, e, e < Dv)
+        acc = acc * alpha[:, :, None] + p[:, :, None] * v[None, :, :]
+        l_sum = l_sum * alpha + p
+        m = m_new
+    out = acc / l_sum[:, :, None]
+    tl.store(OUT + b * s_ob + h[:, None, None] * s_oh + i[None, :, None] * s_ol + e[None, None, :] * s_od,
+             out.to(OUT.dtype.element_ty), mask=ok[:, :, None] & (e < Dv)[None, None, :])
+    tl.store(LSE + bh[:, None] * L + i[None, :], m + tl.log(l_sum), mask=ok)
+
+
+@triton.jit
+def _suffix_backward_fused_kernel(
+    DOUT, Q, K, V, OUT, LSE, ROUNDS, DQ_C, DK_C, DV_C, DQ, DK, DV,
+    s_qb, s_qh, s_ql, s_qd, s_kb, s_kh, s_kl, s_kd, s_vb, s_vh, s_vl, s_vd,
+    s_cb, s_ch, s_cl, s_cd, s_kcb, s_kch, s_kcl, s_kcd, s_vcb, s_vch, s_vcl, s_vcd,
+    Hq, Hkv, G, L, D, Dv, S, scale,
+    BLOCK: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    """dq, dk, dv in one pass (Note [grouped suffix kernels]). DOUT, OUT, DQ: contiguous
+    [B, Hq, L, *]; LSE: contiguous [B, Hq, L]; DK, DV: contiguous [B, Hkv, KV, *], every row
+    written: the causal part's rows copied from DK_C / DV_C, live rounds computed, dead ones zero."""
+    b, hk, bh, h, i, ok, d, e = _group_rows(Hq, Hkv, G, L, BLOCK, BLOCK_G, BLOCK_D, BLOCK_DV)
+    i_ok = i < L
+    d_ok, e_ok = d < D, e < Dv
+    k_ok, v_ok = i_ok[:, None] & d_ok[None, :], i_ok[:, None] & e_ok[None, :]  # [BLOCK, BLOCK_D], [BLOCK, BLOCK_DV]
+    dout = _tile3(DOUT, L * Dv, Dv, 1, bh, i, ok, e, e_ok)  # [BLOCK_G, BLOCK, BLOCK_DV]
+    delta = tl.sum(dout * _tile3(OUT, L * Dv, Dv, 1, bh, i, ok, e, e_ok), axis=2)  # rowsum(dO * O): [BLOCK_G, BLOCK]
+    lse = tl.load(LSE + bh[:, None] * L + i[None, :], mask=ok, other=0.0)  # [BLOCK_G, BLOCK]
+    q = _tile3(Q + b * s_qb, s_qh, s_ql, s_qd, h, i, ok, d, d_ok)  # [BLOCK_G, BLOCK, BLOCK_D]
+    dq = _tile3(DQ_C + b * s_cb, s_ch, s_cl, s_cd, h, i, ok, d, d_ok)
+    k_base = K + b * s_kb + hk * s_kh
+    v_base = V + b * s_vb + hk * s_vh
+    row0 = (b * Hkv + hk) * (S + 1) * L + i  # [BLOCK]: this program's rows of round 0 in DK, DV
+    limit = _live_limit(ROUNDS, S)
+    for s in tl.range(1, limit, num_stages=STAGES):
+        k = _tile(k_base, s_kl, s_kd, s * L + i, i_ok, d, d_ok)  # [BLOCK, BLOCK_D]: once for G heads
+        v = _tile(v_base, s_vl, s_vd, s * L + i, i_ok, e, e_ok)  # [BLOCK, BLOCK_DV]
+        # Rows out of range (padded heads, queries past L) load zeros: their p is 1 but dO is 0, so
+        # they add nothing to dk, dv, and their dq is not stored.
+        p = tl.exp(tl.sum(q * k[None, :, :], axis=2) * scale - lse)  # [BLOCK_G, BLOCK]
+        ds = p * (tl.sum(dout * v[None, :, :], axis=2) - delta) * scale
+        dq += ds[:, :, None] * k[None, :, :]
+        row = row0 + s * L
+        tl.store(DK + row[:, None] * D + d[None, :], tl.sum(ds[:, :, None] * q, axis=0).to(DK.dtype.element_ty),
+                 mask=k_ok)
+        tl.store(DV + row[:, None] * Dv + e[None, :], tl.sum(p[:, :, None] * dout, axis=0).to(DV.dtype.element_ty),
+                 mask=v_ok)
+    for s in tl.range(tl.maximum(limit, 1), S + 1):  # dead rounds: zero gradients
+        row = row0 + s * L
+        tl.store(DK + row[:, None] * D + d[None, :], tl.zeros([BLOCK, BLOCK_D], DK.dtype.element_ty), mask=k_ok)
+        tl.store(DV + row[:, None] * Dv + e[None, :], tl.zeros([BLOCK, BLOCK_DV], DV.dtype.element_ty), mask=v_ok)
+    tl.store(DQ + bh[:, None, None] * L * D + i[None, :, None] * D + d[None, None, :], dq.to(DQ.dtype.element_ty),
+             mask=ok[:, :, None] & d_ok[None, None, :])
+    dk_c = tl.load(DK_C + b * s_kcb + hk * s_kch + i[:, None] * s_kcl + d[None, :] * s_kcd, mask=k_ok)
+    tl.store(DK + row0[:, None] * D + d[None, :], dk_c.to(DK.dtype.element_ty), mask=k_ok)
+    dv_c = tl.load(DV_C + b * s_vcb + hk * s_vch + i[:, None] * s_vcl + e[None, :] * s_vcd, mask=v_ok)
+    tl.store(DV + row0[:, None] * Dv + e[None, :], dv_c.to(DV.dtype.element_ty), mask=v_ok)
+
+
 def _blocks(D: int, Dv: int) -> dict:
     return dict(BLOCK=BLOCK_L, BLOCK_D=triton.next_power_of_2(D), BLOCK_DV=triton.next_power_of_2(Dv))
 
 
+def _grouped(G: int, D: int, Dv: int, config: dict) -> dict:
+    """Launch parameters of a grouped kernel (Note [suffix kernel switches])."""
+    BLOCK_G = triton.next_power_of_2(G)
+    return dict(BLOCK=max(1, config["rows"] // BLOCK_G), BLOCK_G=BLOCK_G, BLOCK_D=triton.next_power_of_2(D),
+                BLOCK_DV=triton.next_power_of_2(Dv), STAGES=config["stages"], num_warps=config["num_warps"])
+
+
 def suffix_forward_triton(q: Tensor, k: Tensor, v: Tensor, out_c: Tensor, lse_c: Tensor,
-                          rounds: Tensor, q_len: int, scale: float) -> tuple[Tensor, Tensor]:
+                          rounds: Tensor, q_len: int, scale: float, variant: str | None = None
+                          ) -> tuple[Tensor, Tensor]:
+    """``_split._suffix_forward_reference`` on CUDA; ``variant``: "heads" or "grouped" (default:
+    ``FORWARD``, Note [suffix kernel switches])."""
     B, Hq, L, D = q.shape
     Hkv, S, Dv = k.shape[1], k.shape[2] // q_len - 1, v.shape[-1]
+    G = Hq // Hkv
     out = q.new_empty(B, Hq, L, Dv)
     lse = q.new_empty(B, Hq, L, dtype=torch.float32)
-    grid = (B * Hq, triton.cdiv(L, BLOCK_L))
-    _suffix_forward_kernel[grid](
-        q, k, v, out_c, lse_c, rounds, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *out_c.stride(), *lse_c.stride(), *out.stride(),
-        Hq, Hq // Hkv, L, D, Dv, S, scale, **_blocks(D, Dv),
+    strides = (*q.stride(), *k.stride(), *v.stride(), *out_c.stride(), *lse_c.stride(), *out.stride())
+    if (variant or FORWARD) == "grouped" and triton.next_power_of_2(G) <= _MAX_GROUP:
+        config = _grouped(G, D, Dv, GROUPED_FWD)
+        _suffix_forward_grouped_kernel[(triton.cdiv(L, config["BLOCK"]), B * Hkv)](
+            q, k, v, out_c, lse_c, rounds, out, lse, *strides, Hq, Hkv, G, L, D, Dv, S, scale, **config,
+        )
+        return out, lse
+    _suffix_forward_kernel[(B * Hq, triton.cdiv(L, BLOCK_L))](
+        q, k, v, out_c, lse_c, rounds, out, lse, *strides, Hq, G, L, D, Dv, S, scale, **_blocks(D, Dv),
     )
     return out, lse
 
 
 def suffix_backward_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                            rounds: Tensor, dq_c: Tensor, dk_c: Tensor, dv_c: Tensor, q_len: int,
-                           scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                           scale: float, variant: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``_split._suffix_backward_reference`` on CUDA; ``variant``: "split" or "fused" (default:
+    ``BACKWARD``, Note [suffix kernel switches])."""
     B, Hq, L, D = q.shape
     Hkv, S, Dv = k.shape[1], k.shape[2] // q_len - 1, v.shape[-1]
+    G = Hq // Hkv
     dout, out, lse = dout.contiguous(), out.contiguous(), lse.contiguous()
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = k.new_empty(k.shape)
     dv = v.new_empty(v.shape)
+    common = (*q.stride(), *k.stride(), *v.stride())
+    if (variant or BACKWARD) == "fused" and triton.next_power_of_2(G) <= _MAX_GROUP:
+        config = _grouped(G, D, Dv, FUSED_BWD)
+        _suffix_backward_fused_kernel[(triton.cdiv(L, config["BLOCK"]), B * Hkv)](
+            dout, q, k, v, out, lse, rounds, dq_c, dk_c, dv_c, dq, dk, dv,
+            *common, *dq_c.stride(), *dk_c.stride(), *dv_c.stride(), Hq, Hkv, G, L, D, Dv, S, scale, **config,
+        )
+        return dq, dk, dv
     dk[:, :, :L] = dk_c
     dv[:, :, :L] = dv_c
     delta = torch.empty_like(lse)
-    common = (*q.stride(), *k.stride(), *v.stride())
     _suffix_dq_kernel[(B * Hq, triton.cdiv(L, BLOCK_L))](
         dout, q, k, v, out, lse, rounds, dq_c, dq, delta, *common, *dq_c.stride(),
-        Hq, Hq // Hkv, L, D, Dv, S, scale, **_blocks(D, Dv),
+        Hq, G, L, D, Dv, S, scale, **_blocks(D, Dv),
     )
     if S > 0:
         _suffix_dkv_kernel[(S, triton.cdiv(L, BLOCK_L), B * Hkv)](
             dout, q, k, v, lse, delta, rounds, dk, dv, *common,
-            Hq, Hkv, Hq // Hkv, L, D, Dv, S, scale, **_blocks(D, Dv),
+            Hq, Hkv, G, L, D, Dv, S, scale, **_blocks(D, Dv),
         )
     return dq, dk, dv
+

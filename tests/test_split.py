@@ -190,6 +190,22 @@ def test_suffix_ops_opcheck(case):
 @pytest.mark.parametrize("case", SUFFIX_CASES + [(2, 32, 8, 1000, 7, 128, 128, 7), (1, 8, 2, 515, 4, 64, 64, 3)])
 def test_suffix_kernels_match_reference(case, strided, dtype):
     """The Triton kernels against the torch math they replace, on the same CUDA inputs."""
+    _assert_suffix_ops_match_reference(case, strided, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", SUFFIX_CASES + [(2, 32, 8, 1000, 7, 128, 128, 7), (1, 8, 2, 515, 4, 64, 128, 3)])
+def test_grouped_suffix_kernels_match_reference(monkeypatch, case, dtype):
+    """The grouped forward and the fused backward (Note [grouped suffix kernels]), strided inputs."""
+    from compiled_mask import _triton_suffix
+
+    monkeypatch.setattr(_triton_suffix, "FORWARD", "grouped")
+    monkeypatch.setattr(_triton_suffix, "BACKWARD", "fused")
+    _assert_suffix_ops_match_reference(case, True, dtype)
+
+
+def _assert_suffix_ops_match_reference(case, strided, dtype):
     forward, extra = _suffix_args(*case, device="cuda", dtype=dtype, strided=strided)
     got = _split._suffix_forward(*forward)
     want = _split._suffix_forward_reference(*forward)

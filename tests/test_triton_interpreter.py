@@ -15,6 +15,7 @@ Note [an interpreter process of its own]
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
 import re
@@ -190,7 +191,12 @@ SUFFIX_CASES = [
     (1, 2, 2, 64, 3, 3, 8, 8),  # every round live
     (1, 3, 1, 33, 3, 1, 16, 16),  # one live round: the suffix adds nothing
     (1, 2, 1, 40, 3, 9, 24, 16),  # head dim off a power of two, Dv != D, live count clamped
+    (1, 8, 2, 20, 4, 3, 16, 8),  # G = 4: grouped tiles of 8 queries (3 blocks, the last partial), Dv != D
+    (1, 6, 2, 20, 4, 3, 8, 8),  # G = 3: a padded head in the grouped tiles
+    (1, 6, 2, 9, 3, -1, 8, 8),  # negative rounds: nothing live
 ]
+# (forward, backward) kernel variants (Note [suffix kernel switches] in _triton_suffix.py)
+SUFFIX_VARIANTS = [("heads", "split"), ("grouped", "fused")]
 
 
 def _suffix_inputs(B, Hq, Hkv, q_len, max_rounds, D, Dv, dtype, strided, seed=0):
@@ -207,16 +213,38 @@ def _suffix_inputs(B, Hq, Hkv, q_len, max_rounds, D, Dv, dtype, strided, seed=0)
 
 
 @in_interpreter
+@pytest.mark.parametrize("variants", SUFFIX_VARIANTS, ids="-".join)
 @pytest.mark.parametrize("case", SUFFIX_CASES)
 @pytest.mark.parametrize("dtype, strided", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)])
-def test_suffix_kernels_match_torch(suffix, case, dtype, strided):
+def test_suffix_kernels_match_torch(suffix, case, dtype, strided, variants):
     """Forward merge and backward (dq, dk, dv) of the interpreted kernels == the torch math."""
+    _assert_suffix_kernels_match(suffix, case, dtype, strided, variants)
+
+
+@in_interpreter
+def test_grouped_suffix_kernels_small_tiles(suffix, monkeypatch):
+    """The grouped kernels with fewer rows per program than the group has heads: one query per
+    program, the tile arithmetic at its edge."""
+    for config in (suffix.GROUPED_FWD, suffix.FUSED_BWD):
+        monkeypatch.setitem(config, "rows", 2)
+    _assert_suffix_kernels_match(suffix, (1, 8, 2, 5, 3, 2, 16, 8), torch.float32, True, SUFFIX_VARIANTS[1])
+
+
+@in_interpreter
+def test_grouped_suffix_kernels_wide_group(suffix):
+    """G = 32 q-heads per K/V head: wider than a grouped tile, so the grouped variants run the
+    per-head kernels (Note [grouped suffix kernels])."""
+    _assert_suffix_kernels_match(suffix, (1, 32, 1, 8, 2, 2, 8, 8), torch.float32, False, SUFFIX_VARIANTS[1])
+
+
+def _assert_suffix_kernels_match(suffix, case, dtype, strided, variants):
+    fwd, bwd = variants
     B, Hq, Hkv, q_len, max_rounds, live, D, Dv = case
     q, k, v, out_c, lse_c = _suffix_inputs(B, Hq, Hkv, q_len, max_rounds, D, Dv, dtype, strided)
     rounds, scale = torch.tensor(live), D**-0.5
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
 
-    out, lse = suffix.suffix_forward_triton(q, k, v, out_c, lse_c, rounds, q_len, scale)
+    out, lse = suffix.suffix_forward_triton(q, k, v, out_c, lse_c, rounds, q_len, scale, fwd)
     want_out, want_lse = _split._suffix_forward_reference(q, k, v, out_c, lse_c, rounds, q_len, scale)
     torch.testing.assert_close(out, want_out, **tol)
     torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
@@ -225,8 +253,43 @@ def test_suffix_kernels_match_torch(suffix, case, dtype, strided):
     dout = torch.randn(out.shape, generator=g).to(dtype)
     dq_c = torch.randn(q.shape, generator=g).to(dtype)
     dk_c, dv_c = (torch.randn(B, Hkv, q_len, d, generator=g).to(dtype) for d in (D, Dv))
-    got = suffix.suffix_backward_triton(dout, q, k, v, want_out, want_lse, rounds, dq_c, dk_c, dv_c, q_len, scale)
+    got = suffix.suffix_backward_triton(dout, q, k, v, want_out, want_lse, rounds, dq_c, dk_c, dv_c, q_len, scale,
+                                        bwd)
     want = _split._suffix_backward_reference(dout, q, k, v, want_out, want_lse, rounds, dq_c, dk_c, dv_c,
                                              q_len, scale)
     for name, x, y in zip(("dq", "dk", "dv"), got, want):
         torch.testing.assert_close(x, y, **tol, msg=lambda m: f"{name}: {m}")
+
+
+def _load_bench():
+    path = Path(__file__).resolve().parent.parent / "tools" / "bench.py"
+    spec = importlib.util.spec_from_file_location("bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+@in_interpreter
+def test_bench_suffix_table(suffix, monkeypatch):
+    """``tools/bench.py --only suffix`` on the GPU path (the kernels, interpreted): every variant
+    and a sweep entry pass their checks; a wrong backward is reported, and counted, as a mismatch."""
+    bench = _load_bench()
+    monkeypatch.setattr(bench, "SUFFIX_SWEEP", bench.SUFFIX_SWEEP[:1])
+    args = (CPU, torch.float32, 10, [3], (4, 2), 8, 1, {"TB/s": 1.0})
+    rows, failed = bench.suffix_rows(*args, sweep=True)
+    assert [(r["op"], r["variant"].split()[0]) for r in rows] == [
+        ("forward", "heads"), ("forward", "grouped"), ("backward", "split"), ("backward", "fused"),
+        ("forward", "grouped"), ("backward", "fused")]
+    assert failed == 0 and all(r["check"] == "ok" for r in rows), rows
+    fwd, bwd = bench.suffix_bytes(1, 4, 2, 10, 3, 3, 8, 8, 4)
+    assert [r["MB"] for r in rows[:4]] == [float(f"{n / 1e6:.4g}") for n in (fwd, fwd, bwd, bwd)]
+
+    real = suffix.suffix_backward_triton
+
+    def off_by_a_little(*args):  # the fused variant's dq, 1e-3 off
+        dq, dk, dv = real(*args)
+        return (dq + 1e-3 if args[-1] == "fused" else dq), dk, dv
+
+    monkeypatch.setattr(suffix, "suffix_backward_triton", off_by_a_little)
+    rows, failed = bench.suffix_rows(*args, sweep=False)
+    assert failed == 1 and [r["check"][:8] for r in rows] == ["ok", "ok", "ok", "MISMATCH"], rows

@@ -11,7 +11,14 @@ Four tables, one run, all rows side by side:
    extra memory, kernels launched; and a batch of 8 with seq_lens and doc_ids;
 2. attention per TTT step (mask + attention, fwd and fwd+bwd): Eagle3Attention with each backend,
    flex_attention on create_block_mask's mask (mask prebuilt), and the floor: causal-only SDPA on
-   the first Q_LEN keys (the suffix rounds add only Q_LEN * (rounds - 1) useful pairs);
+   leaf q, k, v of Q_LEN keys (the suffix rounds add only Q_LEN * (rounds - 1) useful pairs), GQA
+   (enable_gqa) and MHA (K/V heads repeated), the faster of the two being the floor; fwd+bwd in
+   both gradient modes (``torch.autograd.grad``, and ``.backward()`` into ``.grad`` as training
+   does); the useful TFLOP/s of every row (``attention_tflop``) beside the card's dense bf16 peak;
+   ``--long`` adds Q_LEN 32768 and 65536 x 7 rounds (``--q-lens`` picks any);
+   the split backend's suffix ops alone (``--only suffix``): each kernel variant's time, the bytes
+   it must move (``suffix_bytes``), GB/s against the card's bandwidth, and a check of every
+   variant against the torch reference;
    a padded batch (8 samples, valid lengths spread over the Q_LEN bucket) with and without
    seq_lens, backend "flex"; a packed batch (2 rows of documents of random lengths) with and
    without doc_ids, per backend;
@@ -36,6 +43,7 @@ import contextlib
 import gc
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -235,61 +243,163 @@ def _inputs(device, dtype, B, Hq, Hkv, q_len, kv_len, D, grad):
     return sets
 
 
-def _step(attend, sets, backward):
+def _floor_inputs(sets, q_len, groups, grad):
+    """The floors' inputs, from the same values as ``sets``: leaf q and leaf K/V of the first
+    Q_LEN keys (a slice of the buffer would make the backward write a gradient for every round);
+    ``groups`` > 1 repeats each K/V head that many times (the MHA form of GQA)."""
+    def leaf(t, repeat=1):
+        return t.detach()[:, :, :q_len].repeat_interleave(repeat, dim=1).contiguous().requires_grad_(grad)
+
+    return [(leaf(q), leaf(k, groups), leaf(v, groups), dout) for q, k, v, dout in sets]
+
+
+GRAD_MODES = ("autograd", "backward")
+
+
+def _step(attend, sets, grad_mode: str | None):
+    """One call per step, input sets rotated. ``grad_mode``: None (forward only), "autograd"
+    (``torch.autograd.grad`` of q, k, v) or "backward" (``out.backward()`` into the leaves'
+    ``.grad``, then ``.grad = None`` as ``optimizer.zero_grad(set_to_none=True)`` does)."""
     it = iter(range(10**9))
 
     def fn():
         q, k, v, dout = sets[next(it) % ROTATE]
         out = attend(q, k, v)
-        if backward:
+        if grad_mode == "autograd":
             torch.autograd.grad(out, (q, k, v), dout)
+        elif grad_mode == "backward":
+            out.backward(dout)
+            q.grad = k.grad = v.grad = None
         return out
 
     return fn
 
 
-def attention_rows(device, dtype, q_len, rounds_list, heads, D, backends, reps, backward_modes):
+def attention_tflop(B, Hq, q_len, rounds, D, Dv, backward, suffix=True) -> float:
+    """Useful FLOPs of one step in TFLOP: the pairs the Eagle3 mask allows, Q_LEN (Q_LEN + 1) / 2
+    causal ones plus Q_LEN (rounds - 1) suffix ones (``suffix=False``: the causal pairs only, the
+    floors' work), per head, times 2 D + 2 Dv forward (S = QK^T, O = PV) and 6 D + 4 Dv more
+    for the backward (S again, dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q): 4 D and 14 D
+    per pair at Dv = D, the usual causal fwd+bwd count (3.5x the forward's)."""
+    pairs = q_len * (q_len + 1) // 2 + (q_len * (rounds - 1) if suffix else 0)
+    per_pair = 2 * D + 2 * Dv + ((6 * D + 4 * Dv) if backward else 0)
+    return B * Hq * pairs * per_pair / 1e12
+
+
+# Dense bf16 tensor-core peak (TFLOP/s, no sparsity) and HBM bandwidth (TB/s), spec sheets
+# of the SXM parts, by the first name that the card's name contains.
+CARD_PEAKS = {"H200": (989.0, 4.8), "H100": (989.0, 3.35), "A100": (312.0, 2.0), "B200": (2250.0, 8.0)}
+
+
+def card_peaks(device: torch.device, tflops: float | None = None, tbps: float | None = None) -> dict:
+    """The peaks the tables compare with: ``{"TFLOP/s": ..., "TB/s": ..., "source": ...}``."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    spec = next((v for k, v in CARD_PEAKS.items() if k in name), (None, None))
+    out = {"TFLOP/s": tflops or spec[0], "TB/s": tbps or spec[1]}
+    out["source"] = ("--peak-tflops/--peak-tbps" if tflops or tbps else
+                     f"{name} spec sheet (SXM), dense bf16" if spec[0] else "unknown card: no peak")
+    return out
+
+
+def _with_throughput(row: dict, tflop: float, peaks: dict) -> dict:
+    if "ms" in row:
+        row["TFLOP/s"] = float(f"{tflop / (row['ms'] / 1e3):.4g}")
+        if peaks.get("TFLOP/s"):
+            row["pct_peak"] = round(100 * row["TFLOP/s"] / peaks["TFLOP/s"], 1)
+    return row
+
+
+SPLIT_SUFFIX_DEFAULT = ("default",)  # the split backend with the suffix kernels its module picks
+
+
+def _split_suffix_arg(spec: str) -> str:
+    fwd, _, bwd = spec.partition(":")
+    if spec != "default" and (fwd not in ("heads", "grouped") or bwd not in ("split", "fused")):
+        raise argparse.ArgumentTypeError(f"got {spec!r}, expected 'default' or FWD:BWD with FWD in "
+                                         "heads|grouped and BWD in split|fused, e.g. grouped:fused")
+    return spec
+
+
+def _suffix_variant(spec: str):
+    """A ``--split-suffix`` entry "FWD:BWD" (e.g. "grouped:fused", Note [suffix kernel switches]
+    in _triton_suffix.py) -> a context that selects it, and a label for the row."""
+    if spec == "default":
+        return contextlib.nullcontext, ""
+    fwd, bwd = spec.split(":")
+
+    @contextlib.contextmanager
+    def use():
+        from compiled_mask import _triton_suffix as ts
+
+        old = ts.FORWARD, ts.BACKWARD
+        ts.FORWARD, ts.BACKWARD = fwd, bwd
+        try:
+            yield
+        finally:
+            ts.FORWARD, ts.BACKWARD = old
+
+    return use, f" [suffix fwd={fwd}, bwd={bwd}]"
+
+
+def attention_rows(device, dtype, q_len, rounds_list, heads, D, backends, reps, passes, peaks,
+                   split_suffix=SPLIT_SUFFIX_DEFAULT, prebuilt=True):
+    """``passes``: (pass name, grad mode) pairs, e.g. ("fwd", None), ("fwd+bwd", "autograd").
+    On CPU the fwd+bwd passes time the floors only (flex has no CPU backward, and compiling the
+    other backward graphs would double the CI smoke's time)."""
     torch._dynamo.reset()  # each module instance counts against dynamo's per-function recompile limit
     Hq, Hkv = heads
     max_rounds = max(rounds_list)
     compiled = {b: torch.compile(Eagle3Attention(q_len, max_rounds, backend=b), fullgraph=True)
                 for b in backends}
     flex = torch.compile(flex_attention, fullgraph=True)
+    floors = ("floor: causal SDPA, GQA (enable_gqa), leaf q/k/v of Q_LEN keys",
+              "floor: causal SDPA, MHA (k/v repeat_interleave'd), leaf q/k/v of Q_LEN keys")
     rows = []
-    for backward in backward_modes:
+    for pass_, grad_mode in passes:
+        backward = grad_mode is not None
         sets = _inputs(device, dtype, 1, Hq, Hkv, q_len, q_len * max_rounds, D, backward)
+        floor_sets = {floors[0]: _floor_inputs(sets, q_len, 1, backward),
+                      floors[1]: _floor_inputs(sets, q_len, Hq // Hkv, backward)}
         for rounds in rounds_list:
             kv_len = q_len * rounds
             live = torch.tensor(rounds, device=device)
-            methods = [(f"Eagle3Attention({b!r}), mask in-graph",
-                        lambda q, k, v, attn=attn: attn(q, k, v, live))
-                       for b, attn in compiled.items()]
-            bm = create_block_mask(eagle3_mask_mod(q_len), 1, 1, q_len, kv_len, device=device)
-            methods.append(("flex_attention + create_block_mask (prebuilt)",
-                            lambda q, k, v: flex(q, k[:, :, :kv_len], v[:, :, :kv_len],
-                                                 block_mask=bm, enable_gqa=True)))
-            methods.append(("floor: causal SDPA on the first Q_LEN keys",
-                            lambda q, k, v: F.scaled_dot_product_attention(
-                                q, k[:, :, :q_len], v[:, :, :q_len], is_causal=True,
-                                enable_gqa=True)))
+            methods = []  # (name, attend, context, is_floor)
+            if not (backward and device.type == "cpu"):
+                for b, attn in compiled.items():
+                    for spec in (split_suffix if b == "split" else SPLIT_SUFFIX_DEFAULT):
+                        use, label = _suffix_variant(spec)
+                        methods.append((f"Eagle3Attention({b!r}), mask in-graph{label}",
+                                        lambda q, k, v, attn=attn: attn(q, k, v, live), use, False))
+                if prebuilt:
+                    bm = create_block_mask(eagle3_mask_mod(q_len), 1, 1, q_len, kv_len, device=device)
+                    methods.append(("flex_attention + create_block_mask (prebuilt)",
+                                    lambda q, k, v, bm=bm: flex(q, k[:, :, :kv_len], v[:, :, :kv_len],
+                                                                block_mask=bm, enable_gqa=True),
+                                    contextlib.nullcontext, False))
+            methods.append((floors[0], lambda q, k, v: F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, enable_gqa=True), contextlib.nullcontext, True))
+            methods.append((floors[1], lambda q, k, v: F.scaled_dot_product_attention(
+                q, k, v, is_causal=True), contextlib.nullcontext, True))
             results = []
-            for name, attend in methods:
+            for name, attend, use, is_floor in methods:
                 row = dict(table="attention", method=name, Q_LEN=q_len, rounds=rounds,
                            heads=f"{Hq}/{Hkv}", D=D, dtype=str(dtype).removeprefix("torch."),
-                           pass_="fwd+bwd" if backward else "fwd")
+                           pass_=pass_, grad=grad_mode or "")
                 try:
-                    with torch.no_grad() if not backward else contextlib.nullcontext():
-                        row["ms"] = median_ms(_step(attend, sets, backward), device, reps)
+                    with use(), torch.no_grad() if not backward else contextlib.nullcontext():
+                        fn = _step(attend, floor_sets[name] if is_floor else sets, grad_mode)
+                        row["ms"] = median_ms(fn, device, reps)
                 except Exception as e:  # noqa: BLE001 - a backend that cannot run is a row too
                     row["skipped"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-                results.append(row)
-            floor = results[-1].get("ms")
+                tflop = attention_tflop(1, Hq, q_len, rounds, D, D, backward, suffix=not is_floor)
+                results.append(_with_throughput(row, tflop, peaks))
+            floor = min((r["ms"] for r in results if r["method"] in floors and "ms" in r), default=None)
             for row in results:
                 if floor and "ms" in row:
                     row["x_floor"] = round(row["ms"] / floor, 3)
                 rows.append(row)
                 print(_fmt_row(row), flush=True)
-        del sets
+        del sets, floor_sets
     return rows
 
 
@@ -317,7 +427,8 @@ def padding_rows(device, dtype, q_len, rounds, heads, D, batch, reps) -> list[di
             row = dict(table="padding", method=name, B=batch, Q_LEN=q_len, rounds=rounds,
                        heads=f"{Hq}/{Hkv}", D=D, fill=round(fill, 3),
                        pass_="fwd+bwd" if backward else "fwd")
-            fn = _step(lambda q, k, v, kwargs=kwargs: attn(q, k, v, live, **kwargs), sets, backward)
+            fn = _step(lambda q, k, v, kwargs=kwargs: attn(q, k, v, live, **kwargs), sets,
+                       "autograd" if backward else None)
             with torch.no_grad() if not backward else contextlib.nullcontext():
                 row["ms"] = median_ms(fn, device, reps)
             results.append(row)
@@ -370,7 +481,8 @@ def document_rows(device, dtype, q_len, rounds, heads, D, batch, backends, reps)
                 row = dict(table="documents", method=f"Eagle3Attention({backend!r}), {name}", B=batch,
                            Q_LEN=q_len, rounds=rounds, heads=f"{Hq}/{Hkv}", D=D, docs_per_row=docs_per_row,
                            pass_="fwd+bwd" if backward else "fwd")
-                fn = _step(lambda q, k, v, kwargs=kwargs: attn(q, k, v, live, **kwargs), sets, backward)
+                fn = _step(lambda q, k, v, kwargs=kwargs: attn(q, k, v, live, **kwargs), sets,
+                           "autograd" if backward else None)
                 try:
                     with torch.no_grad() if not backward else contextlib.nullcontext():
                         row["ms"] = median_ms(fn, device, reps)
@@ -384,6 +496,125 @@ def document_rows(device, dtype, q_len, rounds, heads, D, batch, backends, reps)
                 print(_fmt_row(row), flush=True)
             del sets
     return rows
+
+
+# ----------------------------------------------------------------------------- 2d. suffix kernels
+
+
+def suffix_bytes(B: int, Hq: int, Hkv: int, q_len: int, max_rounds: int, live: int, D: int, Dv: int,
+                 itemsize: int = 2) -> tuple[int, int]:
+    """(forward, backward) bytes the split backend's suffix ops must move: every tensor they read
+    or write, once (Note [grouped suffix kernels] in ``_triton_suffix.py``); ``live`` is clamped
+    to [1, max_rounds] as the kernels clamp it.
+
+    Forward: reads q, the causal part's out and lse, and the K/V rows of the live suffix rounds;
+    writes out and lse. Backward: reads dO, O, q, the causal dq, lse, the live suffix rounds' K/V
+    and the causal part's dk/dv; writes dq and every row of the K/V gradient (the causal rows,
+    the live rounds', the dead rounds' zeros). lse is fp32; the rest ``itemsize`` bytes.
+    """
+    live = min(max(live, 1), max_rounds)
+    q_rows, kv_rows = B * Hq * q_len, B * Hkv * q_len  # query rows; K/V rows of one round
+    lse = 4 * q_rows
+    kv_round = kv_rows * (D + Dv) * itemsize  # K and V rows of one round
+    forward = q_rows * (D + 2 * Dv) * itemsize + 2 * lse + (live - 1) * kv_round
+    backward = (q_rows * (2 * Dv + 3 * D) * itemsize + lse  # dO, O, q, dq_c read; dq written
+                + (live - 1) * kv_round + kv_round + max_rounds * kv_round)  # K/V read, dk_c/dv_c, dK/dV
+    return forward, backward
+
+
+# Launch parameters tried by --suffix-sweep for the grouped kernels (GROUPED_FWD / FUSED_BWD).
+SUFFIX_SWEEP = [dict(rows=r, num_warps=w, stages=s) for r in (16, 32, 64) for w in (4, 8) for s in (2, 3)]
+# (run at the largest rounds only: 12 configurations x 2 kernels, a Triton compile each, ~1 min on an H200)
+
+
+@contextlib.contextmanager
+def _launch_config(ts, op: str, config: dict | None):
+    """Run the grouped ``op`` kernel with ``config`` (Note [suffix kernel switches])."""
+    target = ts.GROUPED_FWD if op == "forward" else ts.FUSED_BWD
+    old = dict(target)
+    target.update(config or {})
+    try:
+        yield
+    finally:
+        target.clear()
+        target.update(old)
+
+
+def suffix_rows(device, dtype, q_len, rounds_list, heads, D, reps, peaks, sweep=False) -> tuple[list[dict], int]:
+    """The split backend's suffix ops alone, every kernel variant, on the causal part's real
+    outputs and gradients: time, bytes moved (``suffix_bytes``) and GB/s; each variant's result
+    checked against the torch reference and against the first variant (``torch.testing.assert_close``).
+    The byte count is what the op must move, the same for every variant: a variant that reads
+    a tensor twice gets an effective rate. Returns (rows, number of failed checks).
+
+    On CPU the op's CPU implementation (the torch reference itself) is timed, unchecked; in
+    the Triton interpreter (TRITON_INTERPRET=1, a test) the kernels run on CPU tensors.
+    """
+    from compiled_mask import _split
+
+    Hq, Hkv = heads
+    scale = D**-0.5
+    rows, failed = [], 0
+    for rounds in rounds_list:
+        g = torch.Generator(device=device).manual_seed(0)
+        q = torch.randn(1, Hq, q_len, D, device=device, dtype=dtype, generator=g)
+        k, v = (torch.randn(1, Hkv, q_len * rounds, D, device=device, dtype=dtype, generator=g) for _ in "kv")
+        live = torch.tensor(rounds, device=device)
+        out_c, lse_c, tensors, consts = _split._causal_forward(q, k[:, :, :q_len], v[:, :, :q_len], scale)
+        fwd_args = (q, k, v, out_c, lse_c, live, q_len, scale)
+        out, lse = _split._suffix_forward_reference(*fwd_args)
+        dout = torch.randn(out.shape, device=device, dtype=dtype, generator=g)
+        grads_c = _split._causal_backward(dout, q, k[:, :, :q_len], v[:, :, :q_len], out, lse, tuple(tensors),
+                                          consts, scale)
+        bwd_args = (dout, q, k, v, out, lse, live, *grads_c, q_len, scale)
+        args = {"forward": fwd_args, "backward": bwd_args}
+        nbytes = dict(zip(("forward", "backward"), suffix_bytes(1, Hq, Hkv, q_len, rounds, rounds, D, D,
+                                                                q.element_size())))
+        if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+            from compiled_mask import _triton_suffix as ts
+
+            ops = {"forward": ts.suffix_forward_triton, "backward": ts.suffix_backward_triton}
+            variants = [("forward", "heads", None), ("forward", "grouped", None),
+                        ("backward", "split", None), ("backward", "fused", None)]
+            if sweep and rounds == max(rounds_list):
+                variants += [(op, name, c) for op, name in (("forward", "grouped"), ("backward", "fused"))
+                             for c in SUFFIX_SWEEP]
+            want = {"forward": (out, lse), "backward": _split._suffix_backward_reference(*bwd_args)}
+        else:
+            ts = None
+            ops = {"forward": _split._suffix_forward, "backward": _split._suffix_backward}
+            variants = [("forward", "torch (CPU)", None), ("backward", "torch (CPU)", None)]
+        first = {}  # each op's first variant, which the others are checked against too
+        for op, variant, config in variants:
+            label = variant
+            if config is not None:
+                label += " rows={rows} warps={num_warps} stages={stages}".format(**config)
+            row = dict(table="suffix", op=op, variant=label, Q_LEN=q_len, rounds=rounds, heads=f"{Hq}/{Hkv}", D=D,
+                       dtype=str(dtype).removeprefix("torch."), MB=float(f"{nbytes[op] / 1e6:.4g}"))
+            fn = (lambda f=ops[op], a=args[op], variant=variant: f(*a, variant)) if ts else (
+                lambda f=ops[op], a=args[op]: f(*a))
+            with _launch_config(ts, op, config) if ts else contextlib.nullcontext():
+                got = fn()
+                row["us"] = round(1e3 * median_ms(fn, device, reps), 1)
+            row["GB/s"] = float(f"{nbytes[op] / (row['us'] / 1e6) / 1e9:.4g}")
+            if peaks.get("TB/s"):
+                row["pct_bw"] = float(f"{100 * row['GB/s'] / (1e3 * peaks['TB/s']):.3g}")
+            if ts:
+                try:
+                    names = ("out", "lse") if op == "forward" else ("dq", "dk", "dv")
+                    for name, x, w, y in zip(names, got, want[op], first.setdefault(op, got)):
+                        torch.testing.assert_close(x, w, msg=lambda m, name=name: f"{name} vs the reference: {m}")
+                        torch.testing.assert_close(x, y, msg=lambda m, name=name: f"{name} vs the first variant: {m}")
+                    row["check"] = "ok"
+                except AssertionError as e:
+                    row["check"] = "MISMATCH " + " ".join(str(e).split())[:200]
+                    failed += 1
+            rows.append(row)
+            print(_fmt_row(row), flush=True)
+        del q, k, v, out_c, lse_c, tensors, out, lse, dout, grads_c, args, got, first
+        if ts:
+            del want
+    return rows, failed
 
 
 # ----------------------------------------------------------------------------- 3. compile cost
@@ -593,13 +824,13 @@ def profile_text(device, dtype, q_len, rounds, heads, D, backends, backward) -> 
     live = torch.tensor(rounds, device=device)
     methods = {f"Eagle3Attention({b!r})": torch.compile(Eagle3Attention(q_len, rounds, backend=b),
                                                         fullgraph=True) for b in backends}
-    methods["floor: causal SDPA"] = None
+    methods["floor: causal SDPA, GQA, leaf q/k/v of Q_LEN keys"] = None
+    floor_sets = _floor_inputs(sets, q_len, 1, backward)
     out = []
     for name, attn in methods.items():
         attend = (lambda q, k, v, attn=attn: attn(q, k, v, live)) if attn is not None else (
-            lambda q, k, v: F.scaled_dot_product_attention(q, k[:, :, :q_len], v[:, :, :q_len],
-                                                           is_causal=True, enable_gqa=True))
-        fn = _step(attend, sets, backward)
+            lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+        fn = _step(attend, sets if attn is not None else floor_sets, "autograd" if backward else None)
         try:
             for _ in range(3):
                 fn()
@@ -633,8 +864,10 @@ def _fmt_row(row: dict) -> str:
 TABLES = {
     "mask_build": ["method", "Q_LEN", "rounds", "BLOCK_SIZE", "device_us", "kernels", "host_us",
                    "wall_ms", "peak_extra_MiB", "out_MiB", "skipped"],
-    "attention": ["method", "Q_LEN", "rounds", "heads", "D", "dtype", "pass_", "ms", "x_floor",
-                  "skipped"],
+    "attention": ["method", "Q_LEN", "rounds", "heads", "D", "dtype", "pass_", "grad", "ms", "x_floor",
+                  "TFLOP/s", "pct_peak", "skipped"],
+    "suffix": ["op", "variant", "Q_LEN", "rounds", "heads", "D", "dtype", "us", "MB", "GB/s", "pct_bw",
+               "check"],
     "padding": ["method", "B", "Q_LEN", "rounds", "heads", "D", "fill", "pass_", "ms",
                 "x_no_seq_lens"],
     "documents": ["method", "B", "Q_LEN", "rounds", "heads", "D", "docs_per_row", "pass_", "ms",
@@ -718,6 +951,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="tables to run (default: all but 'draft': 8 rows of a minute or two each)")
     parser.add_argument("--backends", nargs="+", choices=["flex", "split", "fa4"],
                         help="Eagle3Attention backends to time (default: all that can run here)")
+    parser.add_argument("--grad-mode", choices=[*GRAD_MODES, "both"], default="both",
+                        help="attention fwd+bwd rows: torch.autograd.grad of q/k/v, or .backward() into "
+                             "the leaves' .grad (set to None after each step), or both (default)")
+    parser.add_argument("--long", action="store_true",
+                        help="also attention and suffix rows at Q_LEN 32768 and 65536 x 7 rounds (GPU)")
+    parser.add_argument("--q-lens", type=int, nargs="+",
+                        help="Q_LENs of the attention and suffix tables (default: 8192, --smoke 256); "
+                             "a Q_LEN other than the default gets 7 rounds and no create_block_mask row")
+    parser.add_argument("--split-suffix", nargs="+", default=list(SPLIT_SUFFIX_DEFAULT), type=_split_suffix_arg,
+                        metavar="FWD:BWD", help="attention rows of backend split with these suffix kernels, "
+                        "e.g. heads:split grouped:fused ('default': the module's choice; Note [suffix "
+                        "kernel switches] in compiled_mask/_triton_suffix.py)")
+    parser.add_argument("--suffix-sweep", action="store_true",
+                        help="suffix table: also time the grouped kernels at each of SUFFIX_SWEEP's launch parameters")
+    parser.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak (default: from its name)")
+    parser.add_argument("--peak-tbps", type=float, help="the card's memory bandwidth, TB/s (default: from its name)")
     parser.add_argument("--profile", action="store_true",
                         help="also write the top kernels of one fwd+bwd step per backend (profile.txt)")
     parser.add_argument("--compile-row", help=argparse.SUPPRESS)  # internal: one cold compile
@@ -751,20 +1000,34 @@ def main(argv: list[str] | None = None) -> int:
         dtype = torch.bfloat16
     backends = args.backends or (
         ["flex", "split"] + (["fa4"] if device.type == "cuda" and fa4_available() else []))
-    backward_modes = [False] if device.type == "cpu" else [False, True]
+    passes = [("fwd", None)] + [("fwd+bwd", m) for m in (GRAD_MODES if args.grad_mode == "both" else [args.grad_mode])]
+    long_q_lens = [32768, 65536] if args.long and not args.smoke else []
+    peaks = card_peaks(device, args.peak_tflops, args.peak_tbps)
 
     env = environment(device)
+    env["peaks"] = peaks
     print("environment:", json.dumps(env), flush=True)
     rows: list[dict] = []
+    failed = 0
     if "mask_build" in args.only:
         rows += mask_build_rows(device, q_lens, rounds_list, blocks, reps)
         if not args.smoke:  # the Blackwell layout, on a subset
             rows += mask_build_rows(device, [32768], [8], [(256, 128)], reps)
         rows += layout_build_rows(device, att["q_len"], max(att["rounds_list"]),
                                   8 if not args.smoke else 2, reps)
+    # The attention and suffix tables: (Q_LEN, rounds, reps, prebuilt create_block_mask row) each.
+    att_runs = [(n, att["rounds_list"], att["reps"], True) if n == att["q_len"] else (n, [7], 5, False)
+                for n in (args.q_lens or [att["q_len"]]) + long_q_lens]  # long: no create_block_mask row
+    if "suffix" in args.only:  # first: its checks say whether the kernels timed below are right
+        for q_len, rounds_list, reps_, _ in att_runs:
+            got, bad = suffix_rows(device, dtype, q_len, rounds_list, att["heads"], att["D"], reps_, peaks,
+                                   sweep=args.suffix_sweep)
+            rows += got
+            failed += bad
     if "attention" in args.only:
-        rows += attention_rows(device, dtype, att["q_len"], att["rounds_list"], att["heads"],
-                               att["D"], backends, att["reps"], backward_modes)
+        for q_len, rounds_list, reps_, prebuilt in att_runs:
+            rows += attention_rows(device, dtype, q_len, rounds_list, att["heads"], att["D"], backends, reps_,
+                                   passes, peaks, args.split_suffix, prebuilt=prebuilt)
     if "padding" in args.only:
         rows += padding_rows(device, dtype, att["q_len"], max(att["rounds_list"]), att["heads"],
                              att["D"], 8 if not args.smoke else 2, att["reps"])
@@ -789,6 +1052,7 @@ def main(argv: list[str] | None = None) -> int:
     md_text = (f"Card: {env['card']}; torch {env['torch']}"
                + (f", triton {env['triton']}" if "triton" in env else "")
                + (f", flash-attn-4 {env['flash_attn_4']}" if "flash_attn_4" in env else "")
+               + f"\n\nPeaks: {peaks['TFLOP/s'] or 'n/a'} TFLOP/s, {peaks['TB/s'] or 'n/a'} TB/s ({peaks['source']})"
                + f"\n\nCommand: python tools/bench.py {' '.join(sys.argv[1:] if argv is None else argv)}\n"
                + markdown(rows))
     (args.out / "bench.md").write_text(md_text)
@@ -796,7 +1060,9 @@ def main(argv: list[str] | None = None) -> int:
     plotted = plot(rows, args.out / "bench.png")
     print(md_text)
     print(f"wrote {args.out}/bench.md, bench.json" + (", bench.png" if plotted else ""))
-    return 0
+    if failed:
+        print(f"{failed} suffix kernel check(s) failed: see the 'check' column", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
