@@ -217,11 +217,13 @@ def test_api_fuzz(case, H):
 
 
 @pytest.mark.usefixtures("fresh_compile_state")
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(case=cases(backends=("split", "flex"), dtypes=(torch.float32,), python_int=False, max_q_len=96))
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases(backends=("split", "flex"), dtypes=(torch.float32,), python_int=False, max_q_len=64))
 def test_api_fuzz_compiled(case):
     """eager == compiled == float64: compiled flex reads our block tensors (forward only on CPU),
-    compiled split runs its custom ops and written-out backward."""
+    compiled split runs its custom ops and written-out backward. (split with doc_ids refuses to
+    compile on CPU, as tests/test_docs.py checks: its causal part needs flex's lse.)"""
+    assume(case.backend != "split" or case.doc_ids is None)
     torch._dynamo.reset()
     compiled = check_attention(case, compiled=True)
     with pytest.MonkeyPatch.context() as patch:
