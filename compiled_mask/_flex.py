@@ -28,6 +28,7 @@ def flex_eagle3_attention(
     """
     if q.device.type == "cpu":
         k, v, block_mask = _whole_kv_blocks(k, v, block_mask)
+    q, k, scale = _qk_as_wide_as_v(q, k, v, scale)  # Note [flex tiles follow the q/k head dim]
     return flex_attention(
         q,
         k,
@@ -64,3 +65,32 @@ def _whole_kv_blocks(k: Tensor, v: Tensor, block_mask: BlockMask) -> tuple[Tenso
     padded = BlockMask((Q_LEN, KV_LEN + pad), *block_mask.as_tuple()[2:10], BLOCK_SIZE=block_mask.BLOCK_SIZE,
                        mask_mod=block_mask.mask_mod)
     return k, v, padded
+
+
+def _qk_as_wide_as_v(q: Tensor, k: Tensor, v: Tensor, scale: float | None
+                     ) -> tuple[Tensor, Tensor, float | None]:
+    """q and k zero-padded to v's head dim where flex would size its tiles too small for v, and
+    the softmax scale of the unpadded head dim.
+
+    Note [flex tiles follow the q/k head dim]
+        flex_attention's Triton kernels round both head dims up to a power of two, but Inductor
+        picks their tile sizes and pipeline stages from the q/k head dim alone (torch 2.11-2.13,
+        ``get_flex_attention_bwd_configs(head_dim=query.size(-1))``). With D=128 and Dv=136 the
+        backward gets the tiles meant for 128-wide rows while v's rows are 256 wide in the
+        kernel, and on an H200 it stops with "No valid triton configs ... out of resource:
+        Required: 245760 Hardware limit: 232448" (the GPU API fuzz found it, on flex and on
+        split with doc_ids). Zero-padding q and k to Dv leaves every score unchanged (the added
+        products are 0; the scale stays 1/sqrt(D)) and lets Inductor size the tiles for the
+        wider rows, as it does for any head dim that wide. Only shapes whose rounded Dv exceeds
+        the rounded D pay for it: a copy of q and of k (MLA-style D 192 over Dv 128 does not).
+        The gradients of the padding columns are dropped by F.pad's backward.
+    """
+    D, Dv = q.size(-1), v.size(-1)
+    if _pow2_ceil(Dv) <= _pow2_ceil(D):
+        return q, k, scale
+    scale = D**-0.5 if scale is None else scale
+    return F.pad(q, (0, Dv - D)), F.pad(k, (0, Dv - D)), scale
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << (n - 1).bit_length()

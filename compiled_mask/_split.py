@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
+from compiled_mask._flex import _qk_as_wide_as_v
 
 # Note [which causal kernel]
 #     On CUDA the causal part runs on cuDNN's fused attention, the kernel SDPA itself picks for the
@@ -351,7 +352,8 @@ def split_document_attention(q: Tensor, k: Tensor, v: Tensor, rounds: Tensor, ca
         suffix diagonal (the caller zeroes padding rows).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out_c, aux = flex_attention(q, k[:, :, :q_len], v[:, :, :q_len], block_mask=causal_mask, scale=scale,
+    q_c, k_c, _ = _qk_as_wide_as_v(q, k[:, :, :q_len], v, scale)  # Note [flex tiles follow the q/k head dim]
+    out_c, aux = flex_attention(q_c, k_c, v[:, :, :q_len], block_mask=causal_mask, scale=scale,
                                 enable_gqa=q.size(1) != k.size(1), return_aux=AuxRequest(lse=True))
     lse_c = aux.lse.clamp(min=torch.finfo(torch.float32).min)  # -inf on empty rows
     return _SuffixMerge.apply(q, k, v, out_c, lse_c, rounds, q_len, scale)

@@ -26,13 +26,12 @@ import pytest
 import strategies
 import torch
 import torch.nn.attention.flex_attention as flex_module
-import torch.nn.functional as F
 from helpers import (
     assert_same_live_blocks,
+    attention_magnitudes,
     dense_reference_attention,
     eagle3_dense,
     reference_block_mask,
-    rel_err,
 )
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -181,15 +180,13 @@ def check_attention(case: Case, *, compiled=False, device="cpu", grads=None) -> 
     allowed = eagle3_dense(case.q_len, case.q_len * case.max_rounds, live_kv_len=case.q_len * case.live,
                            **{name: None if t is None else t.cpu() for name, t in layout.items()})
     want, want_grads = _dense(q, k, v, allowed.to(device), dout, grads)
-    # bf16/fp16: what SDPA with the dense mask gets in that precision, _assert_close's yardstick.
-    plain, plain_grads = (_plain_sdpa(q, k, v, allowed, dout, grads)
-                          if case.dtype not in (torch.float32, torch.float64) else (None, (None,) * 3))
+    mags = attention_magnitudes(q, k, v, dout, allowed.to(device))  # bf16/fp16's yardstick
     assert out.shape == want.shape and out.dtype == case.dtype
-    _assert_close(out, want, case.dtype, "out", plain)
+    _assert_close(out, want, case.dtype, "out", mags[0])
     if grads:
         got = torch.autograd.grad(out, (q, k, v), dout)
-        for name, g, w, p in zip(("dq", "dk", "dv"), got, want_grads, plain_grads):
-            _assert_close(g, w, case.dtype, name, p)
+        for name, g, w, m in zip(("dq", "dk", "dv"), got, want_grads, mags[1:]):
+            _assert_close(g, w, case.dtype, name, m)
     return out.detach()
 
 
@@ -201,31 +198,25 @@ def _dense(q, k, v, allowed, dout, grads):
     return out, (torch.autograd.grad(out, leaves, dout.double()) if grads else (None,) * 3)
 
 
-def _plain_sdpa(q, k, v, allowed, dout, grads):
-    """What a user gets from ``F.scaled_dot_product_attention`` with the dense mask in the inputs'
-    own precision (on CPU, where rows without a key give zeros): out and q/k/v gradients."""
-    leaves = [t.detach().cpu().requires_grad_(grads) for t in (q, k, v)]
-    out = F.scaled_dot_product_attention(*leaves, attn_mask=allowed.cpu(), enable_gqa=True)
-    return out, (torch.autograd.grad(out, leaves, dout.cpu()) if grads else (None,) * 3)
+def _assert_close(got, want, dtype, name, magnitude=None):
+    """float32: ``atol`` elementwise. bf16/fp16: ``||got - want||`` below 1e-2 of the larger of
+    ``||want||`` and the root sum of squares of the terms it sums (``magnitude``,
+    :func:`attention_magnitudes`).
 
-
-def _assert_close(got, want, dtype, name, plain=None):
-    """float32: ``atol`` elementwise. bf16/fp16: relative error of the whole tensor below 1e-2,
-    or at most twice that of ``plain`` (SDPA with the dense mask, in the same precision).
-
-    The second clause is for the few tensors where a low precision cannot reach 1e-2 at all: a
-    gradient that is a small difference of large terms (e.g. dq of a query with two keys, D=8)
-    loses digits to cancellation; causal SDPA in bf16 on the same inputs was off by the very
-    same 1.7e-2 there (our split backend on CPU runs that kernel). Twice the plain math's error still fails any wrong mask or merge (those
-    are off by O(1)), as the mutations of tests/test_triton_interpreter.py show."""
+    A gradient that is a small difference of large terms (dq of a query with two keys, D=8)
+    cannot reach 1e-2 of its own norm in bf16: causal SDPA on the same inputs was off by the
+    very same 1.5e-2 there (the split backend runs that kernel on CPU; a fresh-clone CI run
+    drew such a case). Where nothing cancels, the terms' scale is the result's, and a wrong
+    mask or merge is off by O(1) of it: a 5% error in the suffix probabilities still fails 29 of
+    60 bf16 cases (the others have no suffix or few suffix keys)."""
     assert torch.isfinite(got).all(), name
     if dtype in (torch.float32, torch.float64):
         torch.testing.assert_close(got.double(), want, rtol=0, atol=_tolerance(dtype), msg=lambda m: f"{name}: {m}")
         return
-    scale = want.norm()
-    err = rel_err(got, want) if scale > 0 else got.double().norm().item()
-    plain_err = (rel_err(plain, want) if scale > 0 else plain.double().norm().item()) if plain is not None else 0.0
-    assert err < max(_tolerance(dtype), 2 * plain_err), f"{name}: rel err {err} (SDPA in {dtype}: {plain_err})"
+    scale = want.double().norm() if magnitude is None else max(want.double().norm(), magnitude.norm())
+    err = (got.double() - want.double()).norm()
+    err = (err / scale).item() if scale > 0 else err.item()
+    assert err < _tolerance(dtype), f"{name}: error {err} of the norm of its terms"
 
 
 @pytest.fixture

@@ -189,3 +189,26 @@ def test_mla_head_dims(backend):
     print(backend, "rel errors out/dq/dk/dv:", errors)
     assert out.shape == (1, 8, 1024, 128)
     assert all(e < 1e-2 for e in errors), errors
+
+
+@pytest.mark.parametrize("backend", ["flex", "split"])
+def test_value_head_dim_wider_than_qk(backend):
+    """D=128, Dv=136: flex's backward sized its tiles for 128-wide rows and ran out of shared
+    memory on an H200 ("No valid triton configs"), on flex and on split with doc_ids (its causal
+    part is flex). Note [flex tiles follow the q/k head dim]: compiled fwd+bwd against float64."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    make = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)  # noqa: E731
+    q_len, max_rounds = 640, 4
+    q, k, v = make(2, 6, q_len, 128), make(2, 2, q_len * max_rounds, 128), make(2, 2, q_len * max_rounds, 136)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    dout = make(2, 6, q_len, 136)
+    doc_ids = torch.repeat_interleave(torch.tensor([[0, 1, 2, -1], [3, 3, 4, 4]], device="cuda"), q_len // 4, dim=1)
+    attn = torch.compile(Eagle3Attention(q_len, max_rounds, backend=backend), fullgraph=True)
+    out = attn(q, k, v, torch.tensor(3, device="cuda"), doc_ids=doc_ids)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    allowed = eagle3_dense(q_len, q_len * max_rounds, live_kv_len=q_len * 3, doc_ids=doc_ids.cpu())
+    want, want_grads = float64_reference(q, k, v, dout, allowed)
+    errors = [rel_err(out, want)] + [rel_err(gr, w) for gr, w in zip(grads, want_grads)]
+    print(backend, "rel errors out/dq/dk/dv:", errors)
+    assert out.shape == (2, 6, q_len, 136)
+    assert all(e < 1e-2 for e in errors), errors
