@@ -397,6 +397,36 @@ def test_two_ranks_draft_step_eager():
     _spawn(_check_draft_eager_and_errors, 2)
 
 
+def test_train_script_under_torchrun():
+    """tools/train.py --context-parallel, launched by torchrun on 2 CPU ranks (gloo, FSDP2): the
+    losses of the single-process run of the same flags. Eager, for time (the spawned tests above
+    check the compiled step; the tool compiles it the same way)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    flags = ["--q-len", "32", "--batch", "2", "--ttt-steps", "3", "--steps", "3", "--hidden", "32",
+             "--intermediate", "64", "--heads", "2", "--kv-heads", "2", "--vocab", "64",
+             "--draft-vocab", "32", "--batches", "2", "--compiler", "none"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    last = {}
+    for name, cmd in (("cp", [*torchrun, "tools/train.py", "--context-parallel", "allgather", *flags]),
+                      ("one", [sys.executable, "tools/train.py", *flags])):
+        run = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        lines = run.stdout.strip().splitlines()
+        match = re.fullmatch(r"trained 3 steps: loss (\d+\.\d+) -> (\d+\.\d+), graphs compiled: 0", lines[-1])
+        assert match, (name, lines[-1])
+        last[name] = (float(match[1]), float(match[2]))
+        if name == "cp":  # rank 0 prints, once
+            assert sum(line.startswith("Eagle3 draft:") for line in lines) == 1, lines
+            assert "context parallel 'allgather' (zigzag) over 2 ranks, FSDP2" in lines[0], lines[0]
+    for got, want in zip(last["cp"], last["one"]):  # printed to 3 decimals: allow one rounding step
+        assert abs(got - want) <= 1.5e-3, last
+
+
 # ----------------------------------------------------------------------------- the benchmark
 
 
@@ -461,19 +491,21 @@ def test_two_gpus_seq_lens_and_doc_ids():
     _spawn(_check_gpu_layouts, 2, backend="nccl")
 
 
-def _check_gpu_draft_step(rank, world_size, device):
+_GPU_DRAFT_CASES = [("allgather", "zigzag", "probs", "seq_lens"), ("ulysses", "zigzag", "ids", "doc_ids"),
+                    ("ulysses", "contiguous", "probs", "doc_ids")]
+
+
+def _check_gpu_draft_step(rank, world_size, device, compiler="inductor", cases=_GPU_DRAFT_CASES):
     """NCCL, bf16, Inductor, FSDP2: the compiled context-parallel step against the float64
     written-out unroll (test_draft.reference_unroll) on the global batch, two batches per case,
     one graph per rank."""
     q_len, length = 512, 3
-    cases = [("allgather", "zigzag", "probs", "seq_lens"), ("ulysses", "zigzag", "ids", "doc_ids"),
-             ("ulysses", "contiguous", "probs", "doc_ids")]
     for mode, layout, target, doc in cases:
         torch._dynamo.reset()
         reference = make_model(q_len=q_len, length=length, seed=14, **GPU_CFG).to(device).double()
         cfg = reference.draft_model.config
         model = _cp_draft_model(reference, mode, layout, device, torch.bfloat16)
-        counter = GraphCounter("inductor")
+        counter = GraphCounter(compiler)
         step = torch.compile(model, backend=counter, fullgraph=True)
         with watch_recompiles() as reasons:
             for seed in (11, 12):
