@@ -335,6 +335,8 @@ class Eagle3Model(nn.Module):
     Compile it whole: ``torch.compile(Eagle3Model(...), fullgraph=True)``; one graph serves the
     forward and backward of every batch of the same shape (new ``seq_lens``/``doc_ids`` values
     included; None and a tensor are two graphs, so pass the same kind every call).
+    :class:`compiled_mask.distributed.Eagle3ContextParallelModel` runs the same step with the
+    sequence sharded over several GPUs.
 
     Args:
         draft_model: the :class:`Eagle3DraftModel`.
@@ -403,7 +405,7 @@ class Eagle3Model(nn.Module):
         mask = loss_mask.bool()  # [B, T]
         if target.dtype.is_floating_point:
             target_p = target.to(_loss_dtype(target))  # [B, L, V]
-            target_next = self._next_chunk_rows(target, ahead).to(target_p.dtype)  # [B, n, ahead, V]
+            target_next = self._next_chunk_rows(target, ahead).to(target_p.dtype)  # [B, chunks, ahead, V]
             target_ids = self._gather_rows(target_p.argmax(-1))  # [B, T], once for all steps
         else:
             target_p = target_next = None
