@@ -583,7 +583,7 @@ class Eagle3ContextParallelModel(Eagle3Model):
         return chunks.transpose(0, 1).reshape(B, self.q_len)  # [B, T]
 
     def _next_chunk_rows(self, x: Tensor, n: int) -> Tensor:
-        B, n_local, C = x.size(0), len(self._chunks), self._chunk_len
+        n_local, C = len(self._chunks), self._chunk_len
         heads = x.unflatten(1, (n_local, C))[:, :, :n].transpose(0, 1)  # [nl, B, n, ...]
         if n == 0:
             return heads.transpose(0, 1)

@@ -376,13 +376,19 @@ def _check_draft_eager_and_errors(rank, world_size, device):
     cp = Eagle3ContextParallelModel(model.draft_model, 48, 3)
     batch, _ = _draft_batch(model.draft_model.config, 48, 0, "probs", None, device)
     input_ids, hidden, target, loss_mask = _local_inputs(batch, 48, world_size, rank, "zigzag")
-    with pytest.raises(ValueError, match=rf"hidden_states must be \[B, L, 3 \* target_hidden_size\] with B = 2 \(from input_ids\), L = 24, got shape \(2, 48, 192\)\. Pass this rank's shard: shard_sequence\(hidden_states, 48, 2, rank={rank}, layout='zigzag', dim=1\)"):
+    shard_hint = rf"\. Pass this rank's shard: shard_sequence\({{}}, 48, 2, rank={rank}, layout='zigzag', dim=1\)"
+    with pytest.raises(ValueError, match=r"hidden_states must be \[B, L, 3 \* target_hidden_size\] with B = 2 "
+                       r"\(from input_ids\), L = 24, got shape \(2, 48, 192\)" + shard_hint.format("hidden_states")):
         cp(input_ids, batch[1], target, loss_mask)
-    with pytest.raises(ValueError, match=r"a float target must be \[B, L, draft_vocab_size\] = \[2, 24, 120\] probabilities, got shape \(2, 48, 120\)\. Pass this rank's shard"):
+    with pytest.raises(ValueError, match=r"a float target must be \[B, L, draft_vocab_size\] = \[2, 24, 120\] "
+                       r"probabilities, got shape \(2, 48, 120\)" + shard_hint.format("target")):
         cp(input_ids, hidden, batch[2], loss_mask)
-    with pytest.raises(ValueError, match=r"loss_mask must be \[B, T\] = \[2, 48\], got \(2, 24\) \(every rank passes the global loss_mask"):
+    with pytest.raises(ValueError, match=r"loss_mask must be \[B, T\] = \[2, 48\], got \(2, 24\) \(every rank "
+                       r"passes the global loss_mask"):
         cp(input_ids, hidden, target, loss_mask[:, :24])
-    with pytest.raises(ValueError, match=r"up to length - 1 = 7 positions ahead, which must lie within the next chunk; layout='zigzag' cuts q_len=24 into chunks of 6 over 2 ranks\. Use a q_len of at least 28"):
+    with pytest.raises(ValueError, match=r"up to length - 1 = 7 positions ahead, which must lie within the next "
+                       r"chunk; layout='zigzag' cuts q_len=24 into chunks of 6 over 2 ranks\. Use a q_len of at "
+                       r"least 28"):
         Eagle3ContextParallelModel(model.draft_model, 24, 8)
 
 
