@@ -335,6 +335,8 @@ class Eagle3Model(nn.Module):
     Compile it whole: ``torch.compile(Eagle3Model(...), fullgraph=True)``; one graph serves the
     forward and backward of every batch of the same shape (new ``seq_lens``/``doc_ids`` values
     included; None and a tensor are two graphs, so pass the same kind every call).
+    :class:`compiled_mask.distributed.Eagle3ContextParallelModel` runs the same step with the
+    sequence sharded over several GPUs.
 
     Args:
         draft_model: the :class:`Eagle3DraftModel`.
@@ -368,6 +370,7 @@ class Eagle3Model(nn.Module):
         self.attn = Eagle3Attention(q_len, length, backend=attention_backend)
         self.loss_decay = loss_decay
         self.register_buffer("live_rounds", torch.arange(1, length + 1), persistent=False)  # [length]
+        self._chunks, self._chunk_len = (0,), q_len  # the whole sequence (Note [sequence shards])
 
     def forward(self, input_ids: Tensor, hidden_states: Tensor, target: Tensor, loss_mask: Tensor,
                 *, seq_lens: Tensor | None = None, doc_ids: Tensor | None = None) -> Eagle3Output:
@@ -397,91 +400,174 @@ class Eagle3Model(nn.Module):
             ``acces`` ``[length]``.
         """
         draft = self.draft_model
-        B, T = input_ids.shape
+        T, ahead = self.q_len, self.length - 1  # step s reads position t + s, up to t + ahead
         self._check_inputs(input_ids, hidden_states, target, loss_mask)
-        mask = loss_mask.bool()
+        mask = loss_mask.bool()  # [B, T]
         if target.dtype.is_floating_point:
-            target_p = target.to(_loss_dtype(target))
-            target_ids = target_p.argmax(-1)  # [B, T], once for all steps
+            target_p = target.to(_loss_dtype(target))  # [B, L, V]
+            target_next = self._next_chunk_rows(target, ahead).to(target_p.dtype)  # [B, chunks, ahead, V]
+            target_ids = self._gather_rows(target_p.argmax(-1))  # [B, T], once for all steps
         else:
-            target_p = None
+            target_p = target_next = None
             target_ids = target.clamp(min=0)
             mask = mask & (target >= 0)
         first_key = None
         if seq_lens is not None or doc_ids is not None:
-            _check_input_layout("Eagle3Model", T, seq_lens, doc_ids, input_ids, name="input_ids")
+            _check_input_layout(self._where, T, seq_lens, doc_ids, input_ids, name="input_ids")
             first_key = _first_keys(T, seq_lens, doc_ids)  # [B, T], Note [one layout table]
             mask = mask & _valid_queries(T, first_key, first_key.device)  # valid positions
+        # Past T: no token (id 0), nothing counts (Note [sequence shards]).
+        ids_pad, mask_pad, target_ids_pad = (F.pad(t, (0, ahead)) for t in (input_ids, mask, target_ids))
+        first_key_pad = None if first_key is None else F.pad(first_key, (0, ahead))  # [B, T + ahead]
+        step_masks = []
+        for s in range(self.length):
+            step_mask = self._at(mask_pad, s)  # [B, L]: loss_mask at t + s
+            if first_key_pad is not None:  # the shifted target in the same document
+                step_mask = step_mask & (self._at(first_key_pad, s) == self._at(first_key_pad, 0))
+            step_masks.append(step_mask)
+        counts = self._sum_over_ranks(torch.stack([m.sum() for m in step_masks]))  # [length] int64
 
-        hidden = draft.project_hidden_states(hidden_states.to(draft.fc.weight.dtype))  # [B, T, H]
-        positions = torch.arange(T + self.length - 1, device=input_ids.device)  # [T + length - 1]
-        cos_all, sin_all = draft.rope_cos_sin(positions, hidden.dtype)  # [T + length - 1, D] each
+        hidden = draft.project_hidden_states(hidden_states.to(draft.fc.weight.dtype))  # [B, L, H]
+        positions = torch.arange(T + ahead, device=input_ids.device)  # [T + ahead]
+        cos_all, sin_all = draft.rope_cos_sin(positions, hidden.dtype)  # [T + ahead, D] each
         k_rounds: list[Tensor] = []
         v_rounds: list[Tensor] = []
-        plosses, acces = [], []
+        nll_sums, hit_sums = [], []
         for s in range(self.length):
-            ids = input_ids if s == 0 else F.pad(input_ids[:, s:], (0, s))  # [B, T], shifted by s
-            embeds = draft.embed_input_ids(ids).to(hidden.dtype)  # [B, T, H]
-            hidden = self._layer(embeds, hidden, cos_all[s : s + T], sin_all[s : s + T], s,
-                                 k_rounds, v_rounds, seq_lens, doc_ids)
-            # Step s predicts, at position t < T - s, what step 0 predicts at t + s.
-            logits = draft.compute_logits(hidden)[:, : T - s]  # [B, T - s, V]
-            step_mask = mask[:, s:]  # [B, T - s]
-            if first_key is not None:  # the shifted target in the same document
-                step_mask = step_mask & (first_key[:, s:] == first_key[:, : T - s])
-            step_p = None if target_p is None else target_p[:, s:]  # [B, T - s, V]
-            ploss, acc = _step_loss(logits, step_p, target_ids[:, s:], step_mask)
-            plosses.append(ploss)
-            acces.append(acc)
-        loss = sum(self.loss_decay**s * ploss for s, ploss in enumerate(plosses))
-        return Eagle3Output(loss, torch.stack(plosses), torch.stack(acces))
+            embeds = draft.embed_input_ids(self._at(ids_pad, s)).to(hidden.dtype)  # [B, L, H]
+            hidden = self._layer(embeds, hidden, self._at(cos_all, s, dim=0), self._at(sin_all, s, dim=0),
+                                 s, k_rounds, v_rounds, seq_lens, doc_ids)
+            # Step s predicts, at position t, what step 0 predicts at t + s.
+            logits = draft.compute_logits(hidden)  # [B, L, V]
+            logp = torch.log_softmax(logits.to(_loss_dtype(logits)), dim=-1)  # [B, L, V], float32 or wider
+            step_ids = self._at(target_ids_pad, s)  # [B, L]
+            if target_p is None:
+                nll = -logp.gather(-1, step_ids.unsqueeze(-1)).squeeze(-1)  # [B, L]
+            else:
+                nll = self._soft_nll(logp, target_p, target_next, s)  # [B, L]
+            weight = step_masks[s].to(logp.dtype)  # [B, L]
+            nll_sums.append((nll * weight).sum())
+            hit_sums.append(((logits.argmax(-1) == step_ids).to(logp.dtype) * weight).sum())
+        # Each step's masked mean over all positions (of all ranks); 0 where none counts.
+        counts = counts.to(logp.dtype).clamp(min=1.0)
+        plosses, acces = self._reduce_steps(torch.stack(nll_sums) / counts, torch.stack(hit_sums) / counts)
+        loss = sum(self.loss_decay**s * plosses[s] for s in range(self.length))
+        return Eagle3Output(loss, plosses, acces)
+
+    # Note [sequence shards]
+    #     The unroll is written for a process that holds some chunks of the sequence: chunks
+    #     ``_chunks`` (global chunk indices, in local order) of ``_chunk_len`` positions each, L
+    #     positions in all. Here that is the whole sequence, one chunk; Eagle3ContextParallelModel
+    #     (distributed.py) holds a rank's ``shard_positions`` and overrides the four hooks below
+    #     that need other ranks. Step s reads, at local position t, what step 0 reads at global
+    #     position t + s (ids, loss mask, target, RoPE position, same-document check):
+    #       - global ``[B, T]`` inputs (ids, loss mask, int targets, the layout table) are padded
+    #         by ``length - 1`` and sliced at each chunk's positions + s (:meth:`_at`);
+    #       - the float target ``[B, L, V]`` is local: the last s rows of a chunk read the first s
+    #         rows of the next global chunk, ``_next_chunk_rows`` (zeros after the last chunk);
+    #       - positions past T read id 0 and target 0 under a False mask, so they count nothing,
+    #         and each step's loss is its masked sum over the count of all ranks
+    #         (``_sum_over_ranks``); ``_reduce_steps`` turns the per-rank parts into the totals.
+    #     On one process the hooks are identities (and a zero halo): the same code, no collective.
+
+    def _at(self, x: Tensor, s: int, dim: int = 1) -> Tensor:
+        """``x`` (global positions along ``dim``, padded past T) at this process's positions + s."""
+        C = self._chunk_len
+        parts = [x.narrow(dim, g * C + s, C) for g in self._chunks]
+        return torch.cat(parts, dim) if len(parts) > 1 else parts[0]  # L positions along dim
+
+    def _soft_nll(self, logp: Tensor, target_p: Tensor, target_next: Tensor, s: int) -> Tensor:
+        """Cross entropy against the float target at t + s, ``[B, L]``: per local chunk, its own
+        rows from s on, then the first s rows of the next chunk (no copy of the target)."""
+        C = self._chunk_len
+        pieces = []
+        for j in range(len(self._chunks)):
+            chunk_logp = logp[:, j * C : (j + 1) * C]  # [B, C, V]
+            pieces.append(-(target_p[:, j * C + s : (j + 1) * C] * chunk_logp[:, : C - s]).sum(-1))  # [B, C - s]
+            if s:
+                pieces.append(-(target_next[:, j, :s] * chunk_logp[:, C - s :]).sum(-1))  # [B, s]
+        return torch.cat(pieces, 1) if len(pieces) > 1 else pieces[0]  # [B, L]
+
+    def _next_chunk_rows(self, x: Tensor, n: int) -> Tensor:
+        """``x [B, L, ...]`` -> ``[B, chunks, n, ...]``: the first n rows of the global chunk after
+        each local chunk, zeros after the last (Note [sequence shards]). One chunk here: zeros."""
+        return x.new_zeros(x.size(0), len(self._chunks), n, *x.shape[2:])
+
+    def _gather_rows(self, x: Tensor) -> Tensor:
+        """``x [B, L]`` local -> ``[B, T]`` in global order. Here L = T: ``x`` itself."""
+        return x
+
+    def _sum_over_ranks(self, x: Tensor) -> Tensor:
+        """``x`` summed over the ranks that share the sequence (no gradient). Here: ``x``."""
+        return x
+
+    def _reduce_steps(self, plosses: Tensor, acces: Tensor) -> tuple[Tensor, Tensor]:
+        """This process's parts of the per-step losses and accuracies -> the totals. Here: themselves."""
+        return plosses, acces
 
     def _layer(self, embeds: Tensor, hidden: Tensor, cos: Tensor, sin: Tensor, s: int,
                k_rounds: list[Tensor], v_rounds: list[Tensor], seq_lens: Tensor | None,
                doc_ids: Tensor | None) -> Tensor:
-        """One pass of the decoder layer (TTT step s): the next hidden states ``[B, T, H]``."""
+        """One pass of the decoder layer (TTT step s): the next hidden states ``[B, L, H]`` (L = T
+        on one process, the rank's positions under context parallelism)."""
         layer = self.draft_model.midlayer
-        B, T, _ = hidden.shape
+        B, L, _ = hidden.shape
         residual = hidden
-        x = torch.cat((layer.input_layernorm(embeds), layer.hidden_norm(hidden)), dim=-1)  # [B, T, 2H]
+        x = torch.cat((layer.input_layernorm(embeds), layer.hidden_norm(hidden)), dim=-1)  # [B, L, 2H]
         q, k, v = layer.self_attn.project(x, cos, sin)
         k_rounds.append(k)
         v_rounds.append(v)
-        k_buf = _build_buffer(k_rounds, self.length)  # [B, Hkv, T * length, D]
+        k_buf = _build_buffer(k_rounds, self.length)  # [B, Hkv, L * length, D]
         v_buf = _build_buffer(v_rounds, self.length)
         out = self.attn(q, k_buf, v_buf, self.live_rounds[s], seq_lens=seq_lens, doc_ids=doc_ids)
-        out = out.transpose(1, 2).reshape(B, T, -1)  # [B, T, Hq * D]
+        out = out.transpose(1, 2).reshape(B, L, -1)  # [B, L, Hq * D]
         hidden = residual + layer.self_attn.o_proj(out)
-        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))  # [B, T, H]
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))  # [B, L, H]
 
     def _check_inputs(self, input_ids: Tensor, hidden_states: Tensor, target: Tensor,
                       loss_mask: Tensor) -> None:
-        where = "Eagle3Model"
+        where = self._where
         cfg = self.draft_model.config
         if input_ids.dim() != 2 or input_ids.shape[1] != self.q_len:
             raise ValueError(
                 f"{where}: input_ids must be [B, T] with T = q_len = {self.q_len}, got shape "
-                f"{tuple(input_ids.shape)}. Pad or pack batches to q_len."
+                f"{tuple(input_ids.shape)}. Pad or pack batches to q_len"
+                f"{self._input_hint('input_ids', local=False)}."
             )
         B, T = input_ids.shape
-        if hidden_states.shape[:2] != (B, T):
+        L = self._chunk_len * len(self._chunks)
+        if hidden_states.shape[:2] != (B, L):
             raise ValueError(
-                f"{where}: hidden_states must be [B, T, 3 * target_hidden_size] with B, T = {B}, "
-                f"{T} (from input_ids), got shape {tuple(hidden_states.shape)}."
+                f"{where}: hidden_states must be [B, {self._rows_name}, 3 * target_hidden_size] with "
+                f"B = {B} (from input_ids), {self._rows_name} = {L}, got shape "
+                f"{tuple(hidden_states.shape)}{self._input_hint('hidden_states', local=True)}."
             )
         if target.dtype.is_floating_point:
-            if target.shape != (B, T, cfg.draft_vocab_size):
+            if target.shape != (B, L, cfg.draft_vocab_size):
                 raise ValueError(
-                    f"{where}: a float target must be [B, T, draft_vocab_size] = "
-                    f"[{B}, {T}, {cfg.draft_vocab_size}] probabilities, got shape {tuple(target.shape)}."
+                    f"{where}: a float target must be [B, {self._rows_name}, draft_vocab_size] = "
+                    f"[{B}, {L}, {cfg.draft_vocab_size}] probabilities, got shape "
+                    f"{tuple(target.shape)}{self._input_hint('target', local=True)}."
                 )
         elif target.shape != (B, T):
             raise ValueError(
                 f"{where}: an int target must be [B, T] = [{B}, {T}] draft-vocabulary ids, got "
-                f"shape {tuple(target.shape)}."
+                f"shape {tuple(target.shape)}{self._input_hint('target', local=False)}."
             )
         if loss_mask.shape != (B, T):
-            raise ValueError(f"{where}: loss_mask must be [B, T] = [{B}, {T}], got {tuple(loss_mask.shape)}.")
+            raise ValueError(
+                f"{where}: loss_mask must be [B, T] = [{B}, {T}], got {tuple(loss_mask.shape)}"
+                f"{self._input_hint('loss_mask', local=False)}."
+            )
+
+    # How _check_inputs names the model, the rows of hidden_states and a float target, and the fix
+    # for a wrong shape (Eagle3ContextParallelModel names the rank's shard). A class attribute, not
+    # type(self).__name__: fully_shard renames the class (FSDPEagle3Model).
+    _where = "Eagle3Model"
+    _rows_name = "T"
+
+    def _input_hint(self, name: str, local: bool) -> str:
+        return ""
 
     def extra_repr(self) -> str:
         return f"q_len={self.q_len}, length={self.length}, attention_backend={self.attention_backend!r}"
@@ -490,27 +576,3 @@ class Eagle3Model(nn.Module):
 def _loss_dtype(t: Tensor) -> torch.dtype:
     """float32 for bf16/fp16 (the loss is computed in float32), else the tensor's own dtype."""
     return torch.promote_types(t.dtype, torch.float32)
-
-
-def _step_loss(logits: Tensor, target_p: Tensor | None, target_ids: Tensor, mask: Tensor
-               ) -> tuple[Tensor, Tensor]:
-    """Masked mean cross entropy and top-1 agreement of one TTT step.
-
-    Args:
-        logits: ``[B, L, V]``; target_p: ``[B, L, V]`` target probabilities, or None to score
-            ``target_ids``; target_ids: ``[B, L]`` the target's token (its argmax), >= 0;
-            mask: ``[B, L]`` bool, the positions that count.
-
-    Returns:
-        ``(loss, acc)``, 0-d (float32 or wider); both 0 when no position counts.
-    """
-    logp = torch.log_softmax(logits.to(_loss_dtype(logits)), dim=-1)  # [B, L, V], float32 or wider
-    if target_p is not None:
-        nll = -(target_p * logp).sum(-1)  # [B, L]
-    else:
-        nll = -logp.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)  # [B, L]
-    weight = mask.to(logp.dtype)
-    count = weight.sum().clamp(min=1.0)
-    loss = (nll * weight).sum() / count
-    acc = ((logits.argmax(-1) == target_ids).to(logp.dtype) * weight).sum() / count
-    return loss, acc

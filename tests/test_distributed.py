@@ -6,6 +6,11 @@ and of the q/k/v gradients against ``Eagle3Attention(backend="split")`` on the w
 ranks' shards partition the positions (``test_shards_partition_the_sequence``), so together they
 check every element. A failing rank raises, and ``mp.spawn`` re-raises its traceback here.
 
+The draft step (``Eagle3ContextParallelModel`` under FSDP2's ``fully_shard``) is checked the same
+way against the single-process ``Eagle3Model`` on the global batch (CPU) or the float64
+written-out unroll of test_draft.py (GPU): loss, plosses, acces on every rank and every parameter's
+gradient, unsharded.
+
 CPU: ~16 s of process start-up per spawn (torch imports, two cores); compiled checks use
 ``aot_eager`` (dynamo + AOTAutograd trace the collectives into one fwd+bwd graph; Inductor also
 compiles them on CPU, at ~100 s for the pair of ranks, too slow for CI: the GPU tests compile
@@ -24,8 +29,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import rel_err
 
-from compiled_mask import Eagle3Attention
-from compiled_mask.distributed import Eagle3ContextParallelAttention, shard_positions, shard_sequence
+from test_draft import GPU_CFG, doc_layout, grads, make_batch, make_model, reference_unroll
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+from compiled_mask import Eagle3Attention, Eagle3DraftConfig, Eagle3DraftModel
+from compiled_mask.distributed import (
+    Eagle3ContextParallelAttention,
+    Eagle3ContextParallelModel,
+    shard_positions,
+    shard_sequence,
+)
 from compiled_mask.inspect import GraphCounter, watch_recompiles
 
 # The 2-GPU machine's NVLink multicast is off (../shared/GPU.md): every process needs these.
@@ -264,6 +278,161 @@ def test_two_ranks_compiled_one_graph():
     _spawn(_check_compiled, 2, modes, torch.float32, 1e-5, "aot_eager", 4, 2, 48, 16)
 
 
+# ----------------------------------------------------------------------------- the draft step
+
+
+def _draft_batch(cfg, q_len, seed, target, layout, device):
+    """A global batch (the same on every rank) and its layout keywords: ``target`` "probs" or
+    "ids", ``layout`` None, "seq_lens" or "doc_ids"."""
+    batch = make_batch(2, q_len, cfg, seed=seed, ids_target=target == "ids", device=device)
+    kw = {}
+    if layout == "seq_lens":
+        kw = {"seq_lens": torch.tensor([q_len - 9 - seed, 13 + seed])}  # ends inside chunks
+    elif layout == "doc_ids":
+        kw = dict(zip(("seq_lens", "doc_ids"), doc_layout(2, q_len, seed)))
+    return batch, {k: v.to(device) for k, v in kw.items()}
+
+
+def _local_inputs(batch, q_len, world_size, rank, layout):
+    """What a rank passes (Eagle3ContextParallelModel's table): hidden states and a float target
+    sharded, ids, int targets and the loss mask global."""
+    input_ids, hidden, target, loss_mask = batch
+    shard = lambda x: shard_sequence(x, q_len, world_size, rank, layout, dim=1)  # noqa: E731
+    return input_ids, shard(hidden), shard(target) if target.dtype.is_floating_point else target, loss_mask
+
+
+def _cp_draft_model(reference, mode, layout, device, dtype):
+    """An Eagle3ContextParallelModel with the reference's weights, fully_shard over the world."""
+    model = Eagle3ContextParallelModel(Eagle3DraftModel(reference.draft_model.config), reference.q_len,
+                                       reference.length, mode=mode, layout=layout)
+    model.load_state_dict(reference.state_dict())
+    model.to(device, dtype)
+    fully_shard(model, mesh=init_device_mesh(device.type, (dist.get_world_size(),)))
+    return model
+
+
+def _full_grads(model):
+    """``{name: gradient}`` of the FSDP model, unsharded (each rank holds a shard)."""
+    return {name: p.grad.full_tensor() for name, p in model.named_parameters() if p.grad is not None}
+
+
+# (mode, layout, target, seq_lens/doc_ids); Q_LEN 48, 3 TTT steps: step 2 reads 2 rows of the next
+# chunk (zigzag: chunks of 12; contiguous: 24).
+_DRAFT_COMPILED = [("allgather", "zigzag", "probs", "seq_lens"), ("ulysses", "zigzag", "ids", None)]
+_DRAFT_EAGER = [("allgather", "contiguous", "ids", "seq_lens"), ("ulysses", "contiguous", "probs", None),
+                ("ulysses", "zigzag", "probs", "doc_ids"), ("ulysses", "zigzag", "ids", "doc_ids")]
+
+
+def _check_draft_step(rank, world_size, device, cases, compiler):
+    """Each case: two training steps of Eagle3ContextParallelModel under fully_shard (compiled with
+    ``compiler``, or eager for None) against the single-process Eagle3Model on the global batch:
+    loss, plosses and acces on every rank, every parameter's gradient (the embedding's too: it
+    reads the shifted ids), and one graph per rank for both steps."""
+    q_len, length = 48, 3
+    for mode, layout, target, doc in cases:
+        torch._dynamo.reset()
+        reference = make_model(q_len=q_len, length=length, seed=5)
+        cfg = reference.draft_model.config
+        model = _cp_draft_model(reference, mode, layout, device, torch.float32)
+        counter = GraphCounter(compiler or "eager")
+        step = model if compiler is None else torch.compile(model, backend=counter, fullgraph=True)
+        with_grad = doc != "doc_ids"  # documents: split's causal part is CPU flex, no backward
+        with watch_recompiles() as reasons:
+            for seed in (1, 2):
+                what = f"rank {rank} {mode}/{layout} target={target} {doc} seed={seed}"
+                batch, kw = _draft_batch(cfg, q_len, seed, target, doc, device)
+                with torch.set_grad_enabled(with_grad):
+                    want = reference(*batch, **kw)
+                    got = step(*_local_inputs(batch, q_len, world_size, rank, layout), **kw)
+                for name in ("loss", "plosses", "acces"):  # the global values, on every rank
+                    torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-6,
+                                               msg=lambda m: f"{what} {name}: {m}")  # noqa: B023
+                if not with_grad:
+                    continue
+                got.loss.backward()
+                want.loss.backward()
+                got_grads = _full_grads(model)
+                assert sorted(got_grads) == sorted(n for n, p in reference.named_parameters()), what
+                for name, ref in reference.named_parameters():
+                    err = rel_err(got_grads[name], ref.grad)
+                    assert err < 1e-5, f"{what}: {name} gradient rel err {err:.2e}"
+                model.zero_grad(set_to_none=True)
+                reference.zero_grad(set_to_none=True)
+        if compiler is not None:
+            assert (counter.graphs, reasons) == (1, []), (what, counter.graphs, reasons)
+
+
+def _check_draft_eager_and_errors(rank, world_size, device):
+    """The eager cases, the class example, and the errors that need a group."""
+    _check_draft_step(rank, world_size, device, _DRAFT_EAGER, None)
+    import textwrap
+
+    code = textwrap.dedent(Eagle3ContextParallelModel.__doc__.split("Example::", 1)[1])
+    with torch.compiler.set_stance("force_eager"):  # its Inductor compile takes ~90 s on CPU
+        exec(code, {"torch": torch, "dist": dist, "shard_sequence": shard_sequence,
+                    "Eagle3DraftConfig": Eagle3DraftConfig, "Eagle3DraftModel": Eagle3DraftModel,
+                    "Eagle3ContextParallelModel": Eagle3ContextParallelModel})
+    model = make_model(q_len=48, length=3)
+    cp = Eagle3ContextParallelModel(model.draft_model, 48, 3)
+    batch, _ = _draft_batch(model.draft_model.config, 48, 0, "probs", None, device)
+    input_ids, hidden, target, loss_mask = _local_inputs(batch, 48, world_size, rank, "zigzag")
+    shard_hint = rf"\. Pass this rank's shard: shard_sequence\({{}}, 48, 2, rank={rank}, layout='zigzag', dim=1\)"
+    with pytest.raises(ValueError, match=r"hidden_states must be \[B, L, 3 \* target_hidden_size\] with B = 2 "
+                       r"\(from input_ids\), L = 24, got shape \(2, 48, 192\)" + shard_hint.format("hidden_states")):
+        cp(input_ids, batch[1], target, loss_mask)
+    with pytest.raises(ValueError, match=r"a float target must be \[B, L, draft_vocab_size\] = \[2, 24, 120\] "
+                       r"probabilities, got shape \(2, 48, 120\)" + shard_hint.format("target")):
+        cp(input_ids, hidden, batch[2], loss_mask)
+    with pytest.raises(ValueError, match=r"loss_mask must be \[B, T\] = \[2, 48\], got \(2, 24\) \(every rank "
+                       r"passes the global loss_mask"):
+        cp(input_ids, hidden, target, loss_mask[:, :24])
+    with pytest.raises(ValueError, match=r"up to length - 1 = 7 positions ahead, which must lie within the next "
+                       r"chunk; layout='zigzag' cuts q_len=24 into chunks of 6 over 2 ranks\. Use a q_len of at "
+                       r"least 28"):
+        Eagle3ContextParallelModel(model.draft_model, 24, 8)
+
+
+def test_two_ranks_draft_step_compiled():
+    """FSDP2 + the compiled step (aot_eager), both modes: one graph per rank, equal to one process."""
+    _spawn(_check_draft_step, 2, _DRAFT_COMPILED, "aot_eager")
+
+
+def test_two_ranks_draft_step_eager():
+    """FSDP2, eager: both modes and layouts, both targets, seq_lens, doc_ids (forward: CPU flex has
+    no backward); the docstring example; input errors."""
+    _spawn(_check_draft_eager_and_errors, 2)
+
+
+def test_train_script_under_torchrun():
+    """tools/train.py --context-parallel, launched by torchrun on 2 CPU ranks (gloo, FSDP2): the
+    losses of the single-process run of the same flags. Eager, for time (the spawned tests above
+    check the compiled step; the tool compiles it the same way)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    flags = ["--q-len", "32", "--batch", "2", "--ttt-steps", "3", "--steps", "3", "--hidden", "32",
+             "--intermediate", "64", "--heads", "2", "--kv-heads", "2", "--vocab", "64",
+             "--draft-vocab", "32", "--batches", "2", "--compiler", "none"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    last = {}
+    for name, cmd in (("cp", [*torchrun, "tools/train.py", "--context-parallel", "allgather", *flags]),
+                      ("one", [sys.executable, "tools/train.py", *flags])):
+        run = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        lines = run.stdout.strip().splitlines()
+        match = re.fullmatch(r"trained 3 steps: loss (\d+\.\d+) -> (\d+\.\d+), graphs compiled: 0", lines[-1])
+        assert match, (name, lines[-1])
+        last[name] = (float(match[1]), float(match[2]))
+        if name == "cp":  # rank 0 prints, once
+            assert sum(line.startswith("Eagle3 draft:") for line in lines) == 1, lines
+            assert "context parallel 'allgather' (zigzag) over 2 ranks, FSDP2" in lines[0], lines[0]
+    for got, want in zip(last["cp"], last["one"]):  # printed to 3 decimals: allow one rounding step
+        assert abs(got - want) <= 1.5e-3, last
+
+
 # ----------------------------------------------------------------------------- the benchmark
 
 
@@ -326,3 +495,51 @@ def _check_gpu_layouts(rank, world_size, device):
 def test_two_gpus_seq_lens_and_doc_ids():
     _two_gpus()
     _spawn(_check_gpu_layouts, 2, backend="nccl")
+
+
+_GPU_DRAFT_CASES = [("allgather", "zigzag", "probs", "seq_lens"), ("ulysses", "zigzag", "ids", "doc_ids"),
+                    ("ulysses", "contiguous", "probs", "doc_ids")]
+
+
+def _check_gpu_draft_step(rank, world_size, device, compiler="inductor", cases=_GPU_DRAFT_CASES):
+    """NCCL, bf16, Inductor, FSDP2: the compiled context-parallel step against the float64
+    written-out unroll (test_draft.reference_unroll) on the global batch, two batches per case,
+    one graph per rank."""
+    q_len, length = 512, 3
+    for mode, layout, target, doc in cases:
+        torch._dynamo.reset()
+        reference = make_model(q_len=q_len, length=length, seed=14, **GPU_CFG).to(device).double()
+        cfg = reference.draft_model.config
+        model = _cp_draft_model(reference, mode, layout, device, torch.bfloat16)
+        counter = GraphCounter(compiler)
+        step = torch.compile(model, backend=counter, fullgraph=True)
+        with watch_recompiles() as reasons:
+            for seed in (11, 12):
+                what = f"rank {rank} {mode}/{layout} target={target} {doc} seed={seed}"
+                (input_ids, hidden, tgt, loss_mask), kw = _draft_batch(cfg, q_len, seed, target, doc, device)
+                want = reference_unroll(reference, input_ids, hidden.double(),
+                                        tgt.double() if tgt.dtype.is_floating_point else tgt, loss_mask, **kw)
+                want_grads = dict(zip([n for n, p in reference.named_parameters() if p.requires_grad],
+                                      grads(reference, want[0])))
+                local = _local_inputs((input_ids, hidden.bfloat16(), tgt, loss_mask), q_len, world_size, rank, layout)
+                got = step(*local, **kw)
+                got.loss.backward()
+                got_grads = _full_grads(model)
+                model.zero_grad(set_to_none=True)
+                loss_err = rel_err(got.plosses, want[1])
+                acc_err = (got.acces.double() - want[2]).abs().max().item()
+                grad_errs = {n: rel_err(got_grads[n], w) for n, w in want_grads.items()}
+                worst = max(grad_errs, key=grad_errs.get)
+                if rank == 0:
+                    print(f"{what}: plosses rel err {loss_err:.1e}, acces max err {acc_err:.1e}, "
+                          f"worst gradient {worst} {grad_errs[worst]:.1e}")
+                assert loss_err < 1e-2, (what, loss_err)
+                assert acc_err < 0.05, (what, acc_err)  # bf16 logits may flip a few near-tied argmaxes
+                assert grad_errs[worst] < 5e-2, (what, worst, grad_errs[worst])
+        assert (counter.graphs, reasons) == (1, []), (what, counter.graphs, reasons)
+
+
+@pytest.mark.gpu
+def test_two_gpus_draft_step_fsdp_compiled_bf16():
+    _two_gpus()
+    _spawn(_check_gpu_draft_step, 2, backend="nccl")

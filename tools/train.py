@@ -6,6 +6,13 @@ backward) as one compiled graph.
         --hidden 4096 --intermediate 14336 --heads 32 --kv-heads 8 --vocab 128256 \\
         --draft-vocab 32000 --ttt-steps 7 --batch 1 --steps 100      # Llama-3-8B-sized draft
 
+Context parallel (each sequence sharded over the ranks, FSDP2 over the same ranks), launched with
+torchrun; the same flags otherwise, rank 0 prints:
+
+    torchrun --nproc-per-node 2 tools/train.py --context-parallel allgather --steps 20   # CPU, gloo
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 torchrun --nproc-per-node 2 \\
+        tools/train.py --device cuda --context-parallel ulysses ...  # one GPU per rank, NCCL
+
 The data come from a fixed random "target model": a second-order Markov chain whose next-token
 distribution depends on the last two tokens through low-rank tables, and whose three auxiliary
 hidden states at position t are fixed random features of tokens t and t - 1. The draft sees the
@@ -22,14 +29,19 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone, uninstalled
 from compiled_mask import Eagle3DraftConfig, Eagle3DraftModel, Eagle3Model  # noqa: E402
+from compiled_mask.distributed import Eagle3ContextParallelModel, shard_sequence  # noqa: E402
 from compiled_mask.inspect import GraphCounter  # noqa: E402
 
 
@@ -83,6 +95,19 @@ class SyntheticTarget:
         return -(p * p.clamp_min(1e-30).log()).sum(-1).mean().item()
 
 
+def local_batch(batch: tuple[torch.Tensor, ...], q_len: int, world_size: int, rank: int,
+                layout: str) -> tuple[torch.Tensor, ...]:
+    """A rank's part of a global batch, as Eagle3ContextParallelModel takes it: hidden states and
+    target probabilities sharded, ids and loss mask global. Rank 0's batch: every rank generates
+    the same one from the same seed, and the broadcast rules out a last-bit difference between
+    devices."""
+    input_ids, hidden, target, loss_mask = batch
+    for t in (input_ids, hidden, target):
+        dist.broadcast(t, 0)
+    shard = lambda x: shard_sequence(x, q_len, world_size, rank, layout, dim=1)  # noqa: E731
+    return input_ids, shard(hidden), shard(target), loss_mask
+
+
 def progress(step: int, total: int, loss: float, acces: list[float], tok_s: float) -> str:
     width = 24
     done = int(width * step / total)
@@ -118,11 +143,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default on CPU: 1; the small draft gains "
                              "little from more, and on a busy machine more threads wait on each other)")
+    parser.add_argument("--context-parallel", default=None, choices=["ulysses", "allgather"],
+                        help="shard each sequence over the ranks of a torchrun launch, with FSDP2 "
+                             "over the same ranks (gloo on CPU, NCCL on CUDA, one GPU per rank); "
+                             "ulysses needs --heads and --kv-heads divisible by the ranks; "
+                             "allgather takes --backend split only")
+    parser.add_argument("--layout", default="zigzag", choices=["zigzag", "contiguous"],
+                        help="context parallel: which positions each rank holds")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     if args.threads or device.type == "cpu":
         torch.set_num_threads(args.threads or 1)
+    rank, world_size = 0, 1
+    if args.context_parallel:
+        if "LOCAL_RANK" not in os.environ:
+            parser.error("--context-parallel runs one process per rank: launch with torchrun, e.g. "
+                         "torchrun --nproc-per-node 2 tools/train.py --context-parallel allgather")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    say = print if rank == 0 else (lambda *a, **k: None)
     dtype = getattr(torch, args.dtype) if args.dtype else (
         torch.float32 if device.type == "cpu" else torch.bfloat16)
     torch.manual_seed(args.seed)
@@ -130,10 +173,19 @@ def main(argv: list[str] | None = None) -> int:
         hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
         vocab_size=args.vocab, draft_vocab_size=args.draft_vocab, rope_theta=10000.0)
-    draft = Eagle3DraftModel(config)
+    draft = Eagle3DraftModel(config)  # the same weights on every rank (the same seed)
     draft.freeze_embedding()
-    model = Eagle3Model(draft, args.q_len, args.ttt_steps, attention_backend=args.backend)
-    model.to(device, dtype)
+    if args.context_parallel:
+        model = Eagle3ContextParallelModel(draft, args.q_len, args.ttt_steps, mode=args.context_parallel,
+                                           layout=args.layout, attention_backend=args.backend)
+        model.to(device, dtype)
+        # One FSDP unit: the draft's modules run once per TTT step, not once per forward as
+        # per-module units assume, and the draft is a single layer. Gradients are averaged over the
+        # ranks (FSDP's default), which Eagle3ContextParallelModel's losses expect.
+        fully_shard(model, mesh=init_device_mesh(device.type, (world_size,)))
+    else:
+        model = Eagle3Model(draft, args.q_len, args.ttt_steps, attention_backend=args.backend)
+        model.to(device, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     warmup = max(1, args.steps // 20)
@@ -142,13 +194,18 @@ def main(argv: list[str] | None = None) -> int:
 
     data = SyntheticTarget(args.vocab, args.draft_vocab, args.hidden, device, seed=args.seed)
     batches = [data.batch(args.batch, args.q_len, dtype) for _ in range(args.batches)]
+    if args.context_parallel:
+        batches = [local_batch(batches.pop(0), args.q_len, world_size, rank, args.layout)
+                   for _ in range(args.batches)]  # each global batch dropped once sharded
     n_params = sum(p.numel() for p in params)
-    print(f"Eagle3 draft: hidden {args.hidden}, heads {args.heads}/{args.kv_heads}, draft vocab "
-          f"{args.draft_vocab}, {n_params / 1e6:.2f}M trainable; Q_LEN {args.q_len} x batch "
-          f"{args.batch}, {args.ttt_steps} TTT steps, backend {args.backend!r}, {device.type} "
-          f"{str(dtype).removeprefix('torch.')}, torch {torch.__version__}")
-    print(f"loss floor (the target's entropy): {data.entropy():.3f}; start ~ln({args.draft_vocab}) = "
-          f"{math.log(args.draft_vocab):.3f}", flush=True)
+    cp = (f"; context parallel {args.context_parallel!r} ({args.layout}) over {world_size} ranks, FSDP2"
+          if args.context_parallel else "")
+    say(f"Eagle3 draft: hidden {args.hidden}, heads {args.heads}/{args.kv_heads}, draft vocab "
+        f"{args.draft_vocab}, {n_params / 1e6:.2f}M trainable; Q_LEN {args.q_len} x batch "
+        f"{args.batch}, {args.ttt_steps} TTT steps, backend {args.backend!r}, {device.type} "
+        f"{str(dtype).removeprefix('torch.')}, torch {torch.__version__}{cp}")
+    say(f"loss floor (the target's entropy): {data.entropy():.3f}; start ~ln({args.draft_vocab}) = "
+        f"{math.log(args.draft_vocab):.3f}", flush=True)
 
     counter = GraphCounter(args.compiler) if args.compiler != "none" else None
     step_fn = model if counter is None else torch.compile(model, backend=counter, fullgraph=True)
@@ -160,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     for step in range(args.steps):
         if step == 0 and counter is not None:
             estimate = "~1 min" if device.type == "cpu" else "~1-2 min"
-            print(f"compiling the training step (first step only, {estimate})...", flush=True)
+            say(f"compiling the training step (first step only, {estimate})...", flush=True)
         t0 = time.perf_counter()
         out = step_fn(*batches[step % len(batches)])
         out.loss.backward()
@@ -170,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         loss = out.loss.item()  # syncs: the step is done
         dt = time.perf_counter() - t0
         if step == 0 and counter is not None:
-            print(f"compiled in {dt:.1f} s ({counter.graphs} graph)", flush=True)
+            say(f"compiled in {dt:.1f} s ({counter.graphs} graph)", flush=True)
         else:
             timed_tokens, timed_s = timed_tokens + tokens, timed_s + dt
         losses.append(loss)
@@ -178,13 +235,15 @@ def main(argv: list[str] | None = None) -> int:
         if last or (step > 0 and (tty or step % max(1, args.steps // 10) == 0)):
             acces = out.acces.tolist()
             line = progress(step + 1, args.steps, loss, acces, timed_tokens / max(timed_s, 1e-9))
-            print(("\r" + line) if tty else line, end="" if tty and not last else "\n", flush=True)
+            say(("\r" + line) if tty else line, end="" if tty and not last else "\n", flush=True)
     total = time.perf_counter() - t_start
     k = max(1, args.steps // 20)
     first, final = sum(losses[:k]) / k, sum(losses[-k:]) / k
     graphs = counter.graphs if counter is not None else 0
-    print(f"time {total:.1f} s; loss averaged over the first and last {k} steps")
-    print(f"trained {args.steps} steps: loss {first:.3f} -> {final:.3f}, graphs compiled: {graphs}")
+    say(f"time {total:.1f} s; loss averaged over the first and last {k} steps")
+    say(f"trained {args.steps} steps: loss {first:.3f} -> {final:.3f}, graphs compiled: {graphs}")
+    if args.context_parallel:
+        dist.destroy_process_group()
     return 0
 
 
