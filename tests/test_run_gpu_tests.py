@@ -45,6 +45,10 @@ FAKE_TESTS = {
             pytest.skip("needs CUDA and flash_attn.cute")
 
         @pytest.mark.gpu
+        def test_skips_on_one_gpu():
+            pytest.skip("needs 2 CUDA devices")
+
+        @pytest.mark.gpu
         def test_fails():
             assert 1 + 1 == 3, "arithmetic"
 
@@ -119,7 +123,7 @@ def test_every_outcome_is_reported_and_fails_the_run(runner, capsys, fake_tests)
     assert status == "FAIL", out
     assert re.search(r"^REQUIRE fa4: missing: .*flash", out, re.M), out
     assert status_of(lines, "test_not_marked_gpu")[0] is None  # only gpu-marked tests
-    assert re.search(r"^1 passed, 1 skipped, 3 failed, 1 xfailed of 6 tests; 1 module\(s\) FAILED TO "
+    assert re.search(r"^1 passed, 2 skipped, 3 failed, 1 xfailed of 7 tests; 1 module\(s\) FAILED TO "
                      r"COLLECT \(their tests did not run\); 1 requirement\(s\) missing", lines[-1]), out
 
 
@@ -156,6 +160,22 @@ def test_require_gpu_fails_where_tests_skip_for_cuda(runner, capsys, fake_tests,
     assert not any(line.startswith("REQUIRE") for line in lines), lines
     status, detail = status_of(lines, "test_skips_without_cuda")
     assert status == "FAIL" and detail.strip() == "why: skipped (needs a CUDA device), but --require gpu", lines
+
+
+def test_each_skip_is_charged_to_its_own_requirement(runner, capsys, fake_tests, monkeypatch):
+    """--require gpu on one GPU without FA4: the two-GPU and FA4 skips stay SKIPs (those are
+    --require 2gpus and --require fa4); --require 2gpus fails the two-GPU test alone."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    code, lines = run(runner, capsys, fake_tests, fake_tests / "test_fake.py", "-k", "skips", "--require", "gpu")
+    assert [status_of(lines, name)[0] for name in ("test_skips_on_one_gpu", "test_skips_without_fa4",
+                                                    "test_skips_without_cuda")] == ["SKIP", "SKIP", "FAIL"], lines
+    code, lines = run(runner, capsys, fake_tests, fake_tests / "test_fake.py", "-k", "skips", "--require", "2gpus")
+    assert code == 1 and lines[0] == "REQUIRE 2gpus: missing: one CUDA device (torch.cuda.device_count() is 1)", lines
+    assert [status_of(lines, name)[0] for name in ("test_skips_on_one_gpu", "test_skips_without_fa4",
+                                                    "test_skips_without_cuda")] == ["FAIL", "SKIP", "SKIP"], lines
 
 
 def test_nothing_collected_fails(runner, capsys, fake_tests):

@@ -1,6 +1,6 @@
 """Run the GPU tests one process per test, so one illegal memory access cannot hide the others.
 
-    python tools/run_gpu_tests.py [PATH ...] [-k EXPR] [-j N] [--require gpu] [--require fa4] [--log FILE]
+    python tools/run_gpu_tests.py [PATH ...] [-k EXPR] [-j N] [--require gpu|fa4|2gpus ...] [--log FILE]
 
 Collects the tests marked ``gpu`` under PATH (default ``tests``), runs each in a fresh ``pytest``
 process (``-j N`` of them at once: compiling is CPU-bound, so a 16-core GPU host runs them several
@@ -8,9 +8,10 @@ times faster), and prints one line per test: PASS, SKIP (with its reason, counte
 FAIL with the *first* error line (on CUDA the last error is often a consequence of the first).
 
 A test module that fails to import or collect is a failure, shown with its first error: its tests
-were never run, so they must not vanish from the count. ``--require gpu`` (a CUDA device) and
-``--require fa4`` (FlashAttention-4 at a supported version) check the requirement up front and turn
-every skip for that reason into a failure. The exit code is non-zero on any failure, collection
+were never run, so they must not vanish from the count. ``--require gpu`` (a CUDA device),
+``--require fa4`` (FlashAttention-4 at a supported version) and ``--require 2gpus`` (two CUDA
+devices, for the context-parallel tests) check the requirement up front and turn every skip for that reason into a
+failure. The exit code is non-zero on any failure, collection
 error, unmet requirement, or when no test was collected.
 
 The per-test results come from this file loaded as a pytest plugin (``-p run_gpu_tests``), which
@@ -34,11 +35,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 _REPORT_ENV = "RUN_GPU_TESTS_REPORT"  # where the plugin writes its JSON lines
-# A skip whose reason matches means the requirement was missing (case-insensitive).
+# A skip whose reason matches means the requirement was missing (case-insensitive). A reason is
+# charged to the first requirement it matches, in this order, the most specific first: "needs 2
+# CUDA devices" is the two-GPU requirement, and "needs CUDA and flash_attn.cute" FA4's, not a
+# want of any GPU (so --require gpu on one GPU without FA4 counts those tests as SKIP).
 _REQUIREMENTS = {
-    "gpu": r"\bcuda\b|\bgpu\b|\bsm_?\d+",
+    "2gpus": r"\b2 cuda devices\b",
     "fa4": r"\bfa4\b|flash_attn|flash-attn|flashattention|\bsm_?\d+",
+    "gpu": r"\bcuda\b|\bgpu\b|\bsm_?\d+",
 }
+
+
+def skip_requirement(reason: str) -> str | None:
+    """The requirement a skip's reason says was missing (:data:`_REQUIREMENTS`), if any."""
+    return next((name for name, pattern in _REQUIREMENTS.items() if re.search(pattern, reason, re.I)), None)
 
 
 def first_error(log: str) -> str:
@@ -160,10 +170,14 @@ def run_one(test: str) -> tuple[Result, str]:
 
 def check_requirement(name: str) -> str | None:
     """Why ``name`` is missing on this machine (None when it is there)."""
-    if name == "gpu":
+    if name in ("gpu", "2gpus"):
         import torch
 
-        return None if torch.cuda.is_available() else "no CUDA device (torch.cuda.is_available() is False)"
+        if not torch.cuda.is_available():
+            return "no CUDA device (torch.cuda.is_available() is False)"
+        if name == "2gpus" and torch.cuda.device_count() < 2:
+            return f"one CUDA device (torch.cuda.device_count() is {torch.cuda.device_count()})"
+        return None
     sys.path.insert(0, str(ROOT))
     from compiled_mask import _fa4
 
@@ -212,9 +226,6 @@ def main(argv: list[str] | None = None) -> int:
     if not tests:
         print("no GPU tests collected", flush=True)
 
-    require = None
-    if args.require:
-        require = re.compile("|".join(_REQUIREMENTS[name] for name in args.require), re.I)
     counts = dict.fromkeys(["PASS", "SKIP", "XFAIL", "FAIL"], 0)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         for done in as_completed([pool.submit(run_one, t) for t in tests]):
@@ -222,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             with args.log.open("a") as f:
                 f.write(f"===== {result.test}\n{log}\n")
             why = "first error"
-            if result.status == "SKIP" and require and require.search(result.detail):
+            if result.status == "SKIP" and skip_requirement(result.detail) in args.require:
                 result.status, why = "FAIL", "why"
                 result.detail = f"skipped ({result.detail}), but --require {' --require '.join(args.require)}"
             counts[result.status] += 1
