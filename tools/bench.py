@@ -721,13 +721,14 @@ def draft_step_tflop(cfg: Eagle3DraftConfig, q_len: int, length: int, batch: int
     return matmul / 1e12, attention / 1e12
 
 
-def draft_rows(device, q_lens, methods, length, smoke, reps) -> list[dict]:
-    """One fresh Python process per (method, Q_LEN): cold compile, then step time and peak memory."""
+def draft_rows(device, q_lens, methods, length, smoke, reps, profiles: list[str] | None = None) -> list[dict]:
+    """One fresh Python process per (method, Q_LEN): cold compile, then step time and peak memory;
+    with ``profiles`` (a list to append to), also the kernel table of one step per row."""
     rows = []
     for q_len in q_lens:
         for method in methods:
             spec = dict(device=str(device), method=method, q_len=q_len, length=length, smoke=smoke,
-                        reps=reps)
+                        reps=reps, profile=profiles is not None)
             row = dict(table="draft", method=_draft_method_name(method), Q_LEN=q_len, ttt_steps=length)
             if device.type == "cpu" and method != "split":
                 row["skipped"] = "needs CUDA (flex_attention has no CPU backward)"
@@ -737,6 +738,10 @@ def draft_rows(device, q_lens, methods, length, smoke, reps) -> list[dict]:
                 lines = run.stdout.strip().splitlines()
                 if run.returncode == 0 and lines:
                     row = json.loads(lines[-1])
+                    text = row.pop("profile", None)
+                    if text is not None and profiles is not None:
+                        profiles.append(f"## {row['method']}: Q_LEN={q_len}, {length} TTT steps, "
+                                        f"one training step (fwd+bwd)\n{text}\n")
                 else:
                     err = (run.stderr.strip().splitlines() or [""])[-1][:160]
                     row["skipped"] = f"exit {run.returncode}: {err}"
@@ -802,6 +807,8 @@ def draft_row(spec: dict) -> dict:
                    graphs=torch._dynamo.utils.counters["stats"]["unique_graphs"])
         if device.type == "cuda":
             row["peak_GiB"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
+        if spec.get("profile"):
+            row["profile"] = _kernel_table(train_step, device)
     except torch.OutOfMemoryError:
         row["skipped"] = "out of memory"
     except Exception as e:  # noqa: BLE001 - a method that cannot run is a row too
@@ -810,6 +817,20 @@ def draft_row(spec: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- profile
+
+
+def _kernel_table(fn, device, steps: int = 1, rows: int = 25) -> str:
+    """The profiler's table of ``steps`` calls of ``fn`` (after it has run), by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        _sync(device)
+    sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=70)
 
 
 def profile_text(device, dtype, q_len, rounds, heads, D, backends, backward) -> str:
@@ -968,7 +989,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak (default: from its name)")
     parser.add_argument("--peak-tbps", type=float, help="the card's memory bandwidth, TB/s (default: from its name)")
     parser.add_argument("--profile", action="store_true",
-                        help="also write the top kernels of one fwd+bwd step per backend (profile.txt)")
+                        help="also write the top kernels of one fwd+bwd step per backend, and of one "
+                        "draft training step per draft row (profile.txt)")
     parser.add_argument("--compile-row", help=argparse.SUPPRESS)  # internal: one cold compile
     parser.add_argument("--draft-row", help=argparse.SUPPRESS)  # internal: one draft-step row
     parser.add_argument("--draft-q-lens", type=int, nargs="+",
@@ -1038,15 +1060,19 @@ def main(argv: list[str] | None = None) -> int:
         rows += compile_rows(device, dtype, att["q_len"] if not args.smoke else 128,
                              8 if not args.smoke else 3, att["heads"], att["D"], backends,
                              backward=device.type == "cuda")
+    draft_profiles = [] if args.profile else None
     if "draft" in args.only:
         q_lens_draft = args.draft_q_lens or ([64] if args.smoke else [8192, 32768])
         rows += draft_rows(device, q_lens_draft, backends + ["today"], length=3 if args.smoke else 7,
-                           smoke=args.smoke, reps=2 if args.smoke else 5)
+                           smoke=args.smoke, reps=2 if args.smoke else 5, profiles=draft_profiles)
 
     args.out.mkdir(parents=True, exist_ok=True)
     if args.profile:
-        text = profile_text(device, dtype, att["q_len"], max(att["rounds_list"]), att["heads"],
-                            att["D"], backends, backward=device.type == "cuda")
+        # The attention step's kernels, unless only the draft step was asked for; then the draft's.
+        text = "" if args.only == ["draft"] else profile_text(
+            device, dtype, att["q_len"], max(att["rounds_list"]), att["heads"], att["D"], backends,
+            backward=device.type == "cuda")
+        text += "\n".join(draft_profiles)
         (args.out / "profile.txt").write_text(text)
         print(text)
     md_text = (f"Card: {env['card']}; torch {env['torch']}"
