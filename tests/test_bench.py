@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import torch
+
 BENCH = Path(__file__).resolve().parent.parent / "tools" / "bench.py"
 
 
@@ -58,3 +60,11 @@ def test_bench_flop_and_byte_counts():
     assert bwd == 5 * q_tensor + lse + 6 * kv_round + kv_round + 7 * kv_round
     assert (round(fwd / 1e9, 2), round(bwd / 1e9, 2)) == (0.40, 0.81)
     assert bench.suffix_bytes(1, 32, 8, 8192, 7, 9, 128, 128) == (fwd, bwd)  # live clamped to max_rounds
+
+
+def test_kernel_table_of_a_step():
+    """--profile's per-row table (the draft table's breakdown): the ops one call of the step ran."""
+    bench = _load_bench()
+    x = torch.randn(8, 8)
+    table = bench._kernel_table(lambda: (x @ x).relu(), torch.device("cpu"), steps=2)
+    assert "aten::mm" in table and "aten::relu" in table, table
