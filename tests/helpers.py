@@ -133,7 +133,9 @@ def eagle3_dense(Q_LEN: int, KV_LEN: int, live_kv_len: int | None = None,
 def attention_magnitudes(q, k, v, dout, allowed: Tensor, scale=None) -> tuple[Tensor, ...]:
     """The scale at which a low precision rounds out, dq, dk and dv: the root sum of squares of
     the terms each one sums (``p_j v_j`` for out, ``p_i dO_i`` for dv, ``ds_ij k_j`` / ``ds_ij q_i``
-    for dq / dk with ``|ds_ij| <= p_ij (|dO_i . v_j| + |dO_i . out_i|)``), in float64. Rounding
+    for dq / dk, where ``ds_ij = p_ij (dO_i . v_j - dO_i . out_i)`` is rounded on the scale of
+    ``p_ij (|ds_ij / p_ij| + ||dO_i * out_i||)``: kernels compute ``dO . out`` from the stored,
+    rounded output), in float64. Rounding
     each term adds errors of about that size in random directions. A result that is a small
     difference of large terms (dq of a query with two keys) has a norm far below it, and bf16 can
     only be right relative to it. Shapes and GQA as :func:`dense_reference_attention`."""
@@ -143,9 +145,14 @@ def attention_magnitudes(q, k, v, dout, allowed: Tensor, scale=None) -> tuple[Te
     scale = 1 / math.sqrt(q.size(-1)) if scale is None else scale
     scores = (q @ k_.transpose(-1, -2) * scale).masked_fill(~allowed.to(q.device), float("-inf"))
     p = scores.softmax(-1).nan_to_num(0.0)  # [B, Hq, Q_LEN, KV_LEN]
+    # ds = p (dP - Delta), dP = dO . v (exact products of the inputs, accumulated in fp32), Delta =
+    # dO . out with out as stored, rounded: Delta's error is on the scale of its terms' root sum
+    # of squares, as the others'.
     dp = dout @ v_.transpose(-1, -2)  # [B, Hq, Q_LEN, KV_LEN]
-    delta = (dout * (p @ v_)).sum(-1, keepdim=True)  # [B, Hq, Q_LEN, 1]
-    ds2 = (p * (dp.abs() + delta.abs()) * scale) ** 2
+    out = p @ v_
+    delta = (dout * out).sum(-1, keepdim=True)  # [B, Hq, Q_LEN, 1]
+    delta_mag = ((dout * out) ** 2).sum(-1, keepdim=True).sqrt()
+    ds2 = (p * ((dp - delta).abs() + delta_mag) * scale) ** 2
     fold = lambda t: t.unflatten(1, (k.size(1), groups)).sum(2)  # noqa: E731  [B, Hkv, ...]
     return tuple(t.sqrt() for t in (p**2 @ v_**2, ds2 @ k_**2, fold(ds2.transpose(-1, -2) @ q**2),
                                      fold((p**2).transpose(-1, -2) @ dout**2)))
