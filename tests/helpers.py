@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
+from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -86,6 +89,17 @@ def assert_same_live_blocks(ours: BlockMask, ref: BlockMask) -> None:
             diff = (live != want).nonzero()[:5].tolist()
             raise AssertionError(f"{num_name}/{idx_name} differ at [b, h, row, col] {diff}")
         assert not dead.any(), f"{num_name}: blocks listed past the live keys"
+
+
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+
+
+def load_tool(name: str) -> ModuleType:
+    """``tools/<name>.py`` as a module (the tools are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def rel_err(got: Tensor, want: Tensor) -> float:

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
-
-BENCH = Path(__file__).resolve().parent.parent / "tools" / "bench.py"
+from helpers import load_tool
 
 
 def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_tool("bench")
 
 
 def test_bench_smoke(tmp_path):

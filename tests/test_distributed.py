@@ -27,7 +27,7 @@ import torch
 import torch._dynamo
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import rel_err
+from helpers import load_tool, rel_err
 
 from test_draft import GPU_CFG, doc_layout, grads, make_batch, make_model, reference_unroll
 from torch.distributed.device_mesh import init_device_mesh
@@ -437,14 +437,7 @@ def test_train_script_under_torchrun():
 
 
 def _load_bench():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "tools" / "bench_distributed.py"
-    spec = importlib.util.spec_from_file_location("bench_distributed", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_tool("bench_distributed")
 
 
 def test_bench_bytes_per_step_match_the_docs():

@@ -15,7 +15,6 @@ Note [an interpreter process of its own]
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
 import re
@@ -27,6 +26,7 @@ import pytest
 import strategies
 import torch
 import triton  # noqa: F401  (the test extra installs it; a missing triton must fail, not skip)
+from helpers import load_tool
 
 from compiled_mask import _split
 from compiled_mask._blocks import eagle3_block_tensors
@@ -262,11 +262,7 @@ def _assert_suffix_kernels_match(suffix, case, dtype, strided, variants):
 
 
 def _load_bench():
-    path = Path(__file__).resolve().parent.parent / "tools" / "bench.py"
-    spec = importlib.util.spec_from_file_location("bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_tool("bench")
 
 
 @in_interpreter

@@ -835,12 +835,8 @@ def _kernel_table(fn, device, steps: int = 1, rows: int = 25) -> str:
 
 def profile_text(device, dtype, q_len, rounds, heads, D, backends, backward) -> str:
     """Where one TTT step's time goes: the profiler's kernel table per backend (and the floor)."""
-    from torch.profiler import ProfilerActivity, profile
-
     torch._dynamo.reset()
     Hq, Hkv = heads
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     sets = _inputs(device, dtype, 1, Hq, Hkv, q_len, q_len * rounds, D, backward)
     live = torch.tensor(rounds, device=device)
     methods = {f"Eagle3Attention({b!r})": torch.compile(Eagle3Attention(q_len, rounds, backend=b),
@@ -855,15 +851,10 @@ def profile_text(device, dtype, q_len, rounds, heads, D, backends, backward) -> 
         try:
             for _ in range(3):
                 fn()
-            _sync(device)
-            with profile(activities=activities) as prof:
-                for _ in range(ROTATE):
-                    fn()
-                _sync(device)
+            table = _kernel_table(fn, device, steps=ROTATE, rows=18)
         except Exception as e:  # noqa: BLE001 - a backend that cannot run says why
             out.append(f"## {name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}\n")
             continue
-        table = prof.key_averages().table(sort_by=sort_by, row_limit=18, max_name_column_width=70)
         out.append(f"## {name}: Q_LEN={q_len}, rounds={rounds}, {ROTATE} steps, "
                    f"{'fwd+bwd' if backward else 'fwd'}\n{table}\n")
     return "\n".join(out)
