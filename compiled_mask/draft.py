@@ -27,7 +27,6 @@ the forward and backward of the whole step, for every batch of the same shape.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import NamedTuple
 
 import torch

@@ -7,7 +7,6 @@ custom op, the attention backends) is tested against :func:`eagle3_mask_mod` eva
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import _mask_mod_signature
 
