@@ -43,6 +43,18 @@ Note [all-gather, not a ring]
     plain functional collectives, and each query chunk's causal part is two large kernel calls
     (its full prefix, its causal diagonal block) rather than P smaller ones. The diagonal blocks
     and the suffix need only local data. docs/context_parallel.md counts the bytes.
+
+Note [no cuDNN in the context-parallel split]
+    On CUDA the all-gather mode's causal calls run aten's flash kernel, not cuDNN (which the
+    one-GPU split backend uses). With cuDNN, the compiled (Inductor) context-parallel draft step
+    on 2 x H200 (torch 2.11.0+cu130, cuDNN 9.19.0, bf16; tests/test_distributed.py::
+    test_two_gpus_draft_step_fsdp_compiled_bf16) returned the right loss and wrong gradients:
+    q_proj/k_proj off by 23-63% against float64, with no error. The same step was right eager,
+    with backend="aot_eager", and under Inductor with the flash kernel (1.4e-2, bf16 rounding);
+    the compiled attention module alone, and Ulysses (one cuDNN call per step), were right with
+    cuDNN. The cause is not pinned down (several cuDNN calls of equal shapes with different
+    causal flags and strides in one Inductor graph); flash is the kernel that was shown exact
+    there. It costs speed in backward (Note [which causal kernel] in _split.py).
 """
 
 from __future__ import annotations
@@ -310,7 +322,7 @@ class Eagle3ContextParallelAttention(nn.Module):
             )
         if q.device.type == "cuda" and q.dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(
-                f"{where}: mode='allgather' runs fused attention kernels (cuDNN or flash) on CUDA, "
+                f"{where}: mode='allgather' runs fused attention kernels (flash) on CUDA, "
                 f"which take bf16 or fp16 inputs, got {q.dtype}. Cast q, k, v."
             )
         rounds = _live_rounds(rounds, self.max_rounds, q.device)  # Note [widen rounds first]
@@ -401,12 +413,13 @@ class _ContextParallelSplit(torch.autograd.Function):
         for i, g in enumerate(chunks):
             rows = slice(i * C, (i + 1) * C)
             q_i = q[:, :, rows]  # [B, Hq, C, D]
-            out_i, lse_i, tensors, const = _split._causal_forward(q_i, k[:, :, rows], v[:, :, rows], scale)
+            out_i, lse_i, tensors, const = _split._causal_forward(  # Note [no cuDNN in the context-parallel split]
+                q_i, k[:, :, rows], v[:, :, rows], scale, cudnn=False)
             saved += tensors
             consts.append((const, len(tensors)))
             if g > 0:  # the prefix: every key of the chunks before g
                 out_p, lse_p, tensors, const = _split._causal_forward(
-                    q_i, k_full[:, :, : g * C], v_full[:, :, : g * C], scale, causal=False)
+                    q_i, k_full[:, :, : g * C], v_full[:, :, : g * C], scale, causal=False, cudnn=False)
                 saved += tensors
                 consts.append((const, len(tensors)))
                 out_i, lse_i = _merge(out_i, lse_i, out_p, lse_p)
