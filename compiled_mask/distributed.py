@@ -52,9 +52,19 @@ Note [no cuDNN in the context-parallel split]
     q_proj/k_proj off by 23-63% against float64, with no error. The same step was right eager,
     with backend="aot_eager", and under Inductor with the flash kernel (1.4e-2, bf16 rounding);
     the compiled attention module alone, and Ulysses (one cuDNN call per step), were right with
-    cuDNN. The cause is not pinned down (several cuDNN calls of equal shapes with different
-    causal flags and strides in one Inductor graph); flash is the kernel that was shown exact
-    there. It costs speed in backward (Note [which causal kernel] in _split.py).
+    cuDNN. The likely cause, read in torch 2.11's source but not confirmed on a GPU: cuDNN's
+    backward graphs are cached by the layouts of q, k and v only (aten/src/ATen/native/cudnn/
+    MHA.cpp, MHAParams), while the strides of out, dO and the log-sum-exp of the first call are
+    built into the cached graph; under Inductor, ``.contiguous()`` is no layout promise (clone
+    ignores memory_format, and sdpa_constraint keeps an aligned layout), so the row slices of
+    out/dO/lse here can reach calls that share a key with different strides. Wrong O strides
+    spoil only rowsum(dO * O), so dq and dk and not dv: in the measured step q_proj/k_proj were
+    off by 23% and v_proj by less than 15% (an error in dO or lse would spoil dv as much).
+    Newer torch puts those strides in the key. aten's flash backward makes O and dO contiguous
+    itself and caches no graph. The one-GPU split backend passes whole, op-allocated out/lse and is right in every
+    GPU test, but is exposed in principle: a custom op that makes dO, out and lse contiguous
+    before cuDNN's backward would close it (not done: it needs a GPU run). Flash costs speed in
+    backward (Note [which causal kernel] in _split.py).
 """
 
 from __future__ import annotations
