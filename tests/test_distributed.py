@@ -116,6 +116,32 @@ def test_errors_without_a_group(call, message):
         call()
 
 
+def test_allgather_causal_calls_avoid_cudnn(monkeypatch):
+    """Note [no cuDNN in the context-parallel split]: each causal kernel call of the all-gather mode
+    (a chunk's diagonal block and its prefix) asks for cudnn=False, forward and backward alike
+    (the backward reuses the forward's kernel choice). Exactness: the spawned tests below."""
+    from compiled_mask import _split
+    from compiled_mask.distributed import _ContextParallelSplit
+
+    asked = []
+    forward = _split._causal_forward
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs.get("cudnn", True))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(_split, "_causal_forward", spy)
+    C, R, D = 4, 3, 8  # rank 1 of 2, zigzag: global chunks 1 and 2 of 4, C positions each
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 2 * C, D, generator=g, requires_grad=True)
+    k, v = (torch.randn(1, 1, R * 2 * C, D, generator=g) for _ in range(2))
+    k_full, v_full = (torch.randn(1, 1, 4 * C, D, generator=g) for _ in range(2))
+    out = _ContextParallelSplit.apply(q, k, v, k_full, v_full, torch.tensor(R), (1, 2), C, D**-0.5)
+    out.sum().backward()
+    assert asked == [False] * 4  # two chunks, each a diagonal block and a prefix
+    assert q.grad is not None and torch.isfinite(q.grad).all()  # the backward ran
+
+
 # ----------------------------------------------------------------------------- spawned ranks
 
 

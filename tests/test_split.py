@@ -111,7 +111,7 @@ def test_split_cuda_vs_float64_and_flex(fresh_compile_state, monkeypatch, kernel
                                         live, Hq, Hkv, D):
     """On CUDA the causal part runs cuDNN (or flash); bf16 fwd+bwd no worse than flex."""
     assert _split._causal_kernel(torch.empty(1, 1, 2, D, device="cuda")) == "cudnn"  # the default
-    monkeypatch.setattr(_split, "_causal_kernel", lambda q: kernel)
+    monkeypatch.setattr(_split, "_causal_kernel", lambda q, cudnn=True: kernel)
     errors = backend_errors(("split", "flex"), q_len, max_rounds, live, Hq, Hkv, D, torch.bfloat16)
     for split_err, flex_err in zip(errors["split"], errors["flex"]):
         assert split_err < 1e-2
@@ -274,3 +274,5 @@ def test_one_query_runs_on_flash():
     """cuDNN refuses Q_LEN = 1 (and, compiled, crashed on it): flash takes it."""
     assert _split._causal_kernel(torch.empty(1, 1, 1, 64, device="cuda")) == "flash"
     assert _split._causal_kernel(torch.empty(1, 1, 2, 64, device="cuda")) == "cudnn"
+    # Note [no cuDNN in the context-parallel split]
+    assert _split._causal_kernel(torch.empty(1, 1, 2, 64, device="cuda"), cudnn=False) == "flash"
