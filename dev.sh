@@ -90,7 +90,7 @@ extra=""
 what="compiled-mask (editable, this checkout) and numpy (torch warns at import without it)"
 if [ "$cmd" = test ]; then
   extra="[test]"
-  what="compiled-mask (editable, this checkout) and the test tools (pytest, expecttest, hypothesis, matplotlib, numpy; triton on Linux)"
+  what="compiled-mask (editable, this checkout) and the test tools (pytest, pytest-xdist, expecttest, hypothesis, matplotlib, numpy; triton on Linux)"
 fi
 stamp="$stamp_dir/dev-stamp-${cmd/train/demo}"
 want=$(cksum < pyproject.toml)
@@ -103,7 +103,9 @@ fi
 
 case "$cmd" in
   demo) exec "$PY" tools/demo.py "$@" ;;
-  test) exec "$PY" -m pytest -q "$@" ;;
+  # Two pytest workers (pytest-xdist): the suite is compile-bound, 10 min on 2 cores in one process,
+  # 6 in two. Pass -n 0 to run it in one process (a later -n wins).
+  test) exec "$PY" -m pytest -q -n 2 "$@" ;;
   train)
     if [ ! -f tools/train.py ]; then
       say "tools/train.py is not in this checkout"
