@@ -8,6 +8,7 @@ import importlib.util
 import re
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,15 @@ FAKE_TESTS = {
         def test_xfails():
             assert False
 
+        @pytest.mark.gpu
+        def test_hangs():
+            import multiprocessing, time
+            child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(600,))
+            child.start()  # as a spawned rank: it must go down with the test
+            with open(os.environ["HANG_PID_FILE"], "w") as f:
+                f.write(str(child.pid))
+            time.sleep(600)
+
         def test_not_marked_gpu():
             pass
         """,
@@ -103,7 +113,7 @@ def status_of(lines, name):
 
 
 def test_every_outcome_is_reported_and_fails_the_run(runner, capsys, fake_tests):
-    code, lines = run(runner, capsys, fake_tests, fake_tests, "-j", "2", "--require", "fa4")
+    code, lines = run(runner, capsys, fake_tests, fake_tests, "-j", "2", "--require", "fa4", "-k", "not hangs")
     out = "\n".join(lines)
     assert code == 1, out
     # The module that does not import is a failure with its first error, not a silent drop.
@@ -176,6 +186,35 @@ def test_each_skip_is_charged_to_its_own_requirement(runner, capsys, fake_tests,
     assert code == 1 and lines[0] == "REQUIRE 2gpus: missing: one CUDA device (torch.cuda.device_count() is 1)", lines
     assert [status_of(lines, name)[0] for name in ("test_skips_on_one_gpu", "test_skips_without_fa4",
                                                     "test_skips_without_cuda")] == ["FAIL", "SKIP", "SKIP"], lines
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has exited
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_a_test_past_the_timeout_is_killed_and_fails(runner, capsys, fake_tests, monkeypatch):
+    """--timeout: the hung test and the process it started are killed, the test is a FAIL that
+    says so, and the other tests still report."""
+    pid_file = fake_tests / "hang.pid"
+    monkeypatch.setenv("HANG_PID_FILE", str(pid_file))
+    t0 = time.monotonic()
+    code, lines = run(runner, capsys, fake_tests, fake_tests / "test_fake.py", "-k", "hangs or passes",
+                      "-j", "2", "--timeout", "10")
+    assert time.monotonic() - t0 < 60, lines
+    status, detail = status_of(lines, "test_hangs")
+    assert (code, status) == (1, "FAIL"), lines
+    assert detail.strip() == "first error: timed out after 10 s (--timeout), killed", lines
+    assert status_of(lines, "test_passes")[0] == "PASS"
+    pid = int(pid_file.read_text())  # the process the test started, as a spawned rank
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pid), f"process {pid} outlived the killed test"
 
 
 def test_nothing_collected_fails(runner, capsys, fake_tests):

@@ -1,6 +1,6 @@
 """Run the GPU tests one process per test, so one illegal memory access cannot hide the others.
 
-    python tools/run_gpu_tests.py [PATH ...] [-k EXPR] [-j N] [--require gpu|fa4|2gpus ...] [--log FILE]
+    python tools/run_gpu_tests.py [PATH ...] [-k EXPR] [-j N] [--require gpu|fa4|2gpus ...] [--timeout S] [--log FILE]
 
 Collects the tests marked ``gpu`` under PATH (default ``tests``), runs each in a fresh ``pytest``
 process (``-j N`` of them at once: compiling is CPU-bound, so a 16-core GPU host runs them several
@@ -11,8 +11,10 @@ A test module that fails to import or collect is a failure, shown with its first
 were never run, so they must not vanish from the count. ``--require gpu`` (a CUDA device),
 ``--require fa4`` (FlashAttention-4 at a supported version) and ``--require 2gpus`` (two CUDA
 devices, for the context-parallel tests) check the requirement up front and turn every skip for that reason into a
-failure. The exit code is non-zero on any failure, collection
-error, unmet requirement, or when no test was collected.
+failure. ``--timeout S`` kills a test (with the ranks it spawned) after S seconds and counts it
+as a failure, so one slow or hung test does not take a whole GPU session's time limit with it.
+The exit code is non-zero on any failure, collection error, unmet requirement, or when no test
+was collected.
 
 The per-test results come from this file loaded as a pytest plugin (``-p run_gpu_tests``), which
 writes one JSON line per collected item, collection error and test phase: no parsing of pytest's
@@ -25,6 +27,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -110,13 +113,24 @@ class Result:
     detail: str = ""  # the skip reason or the first error
 
 
-def _pytest(args: list[str], report: Path) -> subprocess.CompletedProcess:
+def _pytest(args: list[str], report: Path, timeout: float | None = None) -> subprocess.CompletedProcess:
+    """pytest in a child process (and its own process group). Past ``timeout`` seconds the whole
+    group is killed, ranks it spawned included, and the return code is None."""
     env = dict(os.environ)
     env[_REPORT_ENV] = str(report)
     paths = [str(Path(__file__).parent), env.get("PYTHONPATH")]  # tools/: this file as the plugin
     env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
     command = [sys.executable, "-m", "pytest", "-p", "run_gpu_tests", "-p", "no:cacheprovider", *args]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True) as child:
+        try:
+            out, err = child.communicate(timeout=timeout)
+            code = child.returncode
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            out, err = child.communicate()
+            code = None
+    return subprocess.CompletedProcess(command, code, out, err)
 
 
 def _records(report: Path) -> list[dict]:
@@ -140,16 +154,19 @@ def collect(paths: list[str], keyword: str | None) -> tuple[list[str], list[tupl
     return tests, errors, log
 
 
-def run_one(test: str) -> tuple[Result, str]:
-    """Run one test in its own pytest process; the result and the full log."""
+def run_one(test: str, timeout: float | None = None) -> tuple[Result, str]:
+    """Run one test in its own pytest process (killed past ``timeout`` seconds); the result and
+    the full log."""
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "test.jsonl"
-        run = _pytest(["-q", "-s", "-x", test], report)
+        run = _pytest(["-q", "-s", "-x", test], report, timeout)
         phases = [r for r in _records(report) if r["kind"] == "phase"]
         errors = [r for r in _records(report) if r["kind"] == "collect-error"]
     seconds = time.perf_counter() - t0
     log = run.stdout + run.stderr
+    if run.returncode is None:
+        return Result(test, "FAIL", seconds, f"timed out after {timeout:g} s (--timeout), killed"), log
     failed = [p for p in phases if p["outcome"] == "failed"]
     skipped = [p for p in phases if p["outcome"] == "skipped"]
     if failed:
@@ -206,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--require", action="append", default=[], choices=sorted(_REQUIREMENTS),
                         help="fail where tests skip for want of this (repeatable)")
     parser.add_argument("--log", type=Path, default=Path(os.environ.get("OUT", "/tmp")) / "gpu-tests.log")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds a test may run before it is killed and counted as a failure")
     args = parser.parse_args(argv)
     paths = [str(Path(p).resolve()) for p in args.paths]
     args.log.parent.mkdir(parents=True, exist_ok=True)
@@ -228,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
 
     counts = dict.fromkeys(["PASS", "SKIP", "XFAIL", "FAIL"], 0)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for done in as_completed([pool.submit(run_one, t) for t in tests]):
+        for done in as_completed([pool.submit(run_one, t, args.timeout) for t in tests]):
             result, log = done.result()
             with args.log.open("a") as f:
                 f.write(f"===== {result.test}\n{log}\n")
