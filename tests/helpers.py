@@ -172,11 +172,12 @@ def attention_magnitudes(q, k, v, dout, allowed: Tensor, scale=None) -> tuple[Te
                                      fold((p**2).transpose(-1, -2) @ dout**2)))
 
 
-def float64_reference(q, k, v, dout, allowed: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
-    """Output and (dq, dk, dv) of :func:`dense_reference_attention` in float64."""
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+def float64_reference(q, k, v, dout, allowed: Tensor, grads: bool = True) -> tuple[Tensor, tuple]:
+    """Output and (dq, dk, dv) of :func:`dense_reference_attention` in float64 (Nones without
+    ``grads``)."""
+    q64, k64, v64 = (t.detach().double().requires_grad_(grads) for t in (q, k, v))
     out = dense_reference_attention(q64, k64, v64, allowed.to(q.device))
-    return out, torch.autograd.grad(out, (q64, k64, v64), dout.double())
+    return out, (torch.autograd.grad(out, (q64, k64, v64), dout.double()) if grads else (None,) * 3)
 
 
 # ----------------------------------------------------------------------------- CUDA tests

@@ -29,8 +29,8 @@ import torch.nn.attention.flex_attention as flex_module
 from helpers import (
     assert_same_live_blocks,
     attention_magnitudes,
-    dense_reference_attention,
     eagle3_dense,
+    float64_reference,
     reference_block_mask,
 )
 from hypothesis import HealthCheck, assume, given, settings
@@ -179,7 +179,7 @@ def check_attention(case: Case, *, compiled=False, device="cpu", grads=None) -> 
         out = attn(q, k, v, rounds, **layout)
     allowed = eagle3_dense(case.q_len, case.q_len * case.max_rounds, live_kv_len=case.q_len * case.live,
                            **{name: None if t is None else t.cpu() for name, t in layout.items()})
-    want, want_grads = _dense(q, k, v, allowed.to(device), dout, grads)
+    want, want_grads = float64_reference(q, k, v, dout, allowed.to(device), grads=grads)
     mags = attention_magnitudes(q, k, v, dout, allowed.to(device))  # bf16/fp16's yardstick
     assert out.shape == want.shape and out.dtype == case.dtype
     _assert_close(out, want, case.dtype, "out", mags[0])
@@ -188,14 +188,6 @@ def check_attention(case: Case, *, compiled=False, device="cpu", grads=None) -> 
         for name, g, w, m in zip(("dq", "dk", "dv"), got, want_grads, mags[1:]):
             _assert_close(g, w, case.dtype, name, m)
     return out.detach()
-
-
-def _dense(q, k, v, allowed, dout, grads):
-    """float64 dense attention on leaf copies of q, k, v: out and (with ``grads``) the q/k/v
-    gradients for ``dout``."""
-    leaves = [t.detach().double().requires_grad_(grads) for t in (q, k, v)]
-    out = dense_reference_attention(*leaves, allowed)
-    return out, (torch.autograd.grad(out, leaves, dout.double()) if grads else (None,) * 3)
 
 
 def _assert_close(got, want, dtype, name, magnitude=None):
