@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
+
 from compiled_mask._flex import _qk_as_wide_as_v
 
 # Note [which causal kernel]

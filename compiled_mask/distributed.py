@@ -61,10 +61,10 @@ Note [no cuDNN in the context-parallel split]
     spoil only rowsum(dO * O), so dq and dk and not dv: in the measured step q_proj/k_proj were
     off by 23% and v_proj by less than 15% (an error in dO or lse would spoil dv as much).
     Newer torch puts those strides in the key. aten's flash backward makes O and dO contiguous
-    itself and caches no graph. The one-GPU split backend passes whole, op-allocated out/lse and is right in every
-    GPU test, but is exposed in principle: a custom op that makes dO, out and lse contiguous
-    before cuDNN's backward would close it (not done: it needs a GPU run). Flash costs speed in
-    backward (Note [which causal kernel] in _split.py).
+    itself and caches no graph. The one-GPU split backend passes whole, op-allocated out/lse and
+    is right in every GPU test, but is exposed in principle: a custom op that makes dO, out and
+    lse contiguous before cuDNN's backward would close it (not done: it needs a GPU run). Flash
+    costs speed in backward (Note [which causal kernel] in _split.py).
 """
 
 from __future__ import annotations
