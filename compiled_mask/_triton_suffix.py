@@ -5,18 +5,17 @@ suffix is a handful of dot products per query, memory-bound: each kernel reads i
 keeps the per-query softmax state in registers. ``_split.py`` holds the same math in torch ops
 (the CPU path, and the reference these kernels are tested against on CUDA).
 
-Forward, one program per (query block, batch x q-head): start from the causal part's normalised
-output and log-sum-exp and fold in each live round by the online-softmax update.
+By default each kernel runs one program per (query block, batch x kv-head), holding the G
+q-heads that share a K/V head as ``[BLOCK, G, D]`` tiles (Note [grouped suffix kernels]): the
+forward starts from the causal part's normalised output and log-sum-exp and folds in each live
+round by the online-softmax update; the backward is one launch that writes dq and every row of
+the K/V gradient buffer (no atomics: each program owns its query rows of every round; dead rounds
+get zero gradients).
 
-Backward, two launches: per (query block, batch x q-head) the row term D = rowsum(dO * O), then
-dq = dq_causal + sum_s ds_s * k_s; per (query block, batch x kv-head, suffix round) dk_s and dv_s,
-summed over the q-heads of the group (no atomics: each program owns its rows). Dead rounds get zero
-gradients. Imported only when a CUDA kernel runs (Triton is not needed on CPU).
-
-Each has a grouped form, one program per (query block, batch x kv-head) holding the G q-heads
-that share a K/V head as ``[G, BLOCK, D]`` tiles (Note [grouped suffix kernels]): the backward
-then is one launch that writes dq and every row of the K/V gradient buffer. Which form runs is
-chosen by ``FORWARD`` / ``BACKWARD`` (Note [suffix kernel switches]).
+The per-head forms, one program per (query block, batch x q-head), run groups too wide for those
+tiles: a forward, and a backward of two launches (dq with the row term D = rowsum(dO * O); dk_s,
+dv_s summed over the group's q-heads). Which form runs: ``FORWARD`` / ``BACKWARD`` (Note [suffix
+kernel switches]). Imported only when a CUDA kernel runs (Triton is not needed on CPU).
 """
 
 from __future__ import annotations
@@ -37,15 +36,21 @@ PIPELINE = tl.constexpr(3)
 
 
 # Note [suffix kernel switches]
-#     Both forms of each suffix kernel stay selectable until the grouped ones are measured on a
-#     GPU: FORWARD "heads" (one program per q-head) or "grouped"; BACKWARD "split" (the dq kernel,
-#     the dk/dv kernel and a copy of the causal part's K/V gradient) or "fused" (one grouped
-#     kernel; Note [grouped suffix kernels]). The environment variables COMPILED_MASK_SUFFIX_FWD
-#     and COMPILED_MASK_SUFFIX_BWD set them when this module is imported; a benchmark may also
-#     assign the attributes between calls: the ops read them on every call, inside a compiled
-#     graph too (there the op is opaque). GROUPED_FWD and FUSED_BWD are the grouped kernels'
-#     launch parameters: ``rows`` = G heads x BLOCK queries per program (BLOCK = rows //
-#     next_power_of_2(G), at least 1), ``num_warps``, and ``stages`` of the round loop.
+#     Each suffix kernel has two forms: FORWARD "grouped" (default; one program per K/V head
+#     group, Note [grouped suffix kernels]) or "heads" (one program per q-head); BACKWARD "fused"
+#     (default; one grouped kernel) or "split" (the dq kernel, the dk/dv kernel and a copy of the
+#     causal part's K/V gradient). The grouped forms are the default since they were measured
+#     faster (H200, torch 2.11, triton 3.6, Q_LEN 8192 x 7 rounds, 32/8 heads, d128, bf16:
+#     forward 117 against 145 us, backward 211 against 450 us; at 32768 x 7: 422 against 568,
+#     811 against 1734 us). The per-head forms run groups wider than _MAX_GROUP, and stay
+#     selectable for comparison: the environment variables COMPILED_MASK_SUFFIX_FWD and
+#     COMPILED_MASK_SUFFIX_BWD set them when this module is imported; a benchmark may also assign
+#     the attributes between calls: the ops read them on every call, inside a compiled graph too
+#     (there the op is opaque). GROUPED_FWD and FUSED_BWD are the grouped kernels' launch
+#     parameters: ``rows`` = G heads x BLOCK queries per program (BLOCK = rows //
+#     next_power_of_2(G), at least 1), ``num_warps``, and ``stages`` of the round loop; the
+#     values are the fastest of 36 (rows 16/32/64, 2/4/8 warps, 2/3 stages, fp32 or input-dtype
+#     tiles) at both sizes above.
 def _switch(name: str, choices: tuple[str, ...], default: str) -> str:
     value = os.environ.get(name, default)
     if value not in choices:
@@ -53,10 +58,10 @@ def _switch(name: str, choices: tuple[str, ...], default: str) -> str:
     return value
 
 
-FORWARD = _switch("COMPILED_MASK_SUFFIX_FWD", ("heads", "grouped"), "heads")
-BACKWARD = _switch("COMPILED_MASK_SUFFIX_BWD", ("split", "fused"), "split")
-GROUPED_FWD = dict(rows=32, num_warps=4, stages=3)
-FUSED_BWD = dict(rows=32, num_warps=4, stages=3)
+FORWARD = _switch("COMPILED_MASK_SUFFIX_FWD", ("heads", "grouped"), "grouped")
+BACKWARD = _switch("COMPILED_MASK_SUFFIX_BWD", ("split", "fused"), "fused")
+GROUPED_FWD = dict(rows=16, num_warps=2, stages=3)
+FUSED_BWD = dict(rows=16, num_warps=2, stages=3)
 
 
 @triton.jit
@@ -185,7 +190,7 @@ def _suffix_dkv_kernel(
 #     makes three passes: dq (reads q, dO, O, dq_causal and each live round's K/V, writes dq and
 #     the row term D), dk/dv (reads each live round's K/V again, and q, dO, lse and D once per
 #     round), and a copy of the causal part's K/V gradient into the full buffer. The grouped
-#     kernels hold a group's G heads as [G, BLOCK, D] tiles, so one program reads each live
+#     kernels hold a group's G heads as [BLOCK, G, D] tiles, so one program reads each live
 #     round's K/V once, and the backward is a single pass: per round s it has p and ds of all G
 #     heads, adds ds * k_s into each head's dq (registers), and stores dk_s = sum_g ds * q_g and
 #     dv_s = sum_g p * dO_g (no atomics: a program owns its query rows of every round). It also
@@ -194,9 +199,19 @@ def _suffix_dkv_kernel(
 #     gradient is a tensor of its own, and this copy (8% of the bytes at the size below) is no
 #     launch of its own. Bytes each kernel must move: ``suffix_bytes`` in tools/bench.py; at Q_LEN
 #     8192, 32/8 heads, d128, bf16, 7 rounds: forward 0.40 GB, backward 0.81 GB (0.07 GB of it the
-#     causal copy).
+#     causal copy); on an H200 the backward took 211 us, 3.8 TB/s (80% of the card's 4.8 TB/s).
 #     A group wider than _MAX_GROUP q-heads runs the per-head kernels (its tiles would not fit
 #     in registers).
+
+
+# Note [grouped tile order]
+#     The grouped tiles are [BLOCK, G, D], not [G, BLOCK, D] (the first version): the same math,
+#     but the fused backward went from 1084 to 218 us at the same launch parameters (rows 32,
+#     4 warps, 3 stages; H200, Q_LEN 8192 x 7 rounds, 32/8 heads, d128, bf16), from 2.4x slower
+#     than the split backward to 2.1x faster. The likely cause, not checked in the generated code:
+#     Triton's layout spreads the leading axis over warps, so with heads first every round's sums
+#     over the group (dk_s, dv_s) crossed warps through shared memory; with queries first they
+#     stay within a warp.
 _MAX_GROUP = 16
 
 
@@ -204,23 +219,29 @@ _MAX_GROUP = 16
 def _group_rows(Hq, Hkv, G, L, BLOCK: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_DV: tl.constexpr):
     """This program's batch, kv-head, the (batch x q-head) rows ``[BLOCK_G]`` and q-heads
-    ``[BLOCK_G]`` of its group, its query indices ``[BLOCK]``, the valid (head, query) pairs
-    ``[BLOCK_G, BLOCK]`` and the head-dim ranges of q/k and of v."""
+    ``[BLOCK_G]`` of its group, its query indices ``[BLOCK]``, the valid (query, head) pairs
+    ``[BLOCK, BLOCK_G]`` and the head-dim ranges of q/k and of v."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # query blocks: the fastest axis
     bhk = tl.program_id(1).to(tl.int64)
     b, hk = bhk // Hkv, bhk % Hkv
     g = tl.arange(0, BLOCK_G)
     h = hk * G + g  # [BLOCK_G]
-    ok = (g < G)[:, None] & (i < L)[None, :]  # [BLOCK_G, BLOCK]
+    ok = (i < L)[:, None] & (g < G)[None, :]  # [BLOCK, BLOCK_G]
     return b, hk, b * Hq + h, h, i, ok, tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
 
 
 @triton.jit
-def _tile3(ptr, head_stride, row_stride, col_stride, heads, rows, ok, cols, col_mask):
-    """A ``[BLOCK_G, BLOCK, BLOCK_D]`` fp32 tile: heads x rows x columns."""
-    offsets = (heads[:, None, None] * head_stride + rows[None, :, None] * row_stride
+def _tile3(ptr, row_stride, head_stride, col_stride, rows, heads, ok, cols, col_mask):
+    """A ``[BLOCK, BLOCK_G, BLOCK_D]`` fp32 tile: rows x heads x columns (Note [grouped tile order])."""
+    offsets = (rows[:, None, None] * row_stride + heads[None, :, None] * head_stride
                + cols[None, None, :] * col_stride)
     return tl.load(ptr + offsets, mask=ok[:, :, None] & col_mask[None, None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _round_tile(base, row_stride, col_stride, s, L, i, i_ok, cols, col_mask):
+    """Round s's K or V rows of queries ``i``: ``[BLOCK, BLOCK_D]`` fp32, read once for G heads."""
+    return _tile(base, row_stride, col_stride, s * L + i, i_ok, cols, col_mask)
 
 
 @triton.jit
@@ -236,26 +257,26 @@ def _suffix_forward_grouped_kernel(
     kernels]). LSE: contiguous [B, Hq, L]."""
     b, hk, bh, h, i, ok, d, e = _group_rows(Hq, Hkv, G, L, BLOCK, BLOCK_G, BLOCK_D, BLOCK_DV)
     i_ok = i < L
-    q = _tile3(Q + b * s_qb, s_qh, s_ql, s_qd, h, i, ok, d, d < D)  # [BLOCK_G, BLOCK, BLOCK_D]
-    acc = _tile3(OUT_C + b * s_cb, s_ch, s_cl, s_cd, h, i, ok, e, e < Dv)  # [BLOCK_G, BLOCK, BLOCK_DV]
-    m = tl.load(LSE_C + b * s_lcb + h[:, None] * s_lch + i[None, :] * s_lcl, mask=ok, other=0.0)
-    l_sum = tl.full([BLOCK_G, BLOCK], 1.0, tl.float32)  # acc is normalised: weight 1 at max m
+    q = _tile3(Q + b * s_qb, s_ql, s_qh, s_qd, i, h, ok, d, d < D)  # [BLOCK, BLOCK_G, BLOCK_D]
+    acc = _tile3(OUT_C + b * s_cb, s_cl, s_ch, s_cd, i, h, ok, e, e < Dv)  # [BLOCK, BLOCK_G, BLOCK_DV]
+    m = tl.load(LSE_C + b * s_lcb + i[:, None] * s_lcl + h[None, :] * s_lch, mask=ok, other=0.0)  # [BLOCK, BLOCK_G]
+    l_sum = tl.full([BLOCK, BLOCK_G], 1.0, tl.float32)  # acc is normalised: weight 1 at max m
     k_base = K + b * s_kb + hk * s_kh
     v_base = V + b * s_vb + hk * s_vh
     for s in tl.range(1, _live_limit(ROUNDS, S), num_stages=STAGES):
-        k = _tile(k_base, s_kl, s_kd, s * L + i, i_ok, d, d < D)  # [BLOCK, BLOCK_D]: once for G heads
-        score = tl.sum(q * k[None, :, :], axis=2) * scale  # [BLOCK_G, BLOCK]
+        k = _round_tile(k_base, s_kl, s_kd, s, L, i, i_ok, d, d < D)
+        score = tl.sum(q * k[:, None, :], axis=2) * scale  # [BLOCK, BLOCK_G]
         m_new = tl.maximum(m, score)
         alpha = tl.exp(m - m_new)
         p = tl.exp(score - m_new)
-        v = _tile(v_base, s_vl, s_vd, s * L + i, i_ok, e, e < Dv)
-        acc = acc * alpha[:, :, None] + p[:, :, None] * v[None, :, :]
+        v = _round_tile(v_base, s_vl, s_vd, s, L, i, i_ok, e, e < Dv)
+        acc = acc * alpha[:, :, None] + p[:, :, None] * v[:, None, :]
         l_sum = l_sum * alpha + p
         m = m_new
     out = acc / l_sum[:, :, None]
-    tl.store(OUT + b * s_ob + h[:, None, None] * s_oh + i[None, :, None] * s_ol + e[None, None, :] * s_od,
+    tl.store(OUT + b * s_ob + i[:, None, None] * s_ol + h[None, :, None] * s_oh + e[None, None, :] * s_od,
              out.to(OUT.dtype.element_ty), mask=ok[:, :, None] & (e < Dv)[None, None, :])
-    tl.store(LSE + bh[:, None] * L + i[None, :], m + tl.log(l_sum), mask=ok)
+    tl.store(LSE + i[:, None] + bh[None, :] * L, m + tl.log(l_sum), mask=ok)
 
 
 @triton.jit
@@ -274,33 +295,33 @@ def _suffix_backward_fused_kernel(
     i_ok = i < L
     d_ok, e_ok = d < D, e < Dv
     k_ok, v_ok = i_ok[:, None] & d_ok[None, :], i_ok[:, None] & e_ok[None, :]  # [BLOCK, BLOCK_D], [BLOCK, BLOCK_DV]
-    dout = _tile3(DOUT, L * Dv, Dv, 1, bh, i, ok, e, e_ok)  # [BLOCK_G, BLOCK, BLOCK_DV]
-    delta = tl.sum(dout * _tile3(OUT, L * Dv, Dv, 1, bh, i, ok, e, e_ok), axis=2)  # rowsum(dO * O): [BLOCK_G, BLOCK]
-    lse = tl.load(LSE + bh[:, None] * L + i[None, :], mask=ok, other=0.0)  # [BLOCK_G, BLOCK]
-    q = _tile3(Q + b * s_qb, s_qh, s_ql, s_qd, h, i, ok, d, d_ok)  # [BLOCK_G, BLOCK, BLOCK_D]
-    dq = _tile3(DQ_C + b * s_cb, s_ch, s_cl, s_cd, h, i, ok, d, d_ok)
+    dout = _tile3(DOUT, Dv, L * Dv, 1, i, bh, ok, e, e_ok)  # [BLOCK, BLOCK_G, BLOCK_DV]
+    delta = tl.sum(dout * _tile3(OUT, Dv, L * Dv, 1, i, bh, ok, e, e_ok), axis=2)  # rowsum(dO * O): [BLOCK, BLOCK_G]
+    lse = tl.load(LSE + i[:, None] + bh[None, :] * L, mask=ok, other=0.0)  # [BLOCK, BLOCK_G]
+    q = _tile3(Q + b * s_qb, s_ql, s_qh, s_qd, i, h, ok, d, d_ok)  # [BLOCK, BLOCK_G, BLOCK_D]
+    dq = _tile3(DQ_C + b * s_cb, s_cl, s_ch, s_cd, i, h, ok, d, d_ok)
     k_base = K + b * s_kb + hk * s_kh
     v_base = V + b * s_vb + hk * s_vh
     row0 = (b * Hkv + hk) * (S + 1) * L + i  # [BLOCK]: this program's rows of round 0 in DK, DV
     limit = _live_limit(ROUNDS, S)
     for s in tl.range(1, limit, num_stages=STAGES):
-        k = _tile(k_base, s_kl, s_kd, s * L + i, i_ok, d, d_ok)  # [BLOCK, BLOCK_D]: once for G heads
-        v = _tile(v_base, s_vl, s_vd, s * L + i, i_ok, e, e_ok)  # [BLOCK, BLOCK_DV]
+        k = _round_tile(k_base, s_kl, s_kd, s, L, i, i_ok, d, d_ok)
+        v = _round_tile(v_base, s_vl, s_vd, s, L, i, i_ok, e, e_ok)
         # Rows out of range (padded heads, queries past L) load zeros: their p is 1 but dO is 0, so
         # they add nothing to dk, dv, and their dq is not stored.
-        p = tl.exp(tl.sum(q * k[None, :, :], axis=2) * scale - lse)  # [BLOCK_G, BLOCK]
-        ds = p * (tl.sum(dout * v[None, :, :], axis=2) - delta) * scale
-        dq += ds[:, :, None] * k[None, :, :]
+        p = tl.exp(tl.sum(q * k[:, None, :], axis=2) * scale - lse)  # [BLOCK, BLOCK_G]
+        ds = p * (tl.sum(dout * v[:, None, :], axis=2) - delta) * scale
+        dq += ds[:, :, None] * k[:, None, :]
         row = row0 + s * L
-        tl.store(DK + row[:, None] * D + d[None, :], tl.sum(ds[:, :, None] * q, axis=0).to(DK.dtype.element_ty),
+        tl.store(DK + row[:, None] * D + d[None, :], tl.sum(ds[:, :, None] * q, axis=1).to(DK.dtype.element_ty),
                  mask=k_ok)
-        tl.store(DV + row[:, None] * Dv + e[None, :], tl.sum(p[:, :, None] * dout, axis=0).to(DV.dtype.element_ty),
+        tl.store(DV + row[:, None] * Dv + e[None, :], tl.sum(p[:, :, None] * dout, axis=1).to(DV.dtype.element_ty),
                  mask=v_ok)
     for s in tl.range(tl.maximum(limit, 1), S + 1):  # dead rounds: zero gradients
         row = row0 + s * L
         tl.store(DK + row[:, None] * D + d[None, :], tl.zeros([BLOCK, BLOCK_D], DK.dtype.element_ty), mask=k_ok)
         tl.store(DV + row[:, None] * Dv + e[None, :], tl.zeros([BLOCK, BLOCK_DV], DV.dtype.element_ty), mask=v_ok)
-    tl.store(DQ + bh[:, None, None] * L * D + i[None, :, None] * D + d[None, None, :], dq.to(DQ.dtype.element_ty),
+    tl.store(DQ + i[:, None, None] * D + bh[None, :, None] * L * D + d[None, None, :], dq.to(DQ.dtype.element_ty),
              mask=ok[:, :, None] & d_ok[None, None, :])
     dk_c = tl.load(DK_C + b * s_kcb + hk * s_kch + i[:, None] * s_kcl + d[None, :] * s_kcd, mask=k_ok)
     tl.store(DK + row0[:, None] * D + d[None, :], dk_c.to(DK.dtype.element_ty), mask=k_ok)

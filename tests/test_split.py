@@ -189,19 +189,20 @@ def test_suffix_ops_opcheck(case):
 @pytest.mark.parametrize("strided", [False, True])
 @pytest.mark.parametrize("case", SUFFIX_CASES + [(2, 32, 8, 1000, 7, 128, 128, 7), (1, 8, 2, 515, 4, 64, 64, 3)])
 def test_suffix_kernels_match_reference(case, strided, dtype):
-    """The Triton kernels against the torch math they replace, on the same CUDA inputs."""
+    """The default (grouped) Triton kernels against the torch math they replace, on the same CUDA inputs."""
     _assert_suffix_ops_match_reference(case, strided, dtype)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", SUFFIX_CASES + [(2, 32, 8, 1000, 7, 128, 128, 7), (1, 8, 2, 515, 4, 64, 128, 3)])
-def test_grouped_suffix_kernels_match_reference(monkeypatch, case, dtype):
-    """The grouped forward and the fused backward (Note [grouped suffix kernels]), strided inputs."""
+def test_per_head_suffix_kernels_match_reference(monkeypatch, case, dtype):
+    """The per-head forward and the split backward (Note [suffix kernel switches]: the grouped ones
+    are the default), strided inputs."""
     from compiled_mask import _triton_suffix
 
-    monkeypatch.setattr(_triton_suffix, "FORWARD", "grouped")
-    monkeypatch.setattr(_triton_suffix, "BACKWARD", "fused")
+    monkeypatch.setattr(_triton_suffix, "FORWARD", "heads")
+    monkeypatch.setattr(_triton_suffix, "BACKWARD", "split")
     _assert_suffix_ops_match_reference(case, True, dtype)
 
 

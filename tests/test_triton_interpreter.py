@@ -191,7 +191,7 @@ SUFFIX_CASES = [
     (1, 2, 2, 64, 3, 3, 8, 8),  # every round live
     (1, 3, 1, 33, 3, 1, 16, 16),  # one live round: the suffix adds nothing
     (1, 2, 1, 40, 3, 9, 24, 16),  # head dim off a power of two, Dv != D, live count clamped
-    (1, 8, 2, 20, 4, 3, 16, 8),  # G = 4: grouped tiles of 8 queries (3 blocks, the last partial), Dv != D
+    (1, 8, 2, 22, 4, 3, 16, 8),  # G = 4: grouped tiles of 4 queries (6 blocks, the last partial), Dv != D
     (1, 6, 2, 20, 4, 3, 8, 8),  # G = 3: a padded head in the grouped tiles
     (1, 6, 2, 9, 3, -1, 8, 8),  # negative rounds: nothing live
 ]

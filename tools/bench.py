@@ -523,8 +523,8 @@ def suffix_bytes(B: int, Hq: int, Hkv: int, q_len: int, max_rounds: int, live: i
 
 
 # Launch parameters tried by --suffix-sweep for the grouped kernels (GROUPED_FWD / FUSED_BWD).
-SUFFIX_SWEEP = [dict(rows=r, num_warps=w, stages=s) for r in (16, 32, 64) for w in (4, 8) for s in (2, 3)]
-# (run at the largest rounds only: 12 configurations x 2 kernels, a Triton compile each, ~1 min on an H200)
+SUFFIX_SWEEP = [dict(rows=r, num_warps=w, stages=s) for r in (16, 32, 64) for w in (2, 4, 8) for s in (2, 3)]
+# (run at the largest rounds only: 18 configurations x 2 kernels, a Triton compile each)
 
 
 @contextlib.contextmanager
