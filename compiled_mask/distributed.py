@@ -44,6 +44,17 @@ Note [all-gather, not a ring]
     (its full prefix, its causal diagonal block) rather than P smaller ones. The diagonal blocks
     and the suffix need only local data. docs/context_parallel.md counts the bytes.
 
+Note [every rank's reduce-scatter depends on dO]
+    The gathered keys' gradient (``dk_full``) is reduce-scattered in backward, and every rank
+    must issue that collective in the same graph and order. A rank whose chunks have no prefix
+    (rank 0 of the contiguous layout) once filled it with zeros alone: a value that does not
+    depend on the output's gradient, so AOTAutograd's partitioner moved its reduce-scatter into
+    the forward graph on that rank only, and the ranks' collectives no longer matched (NCCL on
+    2 x H200 and gloo on CPU: both hung in the compiled step). So each chunk's diagonal-block
+    gradient goes into ``dk_full`` too, at the rank's own rows: the reduce-scatter returns it to
+    this rank (the sum over ranks is the same), and on every rank the collective's input depends
+    on dO.
+
 Note [no cuDNN in the context-parallel split]
     On CUDA the all-gather mode's causal calls run aten's flash kernel, not cuDNN (which the
     one-GPU split backend uses). With cuDNN, the compiled (Inductor) context-parallel draft step
@@ -459,13 +470,16 @@ class _ContextParallelSplit(torch.autograd.Function):
                                            out[:, :, rows].contiguous(), lse[:, :, rows].contiguous(),
                                            tensors, const, scale, causal=causal)
 
-        dq_c, dk_c, dv_c = [], [], []
+        dq_c = []
+        # Note [every rank's reduce-scatter depends on dO]
         dk_full = torch.zeros(k_full.shape, dtype=torch.float32, device=k_full.device)
         dv_full = torch.zeros(v_full.shape, dtype=torch.float32, device=v_full.device)
         for i, g in enumerate(ctx.chunks):
             rows = slice(i * C, (i + 1) * C)
             q_i = q[:, :, rows]
             dq_i, dk_i, dv_i = kernel_backward(q_i, k[:, :, rows], v[:, :, rows], rows, True)
+            dk_full[:, :, g * C: (g + 1) * C] += dk_i  # the diagonal block: this rank's own keys
+            dv_full[:, :, g * C: (g + 1) * C] += dv_i
             if g > 0:
                 dq_p, dk_p, dv_p = kernel_backward(q_i, k_full[:, :, : g * C], v_full[:, :, : g * C],
                                                    rows, False)
@@ -473,11 +487,10 @@ class _ContextParallelSplit(torch.autograd.Function):
                 dk_full[:, :, : g * C] += dk_p
                 dv_full[:, :, : g * C] += dv_p
             dq_c.append(dq_i)
-            dk_c.append(dk_i)
-            dv_c.append(dv_i)
-        cat = lambda ts: torch.cat(ts, dim=2) if len(ts) > 1 else ts[0]  # noqa: E731
-        dq, dk, dv = _split._suffix_backward(dout, q, k, v, out, lse, rounds, cat(dq_c), cat(dk_c),
-                                             cat(dv_c), q.size(2), scale)
+        dq_c = torch.cat(dq_c, dim=2) if len(dq_c) > 1 else dq_c[0]
+        L = q.size(2)
+        zeros_c = (k.new_zeros(k[:, :, :L].shape), v.new_zeros(v[:, :, :L].shape))  # round 0: in dk_full
+        dq, dk, dv = _split._suffix_backward(dout, q, k, v, out, lse, rounds, dq_c, *zeros_c, L, scale)
         return dq, dk, dv, dk_full.to(k_full.dtype), dv_full.to(v_full.dtype), None, None, None, None
 
 

@@ -19,6 +19,7 @@ with Inductor).
 
 from __future__ import annotations
 
+import datetime
 import os
 import tempfile
 
@@ -154,7 +155,10 @@ def _entry(rank, world_size, store, backend, check, args):
     if backend == "nccl":
         device = torch.device("cuda", rank)
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world_size)
+    # Ranks whose collectives do not match (Note [every rank's reduce-scatter depends on dO]) fail
+    # after this long instead of hanging the suite; it also bounds a peer's compile before a collective.
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=300))
     try:
         check(rank, world_size, device, *args)
     finally:
@@ -300,7 +304,9 @@ def test_four_ranks_eager():
 
 
 def test_two_ranks_compiled_one_graph():
-    modes = [("allgather", "zigzag", "split"), ("ulysses", "zigzag", "split")]
+    """Both modes; the contiguous layout's rank 0 has no prefix keys (Note [every rank's
+    reduce-scatter depends on dO]: its collectives once moved graphs, and the ranks hung)."""
+    modes = [("allgather", "zigzag", "split"), ("allgather", "contiguous", "split"), ("ulysses", "zigzag", "split")]
     _spawn(_check_compiled, 2, modes, torch.float32, 1e-5, "aot_eager", 4, 2, 48, 16)
 
 
@@ -344,7 +350,8 @@ def _full_grads(model):
 
 # (mode, layout, target, seq_lens/doc_ids); Q_LEN 48, 3 TTT steps: step 2 reads 2 rows of the next
 # chunk (zigzag: chunks of 12; contiguous: 24).
-_DRAFT_COMPILED = [("allgather", "zigzag", "probs", "seq_lens"), ("ulysses", "zigzag", "ids", None)]
+_DRAFT_COMPILED = [("allgather", "zigzag", "probs", "seq_lens"), ("allgather", "contiguous", "probs", "seq_lens"),
+                   ("ulysses", "zigzag", "ids", None)]
 _DRAFT_EAGER = [("allgather", "contiguous", "ids", "seq_lens"), ("ulysses", "contiguous", "probs", None),
                 ("ulysses", "zigzag", "probs", "doc_ids"), ("ulysses", "zigzag", "ids", "doc_ids")]
 
@@ -419,7 +426,8 @@ def _check_draft_eager_and_errors(rank, world_size, device):
 
 
 def test_two_ranks_draft_step_compiled():
-    """FSDP2 + the compiled step (aot_eager), both modes: one graph per rank, equal to one process."""
+    """FSDP2 + the compiled step (aot_eager), both modes (all-gather in both layouts): one graph per
+    rank, equal to one process."""
     _spawn(_check_draft_step, 2, _DRAFT_COMPILED, "aot_eager")
 
 
