@@ -94,28 +94,63 @@ def _causal_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool 
     return out, lse, (), (kernel,)
 
 
+# Note [cuDNN backward layouts]
+#     torch 2.11's cuDNN attention backward caches its graphs by the layouts of q, k and v
+#     (aten/src/ATen/native/cudnn/MHA.cpp, MHAParams); the strides of out, dO and the log-sum-exp
+#     are those of the first call of a key, built into the cached graph, and a later call of the
+#     same key that passes them with other strides is read with the first call's: wrong dq and dk
+#     (a wrong O spoils only rowsum(dO * O)) or all three gradients, and no error. Eagerly every
+#     call here passed contiguous tensors; under Inductor ``.contiguous()`` is no layout promise
+#     (its clone lowering ignores memory_format, and the SDPA input constraint keeps an aligned
+#     layout Inductor already has), so calls that share a key could reach cuDNN with different
+#     strides. In the context-parallel all-gather mode that gave q/k gradients 23-63% off on
+#     2 x H200 (Note [no cuDNN in the context-parallel split] in distributed.py). So the kernels'
+#     backward is a custom op, opaque to Inductor: inside it, eagerly, dO, out and lse are made
+#     contiguous (a no-op when they are), so every call of a key passes the same strides, and its
+#     gradients are returned contiguous, the layout its fake states.
+
+
 def _causal_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                      tensors: tuple[Tensor, ...], consts: tuple, scale: float, causal: bool = True
                      ) -> tuple[Tensor, Tensor, Tensor]:
-    """The kernel's backward for ``out``/``lse`` (the merged ones: Note [backward through the merge])."""
+    """The kernel's backward for ``out``/``lse`` (the merged ones: Note [backward through the merge]),
+    through the op :func:`_causal_backward_op` (Note [cuDNN backward layouts])."""
     kernel, *sizes = consts
+    return _causal_backward_op(dout, q, k, v, out, lse, list(tensors), kernel, list(sizes), scale, causal)
+
+
+@torch.library.custom_op("compiled_mask::causal_attention_backward", mutates_args=())
+def _causal_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                        tensors: list[Tensor | None], kernel: str, sizes: list[int], scale: float, causal: bool
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    """Private op: the backward of :func:`_causal_forward`'s ``kernel``, given dO, out
+    ``[B, Hq, L, Dv]`` and lse ``[B, Hq, L]``; ``tensors``/``sizes``: what the forward kept.
+    Returns contiguous ``(dq, dk, dv)`` (Note [cuDNN backward layouts])."""
+    dout, out, lse = dout.contiguous(), out.contiguous(), lse.contiguous()
     dout, q, k, v, out = (_kernel_layout(t) for t in (dout, q, k, v, out))  # Note [aligned kernel inputs]
     if kernel == "cudnn":
         seed, offset = tensors
         max_q, max_k = sizes
-        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
             dout, q, k, v, out, lse.unsqueeze(-1), seed, offset, None, None, None, max_q, max_k, 0.0,
             causal, scale=scale,  # cuDNN's logsumexp is [B, H, L, 1]
         )
-    if kernel == "flash":
+    elif kernel == "flash":
         cum_q, cum_k, seed, offset = tensors
         max_q, max_k = sizes
-        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
             dout, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, causal, seed, offset, scale=scale
         )
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        dout, q, k, v, out, lse, 0.0, causal, scale=scale
-    )
+    else:
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, causal, scale=scale
+        )
+    return tuple(g.contiguous() for g in grads)
+
+
+@_causal_backward_op.register_fake
+def _(dout, q, k, v, out, lse, tensors, kernel, sizes, scale, causal):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 # Note [suffix kernels]

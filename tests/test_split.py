@@ -277,3 +277,52 @@ def test_one_query_runs_on_flash():
     assert _split._causal_kernel(torch.empty(1, 1, 2, 64, device="cuda")) == "cudnn"
     # Note [no cuDNN in the context-parallel split]
     assert _split._causal_kernel(torch.empty(1, 1, 2, 64, device="cuda"), cudnn=False) == "flash"
+
+
+# ------------------------------------------------------------------ the causal kernels' backward
+
+
+def _causal_backward_args(device, dtype, layout, cudnn=True, seed=0):
+    """q, k, v ``[B, H, L, D]`` as transposed views of ``[B, L, H, D]`` (a projection's layout), the
+    causal kernel's forward state, and dO; ``layout``: "contiguous", or every one of dO, out, lse
+    a transposed view of another storage order (same values)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    q, k, v = (torch.randn(2, 64, h, 32, generator=g, device=device).to(dtype).transpose(1, 2)
+               for h in (4, 2, 2))
+    out, lse, tensors, consts = _split._causal_forward(q, k, v, 32**-0.5, cudnn=cudnn)
+    dout = torch.randn(out.shape, generator=g, device=device).to(dtype)
+    if layout != "contiguous":
+        dout, out = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (dout, out))
+        lse = lse.transpose(1, 2).contiguous().transpose(1, 2)
+    return (dout, q, k, v, out, lse, tensors, consts)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_causal_backward_op_opcheck(layout):
+    """The causal kernels' backward op (Note [cuDNN backward layouts]): its fake states the real
+    outputs' layout (contiguous), for inputs in a projection's layout."""
+    dout, q, k, v, out, lse, tensors, (kernel, *sizes) = _causal_backward_args("cpu", torch.float32, layout)
+    args = (dout, q, k, v, out, lse, list(tensors), kernel, list(sizes), 32**-0.5, True)
+    torch.library.opcheck(_split._causal_backward_op, args)
+    for grad in _split._causal_backward_op(*args):
+        assert grad.is_contiguous()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["cudnn", "flash"])
+def test_causal_backward_any_layout_in_one_process(kernel):
+    """torch 2.11's cuDNN backward caches its graphs by q/k/v layouts only, with the strides of
+    out, dO and lse of the key's first call built in (Note [cuDNN backward layouts]): calls with
+    the same q, k, v and those three in another layout must still be exact, in either order."""
+    for order in (("contiguous", "transposed"), ("transposed", "contiguous"), ("contiguous", "transposed")):
+        for layout in order:
+            dout, q, k, v, out, lse, tensors, consts = _causal_backward_args(
+                "cuda", torch.bfloat16, layout, cudnn=kernel == "cudnn")
+            assert consts[0] == kernel
+            got = _split._causal_backward(dout, q, k, v, out, lse, tensors, consts, 32**-0.5)
+            leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+            want_out = torch.nn.functional.scaled_dot_product_attention(
+                *leaves, is_causal=True, scale=32**-0.5, enable_gqa=True)
+            want = torch.autograd.grad(want_out, leaves, dout.double())
+            for name, x, w in zip("qkv", got, want):
+                assert rel_err(x, w) < 2e-2, (order, layout, name, rel_err(x, w))
