@@ -95,19 +95,26 @@ def _causal_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool 
 
 
 # Note [cuDNN backward layouts]
-#     torch 2.11's cuDNN attention backward caches its graphs by the layouts of q, k and v
-#     (aten/src/ATen/native/cudnn/MHA.cpp, MHAParams); the strides of out, dO and the log-sum-exp
-#     are those of the first call of a key, built into the cached graph, and a later call of the
-#     same key that passes them with other strides is read with the first call's: wrong dq and dk
-#     (a wrong O spoils only rowsum(dO * O)) or all three gradients, and no error. Eagerly every
-#     call here passed contiguous tensors; under Inductor ``.contiguous()`` is no layout promise
-#     (its clone lowering ignores memory_format, and the SDPA input constraint keeps an aligned
-#     layout Inductor already has), so calls that share a key could reach cuDNN with different
-#     strides. In the context-parallel all-gather mode that gave q/k gradients 23-63% off on
+#     aten's fused attention backward ops, called directly as here (not through SDPA, which
+#     makes its inputs contiguous first), returned wrong gradients with no error when dO, out
+#     and the log-sum-exp were not contiguous (H200, torch 2.11.0+cu130, cuDNN 9.19.0; q, k, v
+#     transposed views of [B, L, H, D], bf16; ``tests/test_split.py::
+#     test_causal_backward_any_layout_in_one_process``, rel err against float64):
+#     - flash: a log-sum-exp that is a transposed view, alone: dq, dk, dv 2.1-2.4 (dO or out
+#       transposed, alone: right); likely the kernel reads lse as if contiguous.
+#     - cuDNN: dO, out and lse all transposed, after a call with them contiguous in the same
+#       process: 2.6-3.0. As the first call of a fresh process, one or two of them transposed
+#       were right (all three: not run). Consistent with its graph cache (aten/src/ATen/native/
+#       cudnn/MHA.cpp, MHAParams): keyed by the layouts of q, k and v, with the first call's
+#       other strides built in.
+#     Eagerly every call here passes contiguous ones; under Inductor ``.contiguous()`` is no
+#     layout promise (its clone lowering ignores memory_format), and in the context-parallel
+#     all-gather mode, which slices rows of out/dO/lse, q/k gradients came back 23-63% off on
 #     2 x H200 (Note [no cuDNN in the context-parallel split] in distributed.py). So the kernels'
 #     backward is a custom op, opaque to Inductor: inside it, eagerly, dO, out and lse are made
-#     contiguous (a no-op when they are), so every call of a key passes the same strides, and its
-#     gradients are returned contiguous, the layout its fake states.
+#     contiguous (a no-op when they are), and its gradients are returned contiguous, the layout
+#     its fake states. With it, every call of the test above was right (2.6e-3 to 3.2e-3, bf16
+#     rounding), for both kernels, in any order.
 
 
 def _causal_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,

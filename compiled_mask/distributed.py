@@ -71,11 +71,11 @@ Note [no cuDNN in the context-parallel split]
     out/dO/lse here can reach calls that share a key with different strides. Wrong O strides
     spoil only rowsum(dO * O), so dq and dk and not dv: in the measured step q_proj/k_proj were
     off by 23% and v_proj by less than 15% (an error in dO or lse would spoil dv as much).
-    Newer torch puts those strides in the key. aten's flash backward makes O and dO contiguous
-    itself and caches no graph. The one-GPU split backend passes whole, op-allocated out/lse and
-    is right in every GPU test, but is exposed in principle: a custom op that makes dO, out and
-    lse contiguous before cuDNN's backward would close it (not done: it needs a GPU run). Flash
-    costs speed in backward (Note [which causal kernel] in _split.py).
+    Newer torch puts those strides in the key. The kernels' backward is now a custom op that makes
+    dO, out and lse contiguous inside (Note [cuDNN backward layouts] in _split.py; on one H200 it
+    made both kernels right where they were wrong for such layouts, aten's flash too, for a
+    non-contiguous lse). This mode still runs flash until the two-GPU draft step above is rerun
+    with cuDNN. Flash costs speed in backward (Note [which causal kernel] in _split.py).
 """
 
 from __future__ import annotations

@@ -311,9 +311,9 @@ def test_causal_backward_op_opcheck(layout):
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel", ["cudnn", "flash"])
 def test_causal_backward_any_layout_in_one_process(kernel):
-    """torch 2.11's cuDNN backward caches its graphs by q/k/v layouts only, with the strides of
-    out, dO and lse of the key's first call built in (Note [cuDNN backward layouts]): calls with
-    the same q, k, v and those three in another layout must still be exact, in either order."""
+    """dO, out and lse in another layout than the previous call's, for the same q, k, v: exact
+    (Note [cuDNN backward layouts]: without the op's contiguous copies, flash was wrong for a
+    transposed lse, and cuDNN for all three transposed after a contiguous call; H200, torch 2.11)."""
     for order in (("contiguous", "transposed"), ("transposed", "contiguous"), ("contiguous", "transposed")):
         for layout in order:
             dout, q, k, v, out, lse, tensors, consts = _causal_backward_args(
