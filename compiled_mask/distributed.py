@@ -63,10 +63,10 @@ Note [no cuDNN in the context-parallel split]
     q_proj/k_proj off by 23-63% against float64, with no error. The same step was right eager,
     with backend="aot_eager", and under Inductor with the flash kernel (1.4e-2, bf16 rounding);
     the compiled attention module alone, and Ulysses (one cuDNN call per step), were right with
-    cuDNN. The likely cause, read in torch 2.11's source but not confirmed on a GPU: cuDNN's
-    backward graphs are cached by the layouts of q, k and v only (aten/src/ATen/native/cudnn/
-    MHA.cpp, MHAParams), while the strides of out, dO and the log-sum-exp of the first call are
-    built into the cached graph; under Inductor, ``.contiguous()`` is no layout promise (clone
+    cuDNN. The likely cause (read in torch 2.11's source; a direct check on one H200 is in Note
+    [cuDNN backward layouts] in _split.py): cuDNN's backward graphs are cached by the layouts of
+    q, k and v only (aten/src/ATen/native/cudnn/MHA.cpp, MHAParams), while the strides of out, dO
+    and the log-sum-exp of the first call are built into the cached graph; under Inductor, ``.contiguous()`` is no layout promise (clone
     ignores memory_format, and sdpa_constraint keeps an aligned layout), so the row slices of
     out/dO/lse here can reach calls that share a key with different strides. Wrong O strides
     spoil only rowsum(dO * O), so dq and dk and not dv: in the measured step q_proj/k_proj were
@@ -464,10 +464,9 @@ class _ContextParallelSplit(torch.autograd.Function):
             nonlocal saved
             const, n = next(consts)
             tensors, saved = tuple(saved[:n]), saved[n:]
-            # Row slices of the merged dout/out/lse, made dense for the kernels (a no-op with one
-            # chunk).
-            return _split._causal_backward(dout[:, :, rows].contiguous(), q_i, k_i, v_i,
-                                           out[:, :, rows].contiguous(), lse[:, :, rows].contiguous(),
+            # Row slices of the merged dout/out/lse: the op makes them dense (Note [cuDNN backward
+            # layouts] in _split.py).
+            return _split._causal_backward(dout[:, :, rows], q_i, k_i, v_i, out[:, :, rows], lse[:, :, rows],
                                            tensors, const, scale, causal=causal)
 
         dq_c = []
