@@ -41,7 +41,7 @@ from compiled_mask._flex import _qk_as_wide_as_v
 def _causal_kernel(q: Tensor, cudnn: bool = True) -> str:
     """Note [which causal kernel]. cuDNN refuses one query and one key ("s_q = s_kv = 1 is not
     supported", H200, torch 2.11), and compiled it crashed the process instead: Q_LEN = 1 runs
-    on flash. ``cudnn=False``: flash on CUDA (Note [no cuDNN in the context-parallel split])."""
+    on flash. ``cudnn=False``: flash on CUDA (tests compare the two kernels)."""
     if q.device.type != "cuda":
         return "cpu"
     L, D = q.shape[-2:]
@@ -110,7 +110,7 @@ def _causal_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool 
 #     Eagerly every call here passes contiguous ones; under Inductor ``.contiguous()`` is no
 #     layout promise (its clone lowering ignores memory_format), and in the context-parallel
 #     all-gather mode, which slices rows of out/dO/lse, q/k gradients came back 23-63% off on
-#     2 x H200 (Note [no cuDNN in the context-parallel split] in distributed.py). So the kernels'
+#     2 x H200 (Note [cuDNN in the context-parallel split] in distributed.py). So the kernels'
 #     backward is a custom op, opaque to Inductor: inside it, eagerly, dO, out and lse are made
 #     contiguous (a no-op when they are), and its gradients are returned contiguous, the layout
 #     its fake states. With it, every call of the test above was right (2.6e-3 to 3.2e-3, bf16

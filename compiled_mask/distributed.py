@@ -55,27 +55,21 @@ Note [every rank's reduce-scatter depends on dO]
     this rank (the sum over ranks is the same), and on every rank the collective's input depends
     on dO.
 
-Note [no cuDNN in the context-parallel split]
-    On CUDA the all-gather mode's causal calls run aten's flash kernel, not cuDNN (which the
-    one-GPU split backend uses). With cuDNN, the compiled (Inductor) context-parallel draft step
-    on 2 x H200 (torch 2.11.0+cu130, cuDNN 9.19.0, bf16; tests/test_distributed.py::
-    test_two_gpus_draft_step_fsdp_compiled_bf16) returned the right loss and wrong gradients:
-    q_proj/k_proj off by 23-63% against float64, with no error. The same step was right eager,
-    with backend="aot_eager", and under Inductor with the flash kernel (1.4e-2, bf16 rounding);
-    the compiled attention module alone, and Ulysses (one cuDNN call per step), were right with
-    cuDNN. The likely cause (read in torch 2.11's source; a direct check on one H200 is in Note
-    [cuDNN backward layouts] in _split.py): cuDNN's backward graphs are cached by the layouts of
-    q, k and v only (aten/src/ATen/native/cudnn/MHA.cpp, MHAParams), while the strides of out, dO
-    and the log-sum-exp of the first call are built into the cached graph; under Inductor, ``.contiguous()`` is no layout promise (clone
-    ignores memory_format, and sdpa_constraint keeps an aligned layout), so the row slices of
-    out/dO/lse here can reach calls that share a key with different strides. Wrong O strides
-    spoil only rowsum(dO * O), so dq and dk and not dv: in the measured step q_proj/k_proj were
-    off by 23% and v_proj by less than 15% (an error in dO or lse would spoil dv as much).
-    Newer torch puts those strides in the key. The kernels' backward is now a custom op that makes
-    dO, out and lse contiguous inside (Note [cuDNN backward layouts] in _split.py; on one H200 it
-    made both kernels right where they were wrong for such layouts, aten's flash too, for a
-    non-contiguous lse). This mode still runs flash until the two-GPU draft step above is rerun
-    with cuDNN. Flash costs speed in backward (Note [which causal kernel] in _split.py).
+Note [cuDNN in the context-parallel split]
+    On CUDA the all-gather mode's causal calls run cuDNN, as the one-GPU split backend does. For
+    a while they ran aten's flash kernel instead: with cuDNN, the compiled (Inductor) draft step
+    (tests/test_distributed.py::test_two_gpus_draft_step_fsdp_compiled_bf16, 2 x H200, torch
+    2.11.0+cu130, cuDNN 9.19.0, bf16) returned the right loss and q_proj/k_proj gradients 23-63%
+    off against float64, with no error. The likely cause: cuDNN's backward graph cache, keyed by
+    the layouts of q, k and v only, meeting the row slices of out/dO/lse taken here, whose
+    ``.contiguous()`` Inductor need not honour. The kernels' backward is now a custom op that
+    makes those contiguous inside (Note [cuDNN backward layouts] in _split.py), and that alone
+    fixed it. Checked on one H200 with one NCCL rank, where zigzag puts a chunk with
+    a prefix and one without on the rank (test_one_gpu_allgather_draft_step_compiled_bf16): the
+    tree before the op, with cuDNN here, gave k_proj's gradient 0.40 off; with the op, 1.4e-2
+    (bf16 rounding, the same as flash). Flash made the step slower: one rank's fwd+bwd at
+    Q_LEN 65536 x 7 rounds took 387.9 ms with flash and 228.5 ms with cuDNN (one GPU's split
+    backend: 223.4 ms; docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -434,13 +428,13 @@ class _ContextParallelSplit(torch.autograd.Function):
         for i, g in enumerate(chunks):
             rows = slice(i * C, (i + 1) * C)
             q_i = q[:, :, rows]  # [B, Hq, C, D]
-            out_i, lse_i, tensors, const = _split._causal_forward(  # Note [no cuDNN in the context-parallel split]
-                q_i, k[:, :, rows], v[:, :, rows], scale, cudnn=False)
+            out_i, lse_i, tensors, const = _split._causal_forward(  # Note [cuDNN in the context-parallel split]
+                q_i, k[:, :, rows], v[:, :, rows], scale)
             saved += tensors
             consts.append((const, len(tensors)))
             if g > 0:  # the prefix: every key of the chunks before g
                 out_p, lse_p, tensors, const = _split._causal_forward(
-                    q_i, k_full[:, :, : g * C], v_full[:, :, : g * C], scale, causal=False, cudnn=False)
+                    q_i, k_full[:, :, : g * C], v_full[:, :, : g * C], scale, causal=False)
                 saved += tensors
                 consts.append((const, len(tensors)))
                 out_i, lse_i = _merge(out_i, lse_i, out_p, lse_p)

@@ -117,32 +117,6 @@ def test_errors_without_a_group(call, message):
         call()
 
 
-def test_allgather_causal_calls_avoid_cudnn(monkeypatch):
-    """Note [no cuDNN in the context-parallel split]: each causal kernel call of the all-gather mode
-    (a chunk's diagonal block and its prefix) asks for cudnn=False, forward and backward alike
-    (the backward reuses the forward's kernel choice). Exactness: the spawned tests below."""
-    from compiled_mask import _split
-    from compiled_mask.distributed import _ContextParallelSplit
-
-    asked = []
-    forward = _split._causal_forward
-
-    def spy(*args, **kwargs):
-        asked.append(kwargs.get("cudnn", True))
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(_split, "_causal_forward", spy)
-    C, R, D = 4, 3, 8  # rank 1 of 2, zigzag: global chunks 1 and 2 of 4, C positions each
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(1, 2, 2 * C, D, generator=g, requires_grad=True)
-    k, v = (torch.randn(1, 1, R * 2 * C, D, generator=g) for _ in range(2))
-    k_full, v_full = (torch.randn(1, 1, 4 * C, D, generator=g) for _ in range(2))
-    out = _ContextParallelSplit.apply(q, k, v, k_full, v_full, torch.tensor(R), (1, 2), C, D**-0.5)
-    out.sum().backward()
-    assert asked == [False] * 4  # two chunks, each a diagonal block and a prefix
-    assert q.grad is not None and torch.isfinite(q.grad).all()  # the backward ran
-
-
 # ----------------------------------------------------------------------------- spawned ranks
 
 
@@ -573,3 +547,20 @@ def _check_gpu_draft_step(rank, world_size, device, compiler="inductor", cases=_
 def test_two_gpus_draft_step_fsdp_compiled_bf16():
     _two_gpus()
     _spawn(_check_gpu_draft_step, 2, backend="nccl")
+
+
+def _check_one_gpu_allgather(rank, world_size, device):
+    """One rank: the all-gather mode's attention and draft step, compiled with Inductor, bf16."""
+    _check_compiled(rank, world_size, device, [("allgather", "zigzag", "split")], torch.bfloat16, 2e-2,
+                    "inductor", 8, 2, 1024, 128)
+    _check_gpu_draft_step(rank, world_size, device, cases=[("allgather", "zigzag", "probs", "seq_lens")])
+
+
+@pytest.mark.gpu
+def test_one_gpu_allgather_draft_step_compiled_bf16():
+    """The all-gather mode's CUDA path on one GPU: one NCCL rank, whose zigzag chunks are one without
+    a prefix and one with (so each kernel call kind, on row slices of out/dO/lse), under Inductor,
+    against the single-GPU split backend and the float64 unroll. Two GPUs are not always at hand;
+    this case is. On an H200 it caught the cuDNN gradient error of Note [cuDNN in the
+    context-parallel split] (k_proj 0.40 off without the backward op) that two GPUs first showed."""
+    _spawn(_check_one_gpu_allgather, 1, backend="nccl")

@@ -275,7 +275,6 @@ def test_one_query_runs_on_flash():
     """cuDNN refuses Q_LEN = 1 (and, compiled, crashed on it): flash takes it."""
     assert _split._causal_kernel(torch.empty(1, 1, 1, 64, device="cuda")) == "flash"
     assert _split._causal_kernel(torch.empty(1, 1, 2, 64, device="cuda")) == "cudnn"
-    # Note [no cuDNN in the context-parallel split]
     assert _split._causal_kernel(torch.empty(1, 1, 2, 64, device="cuda"), cudnn=False) == "flash"
 
 
