@@ -337,7 +337,7 @@ class Eagle3ContextParallelAttention(nn.Module):
             )
         if q.device.type == "cuda" and q.dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(
-                f"{where}: mode='allgather' runs fused attention kernels (flash) on CUDA, "
+                f"{where}: mode='allgather' runs fused attention kernels (cuDNN or flash) on CUDA, "
                 f"which take bf16 or fp16 inputs, got {q.dtype}. Cast q, k, v."
             )
         rounds = _live_rounds(rounds, self.max_rounds, q.device)  # Note [widen rounds first]
