@@ -38,14 +38,14 @@ from compiled_mask._flex import _qk_as_wide_as_v
 #     kernel takes over, and on CPU the CPU flash kernel.
 
 
-def _causal_kernel(q: Tensor, cudnn: bool = True) -> str:
+def _causal_kernel(q: Tensor) -> str:
     """Note [which causal kernel]. cuDNN refuses one query and one key ("s_q = s_kv = 1 is not
     supported", H200, torch 2.11), and compiled it crashed the process instead: Q_LEN = 1 runs
-    on flash. ``cudnn=False``: flash on CUDA (tests compare the two kernels)."""
+    on flash."""
     if q.device.type != "cuda":
         return "cpu"
     L, D = q.shape[-2:]
-    return "cudnn" if cudnn and _cudnn_available() and D <= 128 and D % 8 == 0 and L > 1 else "flash"
+    return "cudnn" if _cudnn_available() and D <= 128 and D % 8 == 0 and L > 1 else "flash"
 
 
 @torch.compiler.assume_constant_result
@@ -71,13 +71,12 @@ def _kernel_layout(t: Tensor) -> Tensor:
     return t if aligned else t.contiguous()
 
 
-def _causal_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool = True,
-                    cudnn: bool = True) -> tuple[Tensor, Tensor, tuple[Tensor, ...], tuple]:
+def _causal_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool = True
+                    ) -> tuple[Tensor, Tensor, tuple[Tensor, ...], tuple]:
     """Causal attention: ``(out [B, Hq, L, D], lse [B, Hq, L] fp32, tensors, consts)``, the last
     two what the kernel's backward needs (tensors to save for backward, and plain values).
-    ``causal=False``: every key (the context-parallel prefix, ``distributed.py``); ``cudnn``:
-    see :func:`_causal_kernel`."""
-    kernel = _causal_kernel(q, cudnn)
+    ``causal=False``: every key (the context-parallel prefix, ``distributed.py``)."""
+    kernel = _causal_kernel(q)
     q, k, v = (_kernel_layout(t) for t in (q, k, v))  # Note [aligned kernel inputs]
     if kernel == "cudnn":
         out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = (

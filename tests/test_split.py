@@ -111,7 +111,7 @@ def test_split_cuda_vs_float64_and_flex(fresh_compile_state, monkeypatch, kernel
                                         live, Hq, Hkv, D):
     """On CUDA the causal part runs cuDNN (or flash); bf16 fwd+bwd no worse than flex."""
     assert _split._causal_kernel(torch.empty(1, 1, 2, D, device="cuda")) == "cudnn"  # the default
-    monkeypatch.setattr(_split, "_causal_kernel", lambda q, cudnn=True: kernel)
+    monkeypatch.setattr(_split, "_causal_kernel", lambda q: kernel)
     errors = backend_errors(("split", "flex"), q_len, max_rounds, live, Hq, Hkv, D, torch.bfloat16)
     for split_err, flex_err in zip(errors["split"], errors["flex"]):
         assert split_err < 1e-2
@@ -275,20 +275,19 @@ def test_one_query_runs_on_flash():
     """cuDNN refuses Q_LEN = 1 (and, compiled, crashed on it): flash takes it."""
     assert _split._causal_kernel(torch.empty(1, 1, 1, 64, device="cuda")) == "flash"
     assert _split._causal_kernel(torch.empty(1, 1, 2, 64, device="cuda")) == "cudnn"
-    assert _split._causal_kernel(torch.empty(1, 1, 2, 64, device="cuda"), cudnn=False) == "flash"
 
 
 # ------------------------------------------------------------------ the causal kernels' backward
 
 
-def _causal_backward_args(device, dtype, layout, cudnn=True, seed=0):
+def _causal_backward_args(device, dtype, layout, seed=0):
     """q, k, v ``[B, H, L, D]`` as transposed views of ``[B, L, H, D]`` (a projection's layout), the
     causal kernel's forward state, and dO; ``layout``: "contiguous", or every one of dO, out, lse
     a transposed view of another storage order (same values)."""
     g = torch.Generator(device=device).manual_seed(seed)
     q, k, v = (torch.randn(2, 64, h, 32, generator=g, device=device).to(dtype).transpose(1, 2)
                for h in (4, 2, 2))
-    out, lse, tensors, consts = _split._causal_forward(q, k, v, 32**-0.5, cudnn=cudnn)
+    out, lse, tensors, consts = _split._causal_forward(q, k, v, 32**-0.5)
     dout = torch.randn(out.shape, generator=g, device=device).to(dtype)
     if layout != "contiguous":
         dout, out = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (dout, out))
@@ -309,14 +308,14 @@ def test_causal_backward_op_opcheck(layout):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel", ["cudnn", "flash"])
-def test_causal_backward_any_layout_in_one_process(kernel):
+def test_causal_backward_any_layout_in_one_process(monkeypatch, kernel):
     """dO, out and lse in another layout than the previous call's, for the same q, k, v: exact
     (Note [cuDNN backward layouts]: without the op's contiguous copies, flash was wrong for a
     transposed lse, and cuDNN for all three transposed after a contiguous call; H200, torch 2.11)."""
+    monkeypatch.setattr(_split, "_causal_kernel", lambda q: kernel)
     for order in (("contiguous", "transposed"), ("transposed", "contiguous"), ("contiguous", "transposed")):
         for layout in order:
-            dout, q, k, v, out, lse, tensors, consts = _causal_backward_args(
-                "cuda", torch.bfloat16, layout, cudnn=kernel == "cudnn")
+            dout, q, k, v, out, lse, tensors, consts = _causal_backward_args("cuda", torch.bfloat16, layout)
             assert consts[0] == kernel
             got = _split._causal_backward(dout, q, k, v, out, lse, tensors, consts, 32**-0.5)
             leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
