@@ -62,13 +62,22 @@ def _kernel_layout(t: Tensor) -> Tensor:
         0.21 for a q sliced out of a wider tensor (row stride 69 elements, an odd storage
         offset; H200, torch 2.11), found by the API fuzz. Transposed views of projections
         ([B, S, H, D] storage) keep aligned strides and are passed as they are.
+        A contiguous tensor at a misaligned address (a view at an offset into a larger buffer)
+        was wrong too: rel err 1.0 for out and q/k/v gradients, eager and compiled, with storage
+        offsets of 1 and 3 bf16 elements (H200, torch 2.11), and ``.contiguous()`` returns such a
+        tensor as it is: the copy is a clone. Compiled, this function sees no data pointer, and
+        ``storage_offset()`` does not trace (torch 2.11: "torch.* op returned non-Tensor").
+        A graph compiled for aligned inputs was right when later called with misaligned ones
+        (Inductor copies inputs less aligned than the first call's); one compiled for misaligned
+        inputs is still wrong: ``tests/test_split.py::test_split_cuda_misaligned_inputs``
+        (compiled: xfail, strict). The backward op runs eagerly inside, so it takes the clone.
     """
     if t.device.type != "cuda":
         return t
     aligned = t.stride(-1) == 1 and all((s * t.dtype.itemsize) % 16 == 0 for s in t.stride()[:-1])
-    if not torch.compiler.is_compiling():  # compiled, Inductor copies misaligned graph inputs
+    if not torch.compiler.is_compiling():
         aligned = aligned and t.data_ptr() % 16 == 0
-    return t if aligned else t.contiguous()
+    return t if aligned else t.clone(memory_format=torch.contiguous_format)
 
 
 def _causal_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool = True
