@@ -35,12 +35,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from compiled_mask import Eagle3Attention, Eagle3DraftConfig, Eagle3DraftModel
-from compiled_mask.distributed import (
-    Eagle3ContextParallelAttention,
-    Eagle3ContextParallelModel,
-    shard_positions,
-    shard_sequence,
-)
+from compiled_mask.distributed import Eagle3ContextParallelAttention, shard_positions, shard_sequence
+from compiled_mask.draft.context_parallel import Eagle3ContextParallelModel
 from compiled_mask.inspect import GraphCounter, watch_recompiles
 
 # The 2-GPU machine's NVLink multicast is off (../shared/GPU.md): every process needs these.

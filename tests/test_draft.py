@@ -1,4 +1,4 @@
-"""The Eagle3 draft and its TTT training step (compiled_mask/draft.py).
+"""The Eagle3 draft and its TTT training step (compiled_mask/draft/).
 
 CPU: the model against an independent float64 unroll (dense attention over a growing K/V, losses
 with shifted padding, as SpecForge writes them), the compiled step (one graph over steps and
@@ -21,7 +21,8 @@ from helpers import dense_reference_attention, eagle3_dense, rel_err
 from torch._dynamo.backends.common import aot_autograd
 from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
 
-import compiled_mask.draft
+import compiled_mask.draft.model
+import compiled_mask.draft.unroll
 from compiled_mask import Eagle3DraftConfig, Eagle3DraftModel, Eagle3Model
 from compiled_mask._fa4 import fa4_available
 from compiled_mask.inspect import GraphCounter, compile_summary, watch_recompiles
@@ -309,7 +310,8 @@ def test_vocab_mapping_round_trip():
 
 
 def test_docstring_example_runs():
-    assert doctest.testmod(compiled_mask.draft, raise_on_error=True).attempted > 0
+    for module in (compiled_mask.draft.model, compiled_mask.draft.unroll):
+        assert doctest.testmod(module, raise_on_error=True).attempted > 0
 
 
 # ----------------------------------------------------------------------------- GPU

@@ -41,7 +41,8 @@ from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone, uninstalled
 from compiled_mask import Eagle3DraftConfig, Eagle3DraftModel, Eagle3Model  # noqa: E402
-from compiled_mask.distributed import Eagle3ContextParallelModel, shard_sequence  # noqa: E402
+from compiled_mask.distributed import shard_sequence  # noqa: E402
+from compiled_mask.draft.context_parallel import Eagle3ContextParallelModel  # noqa: E402
 from compiled_mask.inspect import GraphCounter  # noqa: E402
 
 
