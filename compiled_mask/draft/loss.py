@@ -1,0 +1,504 @@
+"""The draft's LM head and its loss, fused and chunked: no ``[rows, V]`` tensor beyond one chunk.
+
+:func:`head_loss` is what one TTT step of :class:`~compiled_mask.draft.Eagle3Model` computes after
+its decoder layer, ``lm_head(norm(hidden))`` followed by the masked cross entropy against the
+target and the top-1 agreement, without ever holding the ``[B, R, V]`` logits or log-probabilities
+(V = draft vocabulary, 32000 for Llama 3 drafts). At long context those, saved by autograd for the
+backward, are most of a step's memory (DESIGN.md, "The draft step's memory").
+
+The unfused math it matches is :func:`_head_loss_reference` (plain autograd, the tests' ground
+truth). The work is done by the private custom op ``compiled_mask::head_loss``
+(:func:`_head_loss`), with a fake and a registered autograd formula beside it, so that
+``torch.compile(..., fullgraph=True)`` sees one opaque node.
+
+Note [gradients in the forward]
+    As in Liger's chunked distillation losses, the loss is a scalar, so its gradient with respect
+    to every input is known in the forward up to one factor, the incoming gradient of the loss.
+    The op computes, chunk of rows by chunk of rows, the loss *and* the gradients of the hidden
+    states, the norm weight and the head weight, and keeps only those (``[B, R, H]``, ``[H]``,
+    ``[V, H]``: the sizes of its inputs); the backward multiplies them by the incoming gradient.
+    Nothing ``[rows, V]`` outlives its chunk, and the backward recomputes nothing. The cost is the
+    gradient work done even for a loss that is never backpropagated: the public function passes
+    the op which gradients are needed (``requires_grad`` and grad mode), so a forward under
+    ``torch.no_grad()`` computes the loss alone. ``hit_sum`` has no gradient, and no gradient
+    flows into any form of the target (probabilities, ids, target logits, the target's hidden
+    state or lm_head rows): they are data, as in today's trainers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["TargetHead", "TargetLogits", "head_loss"]
+
+
+class TargetLogits(NamedTuple):
+    """The target model's logits over the draft vocabulary (a soft target).
+
+    Attributes:
+        logits: ``[B, R, V]``, any float dtype. The probabilities are their softmax, computed
+            per chunk of rows in float32 (float64 for float64 logits), never stored whole.
+    """
+
+    logits: Tensor
+
+
+class TargetHead(NamedTuple):
+    """The target's last hidden state and its lm_head rows for the draft vocabulary.
+
+    The most compact soft target: ``[B, R, Ht]`` instead of ``[B, R, V]``. The teacher logits
+    ``F.linear(hidden, weight)`` are computed per chunk of rows, then softmax as
+    :class:`TargetLogits`.
+
+    Attributes:
+        hidden: ``[B, R, Ht]``, the target's last hidden state, already after its final norm.
+        weight: ``[V, Ht]``, the rows of the target's lm_head for the draft vocabulary (row i:
+            draft id i), in ``hidden``'s dtype.
+    """
+
+    hidden: Tensor
+    weight: Tensor
+
+
+# Note [chunk size]
+#     One chunk of ``rows`` rows holds a few ``[rows, V]`` buffers at once: the draft logits, their
+#     log-probabilities (float32), the target's probabilities (float32) and their product or the
+#     logits' gradient (float32), about three float32 buffers at the peak. The default takes the
+#     largest power of two of rows with ``rows * V <= 2**23`` elements, 32 MiB per float32
+#     buffer, ~100 MiB for the chunk (V = 32000: 256 rows, 31 MiB each). Small next to the
+#     ``[R, V]`` it replaces (16K rows: 2 GiB per float32 buffer), and the chunk's matmuls
+#     (``[rows, H] x [H, V]``, three per chunk) stay large enough that a GPU is busy with them
+#     rather than waiting for launches; a power of two keeps the rows a multiple of the tensor
+#     core tiles. It depends on V only (not on R), so a compiled caller gets no guard on R; the
+#     op clamps it to R.
+_CHUNK_ELEMENTS = 2**23
+
+
+def _default_chunk_rows(V: int) -> int:
+    """Rows per chunk for vocabulary size V (Note [chunk size])."""
+    return 1 << (max(1, _CHUNK_ELEMENTS // max(V, 1)).bit_length() - 1)
+
+
+def _f32_or_wider(dtype: torch.dtype) -> torch.dtype:
+    """float32 for bf16/fp16/fp32, float64 for float64: where softmax and losses are computed."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _loss_dtype(head_dtype: torch.dtype, target_kind: str, target_dtype: torch.dtype) -> torch.dtype:
+    """dtype of the loss: the draft's log-probabilities' (``_f32_or_wider`` of the head), widened
+    by a soft target's probabilities (its own ``_f32_or_wider``), as ``-(p * logp)`` promotes."""
+    dtype = _f32_or_wider(head_dtype)
+    if target_kind == "ids":
+        return dtype
+    return torch.promote_types(dtype, _f32_or_wider(target_dtype))
+
+
+_TARGET_KINDS = ("probs", "ids", "logits", "head")
+
+
+# Note [rows that do not count]
+#     A row that does not count (``counted`` False, or an int target < 0) must not change the
+#     loss or any gradient, even when its hidden state or target holds NaN or inf (padding of a
+#     batch, rows past the end of a sequence). A weight of 0 is not enough: 0 * NaN = NaN, in
+#     the loss and also inside the weight-gradient matmuls, which sum over rows. So such rows are
+#     replaced by zeros (``torch.where``) as soon as a chunk reads them, in the hidden states and
+#     in every target form, and their normalised states, loss terms and hidden-state gradients
+#     are zeroed too (with ``eps = 0`` a zero row normalises to NaN): the result is bit for bit
+#     the one for zeros there (tests/test_loss.py checks it).
+
+
+def _chunk_target(target_kind: str, target: Tensor, target_weight: Tensor | None, b: int, r0: int,
+                  r1: int, c: Tensor, V: int) -> tuple[Tensor | None, Tensor, Tensor]:
+    """One chunk of the target: ``(p, target_id, counted)``.
+
+    ``p`` ``[n, V]``: the probabilities in their float32-or-wider dtype (None for ids);
+    ``target_id`` ``[n]``: the id a hit must match; ``counted`` ``[n]``: ``c``, and for ids also
+    ``id >= 0``. Rows that do not count are zeros (Note [rows that do not count]).
+    """
+    if target_kind == "ids":
+        ids = target[b, r0:r1]  # [n]
+        c = c & (ids >= 0)
+        # Ids >= V cannot be checked without reading data: clamped (see head_loss).
+        return None, torch.where(c, ids, 0).clamp(0, V - 1), c
+    rows = torch.where(c[:, None], target[b, r0:r1], 0)  # [n, V] or [n, Ht]
+    if target_kind == "probs":
+        p = rows.to(_f32_or_wider(rows.dtype))  # [n, V]
+        return p, p.argmax(-1), c
+    if target_kind == "head":
+        rows = F.linear(rows, target_weight)  # [n, V], the teacher logits
+    target_id = rows.argmax(-1)  # [n]
+    return torch.softmax(rows.to(_f32_or_wider(rows.dtype)), -1), target_id, c
+
+
+def _head_loss_chunks(hidden: Tensor, norm_weight: Tensor, head_weight: Tensor, target: Tensor,
+                      target_weight: Tensor | None, counted: Tensor, target_kind: str, eps: float,
+                      chunk_rows: int, grad_hidden: bool, grad_norm_weight: bool,
+                      grad_head_weight: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The body of :func:`_head_loss`: the loop over chunks of rows (arguments as there)."""
+    B, R, H = hidden.shape
+    V = head_weight.shape[0]
+    param_dtype = head_weight.dtype
+    loss_dtype = _loss_dtype(param_dtype, target_kind, target.dtype)
+    norm_dtype = _f32_or_wider(hidden.dtype)  # RMSNorm statistics
+    grad_normed = grad_hidden or grad_norm_weight
+    device = hidden.device
+    nll_sum = torch.zeros((), dtype=loss_dtype, device=device)
+    hit_sum = torch.zeros((), dtype=loss_dtype, device=device)
+    d_hidden = hidden.new_zeros((B, R, H)) if grad_hidden else hidden.new_empty((0,))
+    # float32 (or float64) accumulators over chunks, stored in the parameters' dtypes at the end.
+    d_norm_acc = torch.zeros(H, dtype=_f32_or_wider(norm_weight.dtype), device=device) if grad_norm_weight else None
+    d_head_acc = torch.zeros(V, H, dtype=_f32_or_wider(param_dtype), device=device) if grad_head_weight else None
+    rows = max(1, min(chunk_rows, R))
+    for b in range(B):
+        for r0 in range(0, R, rows):
+            r1 = min(r0 + rows, R)
+            p, target_id, c = _chunk_target(target_kind, target, target_weight, b, r0, r1,
+                                            counted[b, r0:r1], V)
+            c_col = c[:, None]  # [n, 1]
+            # RMSNorm as _RMSNorm in model.py, on zeros for rows that do not count; their xhat is
+            # zeroed again, since with eps = 0 a zero row normalises to NaN.
+            x = torch.where(c_col, hidden[b, r0:r1], 0)  # [n, H]
+            x32 = x.to(norm_dtype)
+            inv = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # [n, 1]
+            xhat = torch.where(c_col, (x32 * inv).to(x.dtype), 0)  # [n, H]
+            normed = norm_weight * xhat  # [n, H], the parameter dtype
+            logits = F.linear(normed, head_weight)  # [n, V]
+            hit_sum += ((logits.argmax(-1) == target_id) & c).sum().to(loss_dtype)
+            logp = torch.log_softmax(logits.to(_f32_or_wider(param_dtype)), -1)  # [n, V]
+            del logits
+            if p is None:
+                nll = -logp.gather(-1, target_id[:, None]).squeeze(-1)  # [n]
+            else:
+                nll = -(p * logp).sum(-1)  # [n]
+            nll_sum += torch.where(c, nll, 0).sum()
+            if not (grad_normed or grad_head_weight):
+                continue
+            # d nll / d logits: softmax * sum(p) - p (soft), softmax - onehot (ids).
+            d_logits = logp.exp_()  # [n, V], softmax, in place of logp
+            if p is None:
+                d_logits.scatter_add_(-1, target_id[:, None], d_logits.new_full((r1 - r0, 1), -1.0))
+            else:
+                d_logits.mul_(p.sum(-1, keepdim=True)).sub_(p)
+            del p
+            # Rows that do not count need no mask here: their xhat (and normed) rows are zeros,
+            # so they add nothing to d_head_weight or d_norm_weight; d_hidden is masked below.
+            d_logits = d_logits.to(param_dtype)  # [n, V], as autograd casts
+            if grad_head_weight:
+                d_head_acc += (d_logits.T @ normed).to(d_head_acc.dtype)  # [V, H]
+            if not grad_normed:
+                continue
+            d_normed = d_logits @ head_weight  # [n, H]
+            del d_logits
+            if grad_norm_weight:
+                d_norm_acc += (d_normed.to(d_norm_acc.dtype) * xhat.to(d_norm_acc.dtype)).sum(0)  # [H]
+            if grad_hidden:
+                d_y = (d_normed * norm_weight).to(x.dtype).to(norm_dtype)  # [n, H], d (x32 * inv)
+                # y = x32 * inv with inv = (mean(x32**2) + eps) ** -1/2:
+                # dx32 = inv * dy - x32 * inv**3 * mean(dy * x32).
+                d_x = inv * d_y - x32 * inv.pow(3) * (d_y * x32).mean(-1, keepdim=True)  # [n, H]
+                d_hidden[b, r0:r1] = torch.where(c_col, d_x, 0).to(hidden.dtype)
+    d_norm = d_norm_acc.to(norm_weight.dtype) if grad_norm_weight else norm_weight.new_empty((0,))
+    d_head = d_head_acc.to(param_dtype) if grad_head_weight else head_weight.new_empty((0,))
+    return nll_sum, hit_sum, d_hidden, d_norm, d_head
+
+
+@torch.library.custom_op("compiled_mask::head_loss", mutates_args=())
+def _head_loss(hidden: Tensor, norm_weight: Tensor, head_weight: Tensor, target: Tensor,
+               target_weight: Tensor | None, counted: Tensor, target_kind: str, eps: float,
+               chunk_rows: int, grad_hidden: bool, grad_norm_weight: bool, grad_head_weight: bool
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Fused RMSNorm + LM head + masked cross entropy, chunked over rows (private; arguments are
+    unchecked: call :func:`head_loss`).
+
+    Args:
+        hidden: ``[B, R, H]`` pre-norm draft hidden states, any strides.
+        norm_weight: ``[H]``; head_weight: ``[V, H]``.
+        target: by ``target_kind``: "probs" ``[B, R, V]`` float probabilities, "ids" ``[B, R]``
+            int draft ids (< 0: the row does not count), "logits" ``[B, R, V]`` target logits,
+            "head" ``[B, R, Ht]`` the target's last hidden state.
+        target_weight: ``[V, Ht]`` for "head" (teacher logits ``F.linear(target, target_weight)``),
+            else None.
+        counted: ``[B, R]`` bool, the rows that count.
+        target_kind: "probs", "ids", "logits" or "head".
+        eps: RMSNorm epsilon.
+        chunk_rows: rows per chunk (>= 1; clamped to R).
+        grad_hidden, grad_norm_weight, grad_head_weight: which gradients to compute.
+
+    Returns:
+        ``(nll_sum, hit_sum, d_hidden, d_norm_weight, d_head_weight)``: the two 0-d sums in the
+        loss dtype, and the gradients of ``nll_sum`` (Note [gradients in the forward]) in their
+        inputs' dtypes, contiguous, or empty ``[0]`` tensors for those not asked for.
+    """
+    return _head_loss_chunks(hidden, norm_weight, head_weight, target, target_weight, counted,
+                             target_kind, eps, chunk_rows, grad_hidden, grad_norm_weight, grad_head_weight)
+
+
+@_head_loss.register_fake
+def _head_loss_fake(hidden, norm_weight, head_weight, target, target_weight, counted, target_kind,
+                    eps, chunk_rows, grad_hidden, grad_norm_weight, grad_head_weight):
+    loss_dtype = _loss_dtype(head_weight.dtype, target_kind, target.dtype)
+    nll_sum = hidden.new_empty((), dtype=loss_dtype)
+    hit_sum = hidden.new_empty((), dtype=loss_dtype)
+    d_hidden = hidden.new_empty(hidden.shape if grad_hidden else (0,))  # [B, R, H], contiguous
+    d_norm = norm_weight.new_empty(norm_weight.shape if grad_norm_weight else (0,))  # [H]
+    d_head = head_weight.new_empty(head_weight.shape if grad_head_weight else (0,))  # [V, H]
+    return nll_sum, hit_sum, d_hidden, d_norm, d_head
+
+
+def _head_loss_setup_context(ctx, inputs, output) -> None:
+    _, hit_sum, d_hidden, d_norm, d_head = output
+    ctx.save_for_backward(d_hidden, d_norm, d_head)
+    ctx.computed = inputs[9:12]  # grad_hidden, grad_norm_weight, grad_head_weight
+    ctx.mark_non_differentiable(hit_sum, d_hidden, d_norm, d_head)
+
+
+def _head_loss_backward(ctx, grad_nll, grad_hit, grad_d_hidden, grad_d_norm, grad_d_head):
+    """The saved gradients times the incoming gradient of ``nll_sum``; nothing for the target,
+    the mask or the non-tensor arguments (Note [gradients in the forward])."""
+    grads = tuple(g * grad_nll if computed else None for g, computed in zip(ctx.saved_tensors, ctx.computed))
+    return (*grads, None, None, None, None, None, None, None, None, None)
+
+
+_head_loss.register_autograd(_head_loss_backward, setup_context=_head_loss_setup_context)
+
+
+def head_loss(hidden: Tensor, norm_weight: Tensor, head_weight: Tensor,
+              target: Tensor | TargetLogits | TargetHead, counted: Tensor, *, eps: float,
+              chunk_rows: int | None = None) -> tuple[Tensor, Tensor]:
+    """``lm_head(norm(hidden))``, its cross entropy against ``target`` and its top-1 hits, summed
+    over the counted rows, without ever holding ``[rows, V]`` beyond one chunk of rows.
+
+    Per row, exactly the unfused math of :func:`_head_loss_reference`: RMSNorm (statistics in
+    float32, float64 for float64 inputs), ``logits = F.linear(normed, head_weight)`` in the
+    parameters' dtype, ``logp = log_softmax`` in float32 (float64 for float64), and ``nll =
+    -(p * logp).sum()`` for a soft target ``p`` (probabilities as given, not renormalised;
+    ``softmax`` of target logits or of teacher logits), ``-logp[id]`` for an id. A row hits when
+    the argmax of the draft logits equals the id, or the argmax of the probabilities / target
+    logits / teacher logits.
+
+    The forward computes the gradients too and saves only them (Note [gradients in the
+    forward]); gradients flow into ``hidden``, ``norm_weight`` and ``head_weight`` (those that
+    require grad), never into the target, and ``hit_sum`` has none. Rows that do not count
+    change nothing, even when they hold NaN or inf (Note [rows that do not count]). One opaque
+    op: ``torch.compile(..., fullgraph=True)`` traces it with no graph break.
+
+    Args:
+        hidden: ``[B, R, H]`` pre-norm draft hidden states, any float dtype and any strides
+            (e.g. the view ``h[:, :T - s]``).
+        norm_weight: ``[H]`` the draft's final RMSNorm weight.
+        head_weight: ``[V, H]`` the draft's lm_head weight (V: draft vocabulary). Its dtype is the
+            parameter dtype, the one ``norm_weight * normed(hidden)`` must promote to.
+        target: one of
+            - a float tensor ``[B, R, V]`` of probabilities, any float dtype (need not sum to 1);
+            - an int tensor ``[B, R]`` of draft-vocabulary ids, -1 (or any negative) for a token
+              outside the draft vocabulary: such a row does not count. Ids >= V at counted rows
+              cannot be checked without reading the data (a device sync): they are clamped to
+              V - 1, so pass valid ids;
+            - :class:`TargetLogits` ``[B, R, V]``;
+            - :class:`TargetHead` ``[B, R, Ht]`` and ``[V, Ht]``.
+        counted: ``[B, R]`` bool, the rows whose loss and hit count (e.g. the loss mask).
+        eps: the RMSNorm epsilon (finite, >= 0).
+        chunk_rows: rows per chunk; default: ``rows * V <= 2**23`` elements, a power of two
+            (Note [chunk size]).
+
+    Returns:
+        ``(nll_sum, hit_sum)``, 0-d tensors in the loss dtype: float32, or float64 when the head
+        or a soft target is float64. Divide by the number of counted rows for a mean.
+
+    Raises:
+        ValueError: a shape, dtype or device that does not fit, ``chunk_rows < 1`` or a bad
+            ``eps``.
+
+    Example::
+
+        >>> B, R, H, V = 2, 10, 16, 50
+        >>> hidden = torch.randn(B, R, H, requires_grad=True)
+        >>> norm_weight, head_weight = torch.ones(H), torch.randn(V, H, requires_grad=True)
+        >>> ids = torch.randint(V, (B, R))
+        >>> counted = torch.ones(B, R, dtype=torch.bool)
+        >>> nll_sum, hit_sum = head_loss(hidden, norm_weight, head_weight, ids, counted, eps=1e-5)
+        >>> (nll_sum / counted.sum()).backward()
+        >>> hidden.grad.shape, head_weight.grad.shape, norm_weight.grad is None
+        (torch.Size([2, 10, 16]), torch.Size([50, 16]), True)
+        >>> probs = torch.softmax(torch.randn(B, R, V), -1).bfloat16()  # a compact soft target
+        >>> head_loss(hidden, norm_weight, head_weight, probs, counted, eps=1e-5)[0].dtype
+        torch.float32
+    """
+    target_kind, target_t, target_weight = _check_head_loss_args(
+        hidden, norm_weight, head_weight, target, counted, eps, chunk_rows)
+    if chunk_rows is None:
+        chunk_rows = _default_chunk_rows(head_weight.shape[0])
+    grad_on = torch.is_grad_enabled()
+    nll_sum, hit_sum, *_ = _head_loss(
+        hidden, norm_weight, head_weight, target_t, target_weight, counted, target_kind, float(eps),
+        chunk_rows, grad_on and hidden.requires_grad, grad_on and norm_weight.requires_grad,
+        grad_on and head_weight.requires_grad,
+    )
+    return nll_sum, hit_sum
+
+
+def _check_head_loss_args(hidden, norm_weight, head_weight, target, counted, eps, chunk_rows
+                          ) -> tuple[str, Tensor, Tensor | None]:
+    """Validate :func:`head_loss`'s arguments (shapes, dtypes, devices and ints only: no data
+    read, so no device sync and no data-dependent guard); returns ``(target_kind, target tensor,
+    target weight or None)``."""
+    where = "head_loss"
+    for name, t in (("hidden", hidden), ("norm_weight", norm_weight), ("head_weight", head_weight),
+                    ("counted", counted)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{where}: {name} must be a Tensor, got {type(t).__name__}.")
+    if hidden.dim() != 3:
+        raise ValueError(f"{where}: hidden must be [B, R, H], got shape {tuple(hidden.shape)}.")
+    B, R, H = hidden.shape
+    if head_weight.dim() != 2 or head_weight.shape[1] != H or head_weight.shape[0] < 1 or H < 1:
+        raise ValueError(
+            f"{where}: head_weight must be [V, H] with V >= 1 and H = {H} (from hidden), got shape "
+            f"{tuple(head_weight.shape)}. Pass the draft's lm_head.weight."
+        )
+    V = head_weight.shape[0]
+    if norm_weight.shape != (H,):
+        raise ValueError(
+            f"{where}: norm_weight must be [H] = [{H}] (from hidden), got shape "
+            f"{tuple(norm_weight.shape)}. Pass the draft's final norm weight."
+        )
+    for name, t in (("hidden", hidden), ("norm_weight", norm_weight), ("head_weight", head_weight)):
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"{where}: {name} must be floating point, got dtype {t.dtype}.")
+    normed_dtype = torch.promote_types(hidden.dtype, norm_weight.dtype)
+    if normed_dtype != head_weight.dtype:
+        raise ValueError(
+            f"{where}: norm_weight * normed(hidden) is {normed_dtype} (hidden {hidden.dtype}, "
+            f"norm_weight {norm_weight.dtype}) but head_weight is {head_weight.dtype}; F.linear "
+            f"needs them equal. Cast hidden and the weights to one dtype."
+        )
+    if counted.shape != (B, R) or counted.dtype != torch.bool:
+        raise ValueError(
+            f"{where}: counted must be a [B, R] = [{B}, {R}] bool tensor, got shape "
+            f"{tuple(counted.shape)} and dtype {counted.dtype}. Pass e.g. loss_mask.bool()."
+        )
+
+    target_weight = None
+    if isinstance(target, TargetHead):
+        target_kind, target_t, target_weight = "head", target.hidden, target.weight
+        if not isinstance(target_t, Tensor) or not isinstance(target_weight, Tensor):
+            raise ValueError(f"{where}: TargetHead must hold two Tensors (hidden, weight).")
+        if target_t.dim() != 3 or target_t.shape[:2] != (B, R):
+            raise ValueError(
+                f"{where}: TargetHead.hidden must be [B, R, Ht] with B, R = {B}, {R} (from "
+                f"hidden), got shape {tuple(target_t.shape)}."
+            )
+        Ht = target_t.shape[2]
+        if target_weight.shape != (V, Ht):
+            raise ValueError(
+                f"{where}: TargetHead.weight must be [V, Ht] = [{V}, {Ht}] (V from head_weight, "
+                f"Ht from TargetHead.hidden), got shape {tuple(target_weight.shape)}. Pass the "
+                f"target lm_head's rows of the draft vocabulary, in draft-id order."
+            )
+        if not target_t.dtype.is_floating_point or target_weight.dtype != target_t.dtype:
+            raise ValueError(
+                f"{where}: TargetHead.hidden and TargetHead.weight must share one float dtype, "
+                f"got {target_t.dtype} and {target_weight.dtype}. Cast them to one dtype."
+            )
+    elif isinstance(target, TargetLogits):
+        target_kind, target_t = "logits", target.logits
+        if not isinstance(target_t, Tensor) or not target_t.dtype.is_floating_point:
+            raise ValueError(
+                f"{where}: TargetLogits.logits must be a float Tensor, got "
+                f"{getattr(target_t, 'dtype', type(target_t).__name__)}."
+            )
+    elif isinstance(target, Tensor):
+        target_t = target
+        if target.dtype.is_floating_point:
+            target_kind = "probs"
+        elif target.dtype.is_complex or target.dtype == torch.bool:
+            raise ValueError(
+                f"{where}: target must be float probabilities [B, R, V] or integer ids [B, R], "
+                f"got dtype {target.dtype}."
+            )
+        else:
+            target_kind = "ids"
+            if target.shape != (B, R):
+                raise ValueError(
+                    f"{where}: an int target must be [B, R] = [{B}, {R}] draft-vocabulary ids, got "
+                    f"shape {tuple(target.shape)}. For probabilities pass a float tensor."
+                )
+    else:
+        raise ValueError(
+            f"{where}: target must be a Tensor (probabilities or ids), TargetLogits or TargetHead, "
+            f"got {type(target).__name__}."
+        )
+    if target_kind in ("probs", "logits"):
+        what = "a float target" if target_kind == "probs" else "TargetLogits.logits"
+        if target_t.dim() != 3 or target_t.shape[:2] != (B, R):
+            raise ValueError(
+                f"{where}: {what} must be [B, R, V] = [{B}, {R}, {V}], got shape "
+                f"{tuple(target_t.shape)}. For ids pass an int tensor [B, R]."
+            )
+        if target_t.shape[2] != V:
+            raise ValueError(
+                f"{where}: {what} has {target_t.shape[2]} entries per row but the draft vocabulary "
+                f"(head_weight rows) has V = {V}. Map the target's distribution onto the draft "
+                f"vocabulary first (its t2d columns, in draft-id order)."
+            )
+
+    device = hidden.device
+    for name, t in (("norm_weight", norm_weight), ("head_weight", head_weight), ("counted", counted),
+                    ("target", target_t), ("target weight", target_weight)):
+        if t is not None and t.device != device:
+            raise ValueError(
+                f"{where}: {name} is on {t.device} but hidden is on {device}. Move it to {device}."
+            )
+    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int)
+                                   or chunk_rows < 1):
+        raise ValueError(f"{where}: chunk_rows must be an int >= 1 or None, got chunk_rows={chunk_rows!r}.")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(
+            f"{where}: eps must be a finite number >= 0 (the RMSNorm epsilon, e.g. "
+            f"config.rms_norm_eps), got eps={eps!r}."
+        )
+    return target_kind, target_t, target_weight
+
+
+def _head_loss_reference(hidden: Tensor, norm_weight: Tensor, head_weight: Tensor,
+                         target: Tensor | TargetLogits | TargetHead, counted: Tensor, *,
+                         eps: float) -> tuple[Tensor, Tensor]:
+    """The unfused math of :func:`head_loss`, in plain autograd ops over whole ``[B, R, V]``
+    tensors: the tests' ground truth (same arguments, no ``chunk_rows``).
+
+    As ``Eagle3Model.forward`` computes a step's loss today (``compute_logits``, ``_soft_nll``),
+    with two differences that leave finite inputs' results unchanged: rows that do not count are
+    zeros from the start (Note [rows that do not count]), and RMSNorm's statistics of a float64
+    ``hidden`` are float64 (``_RMSNorm``'s ``x.float()`` would take them in float32).
+    """
+    V = head_weight.shape[0]
+    if isinstance(target, Tensor) and not target.dtype.is_floating_point:
+        counted = counted & (target >= 0)
+    c = counted[..., None]  # [B, R, 1]
+    x = torch.where(c, hidden, 0)  # [B, R, H]
+    x32 = x.to(_f32_or_wider(x.dtype))
+    normed = norm_weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    logits = F.linear(normed, head_weight)  # [B, R, V]
+    logp = torch.log_softmax(logits.to(_f32_or_wider(logits.dtype)), -1)  # [B, R, V]
+    if isinstance(target, Tensor) and not target.dtype.is_floating_point:
+        target_id = torch.where(counted, target, 0).clamp(0, V - 1)  # [B, R]
+        nll = -logp.gather(-1, target_id[..., None]).squeeze(-1)  # [B, R]
+    else:
+        if isinstance(target, TargetHead):
+            t = F.linear(torch.where(c, target.hidden, 0), target.weight)  # [B, R, V]
+            p = torch.softmax(t.to(_f32_or_wider(t.dtype)), -1)
+        elif isinstance(target, TargetLogits):
+            t = torch.where(c, target.logits, 0)  # [B, R, V]
+            p = torch.softmax(t.to(_f32_or_wider(t.dtype)), -1)
+        else:
+            t = torch.where(c, target, 0)  # [B, R, V]
+            p = t.to(_f32_or_wider(t.dtype))
+        target_id = t.argmax(-1)  # [B, R]
+        nll = -(p * logp).sum(-1)  # [B, R]
+    nll_sum = torch.where(counted, nll, 0).sum()
+    hit_sum = ((logits.argmax(-1) == target_id) & counted).sum().to(nll.dtype)
+    return nll_sum, hit_sum
