@@ -90,9 +90,15 @@ extra=""
 what="compiled-mask (editable, this checkout) and numpy (torch warns at import without it)"
 if [ "$cmd" = test ]; then
   extra="[test]"
-  what="compiled-mask (editable, this checkout) and the test tools (pytest, pytest-xdist, expecttest, hypothesis, matplotlib, numpy; triton on Linux)"
+  what="compiled-mask (editable, this checkout) and the test tools (pytest, pytest-xdist, expecttest, hypothesis, matplotlib, numpy, transformers, tokenizers, safetensors; triton on Linux)"
 fi
 stamp="$stamp_dir/dev-stamp-${cmd/train/demo}"
+if [ "$cmd" = train ] && [[ " $* " == *" --target-model"* ]]; then
+  # Training on a Hugging Face target needs the train extra (transformers, tokenizers, safetensors).
+  extra="[train]"
+  what="compiled-mask (editable, this checkout) with the train extra (transformers, tokenizers, safetensors)"
+  stamp="$stamp_dir/dev-stamp-train"
+fi
 want=$(cksum < pyproject.toml)
 if [ -n "${DEV_REINSTALL:-}" ] || [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   say "installing $what into $where"

@@ -1,28 +1,13 @@
-"""Train an Eagle3 draft on synthetic data: the whole TTT step (7 draft steps, forward and
-backward) as one compiled graph.
+"""Train an Eagle3 draft model: on your target model and chat data, or on a synthetic target.
 
-    python tools/train.py                       # CPU: a small draft, about two minutes
-    python tools/train.py --device cuda --dtype bfloat16 --backend fa4 --q-len 8192 \\
-        --hidden 4096 --intermediate 14336 --heads 32 --kv-heads 8 --vocab 128256 \\
-        --draft-vocab 32000 --ttt-steps 7 --batch 1 --steps 100      # Llama-3-8B-sized draft
+With --target-model: the draft for that Hugging Face model (a local directory with weights and a
+tokenizer with a chat template), trained on JSON-lines conversations (ShareGPT or OpenAI shape),
+checkpointed, exported to OUT/draft for SGLang and vLLM, and its acceptance length measured on
+held-out conversations; the last line names OUT/draft and the final tau (docs/training.md).
 
-Context parallel (each sequence sharded over the ranks, FSDP2 over the same ranks), launched with
-torchrun; the same flags otherwise, rank 0 prints:
-
-    torchrun --nproc-per-node 2 tools/train.py --context-parallel allgather --steps 20   # CPU, gloo
-    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 torchrun --nproc-per-node 2 \\
-        tools/train.py --device cuda --context-parallel ulysses ...  # one GPU per rank, NCCL
-
-The data come from a fixed random "target model": a second-order Markov chain whose next-token
-distribution depends on the last two tokens through low-rank tables, and whose three auxiliary
-hidden states at position t are fixed random features of tokens t and t - 1. The draft sees the
-hidden states of position t and the embedding of token t + 1, and must predict the chain's
-distribution of token t + 2; at TTT step s it must carry the token of step s - 1 itself (through
-its hidden states and its own K/V round), as Eagle3 drafts do. The loss starts near
-ln(draft vocabulary) and falls toward the chain's entropy (printed first).
-
-Prints a progress bar with the loss, per-step accuracy and tokens/s, and as its last line
-``trained N steps: loss A -> B, graphs compiled: G``.
+Without --target-model: a smoke run on a synthetic target (a fixed random second-order Markov
+chain and random hidden-state features), the whole TTT step (forward and backward) one compiled
+graph; the last line is ``trained N steps: loss A -> B, graphs compiled: G``.
 """
 
 from __future__ import annotations
@@ -35,65 +20,265 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone, uninstalled
-from compiled_mask import Eagle3DraftConfig, Eagle3DraftModel, Eagle3Model  # noqa: E402
-from compiled_mask.distributed import shard_sequence  # noqa: E402
-from compiled_mask.draft.context_parallel import Eagle3ContextParallelModel  # noqa: E402
+from compiled_mask.draft.model import Eagle3DraftConfig, Eagle3DraftModel  # noqa: E402
+from compiled_mask.draft.synthetic import SyntheticTarget  # noqa: E402
+from compiled_mask.draft.trainer import progress_line  # noqa: E402
+from compiled_mask.draft.unroll import Eagle3Model  # noqa: E402
 from compiled_mask.inspect import GraphCounter  # noqa: E402
 
+EXAMPLES = """\
+examples:
+  python tools/train.py                        # synthetic target, CPU: a small draft, ~1 minute
+  python tools/train.py --target-model models/Llama-3.1-8B-Instruct --data sharegpt.jsonl \\
+      --output-dir runs/llama31 --device cuda --q-len 8192 --steps 20000 --save-every 1000
+  python tools/train.py ... --resume           # continue the run in --output-dir where it stopped
+  python tools/train.py --device cuda --dtype bfloat16 --backend fa4 --q-len 8192 --hidden 4096 \\
+      --intermediate 14336 --heads 32 --kv-heads 8 --vocab 128256 --draft-vocab 32000 \\
+      --ttt-steps 7 --batch 1 --steps 100      # synthetic, Llama-3-8B-sized draft
+  torchrun --nproc-per-node 2 tools/train.py --context-parallel allgather --steps 20   # CPU, gloo
 
-class SyntheticTarget:
-    """A fixed random target model: token sequences, auxiliary hidden states and next-token
-    distributions, all from low-rank tables (so the 8B-sized vocabulary stays small in memory).
+Throughput of the whole loop with a random-weight Llama-3-8B target: tools/bench_train.py.
+"""
 
-    Args:
-        vocab: token ids ``[0, vocab)``; the draft vocabulary is ``[0, draft_vocab)`` and the
-            chain only emits those (so every target is in the draft vocabulary).
-        draft_vocab: tokens the chain emits.
-        hidden: width of each auxiliary hidden state.
-        rank: rank of the tables; sharpness: scale of the chain's logits (higher: lower entropy).
-    """
+# Defaults that differ between the synthetic smoke run and real data.
+SYNTHETIC = dict(q_len=128, batch=4, ttt_steps=3, steps=400, lr=3e-3, draft_vocab=256)
+REAL = dict(q_len=2048, batch=1, ttt_steps=7, steps=1000, lr=1e-4, draft_vocab=32000)
+SYNTHETIC_ONLY = ("hidden", "intermediate", "heads", "kv_heads", "vocab", "batches", "context_parallel", "layout")
+REAL_ONLY = ("data", "output_dir", "eval_data", "eval_conversations", "skip_malformed", "offline", "resume",
+             "save_every", "keep_checkpoints", "accumulation", "warmup", "grad_clip", "weight_decay",
+             "draft_intermediate_size", "draft_heads", "draft_kv_heads", "aux_layers", "init_from",
+             "no_pack", "eval_every", "eval_k", "eval_tokens", "stop_after", "export_dtype")
 
-    def __init__(self, vocab: int, draft_vocab: int, hidden: int, device: torch.device,
-                 seed: int = 0, rank: int = 32, sharpness: float = 16.0) -> None:
-        g = torch.Generator(device="cpu").manual_seed(seed)
-        randn = lambda *shape: torch.randn(*shape, generator=g).to(device)  # noqa: E731
-        self.draft_vocab, self.device = draft_vocab, device
-        self.last = randn(draft_vocab, rank) / math.sqrt(rank)  # token t -> its part of logits t+1
-        self.prev = randn(draft_vocab, rank) / math.sqrt(rank)  # token t-1 -> its part
-        self.out = randn(draft_vocab, rank) * (sharpness / math.sqrt(rank))
-        self.feat = randn(vocab, rank)  # token features of the hidden states
-        self.proj = randn(2, rank, 3 * hidden) / math.sqrt(rank)  # [token t, token t-1] -> 3 aux states
-        self.gen = torch.Generator(device=device).manual_seed(seed + 1)
 
-    def logits(self, tok: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-        """Next-token logits ``[..., draft_vocab]`` given tokens t and t - 1."""
-        return (self.last[tok] + self.prev[prev]) @ self.out.T
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {value}")
+    return value
 
-    def batch(self, B: int, T: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """One batch aligned for Eagle3Model: ``input_ids, hidden_states, target, loss_mask``."""
-        n = T + 2  # positions 0..T+1: position t's target is token t + 2
-        toks = torch.empty(B, n, dtype=torch.long, device=self.device)
-        toks[:, :2] = torch.randint(0, self.draft_vocab, (B, 2), generator=self.gen, device=self.device)
-        for t in range(2, n):
-            p = self.logits(toks[:, t - 1], toks[:, t - 2]).softmax(-1)  # [B, V]
-            toks[:, t] = torch.multinomial(p, 1, generator=self.gen).squeeze(-1)
-        prev = torch.cat([toks[:, :1], toks[:, :-1]], dim=1)  # token t - 1 ([B, n])
-        hidden = self.feat[toks[:, :T]] @ self.proj[0] + self.feat[prev[:, :T]] @ self.proj[1]  # [B, T, 3H]
-        # The distribution of token t + 2 given tokens t + 1 and t (what step 0 predicts at t).
-        target = self.logits(toks[:, 1 : T + 1], toks[:, :T]).softmax(-1)  # [B, T, V]
-        loss_mask = torch.ones(B, T, dtype=torch.bool, device=self.device)
-        # Probabilities in the parameter dtype (the loss upcasts them): half the memory in bf16.
-        return toks[:, 1 : T + 1], hidden.to(dtype), target.to(dtype), loss_mask
 
-    def entropy(self, B: int = 8, T: int = 256) -> float:
-        """Mean entropy of the chain's next-token distribution (the loss floor), in nats."""
-        _, _, p, _ = self.batch(B, T, torch.float32)
-        return -(p * p.clamp_min(1e-30).log()).sum(-1).mean().item()
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _layers(text: str) -> list[int]:
+    try:
+        layers = [int(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        layers = []
+    if len(layers) != 3 or min(layers) < 0:
+        raise argparse.ArgumentTypeError(f"must be three layer indices >= 0, e.g. 1,15,28; got {text!r}")
+    return layers
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__, epilog=EXAMPLES,
+                                formatter_class=_Formatter)
+    both = p.add_argument_group("both modes")
+    both.add_argument("--device", default="cpu", help="cpu or cuda")
+    both.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                      help="parameter dtype (default: float32 on CPU, bfloat16 on CUDA; float16 is "
+                           "refused: AdamW's eps is 0 in float16 and training turns NaN)")
+    both.add_argument("--backend", default="split", choices=["split", "flex", "fa4"],
+                      help="Eagle3Attention backend; on CPU only split can train (flex and fa4 have "
+                           "no CPU backward)")
+    both.add_argument("--q-len", type=_positive_int, default=None,
+                      help="positions per row, Q_LEN (default: synthetic 128, real data 2048)")
+    both.add_argument("--batch", type=_positive_int, default=None,
+                      help="rows per (micro-)batch (default: synthetic 4, real data 1)")
+    both.add_argument("--ttt-steps", type=_positive_int, default=None,
+                      help="TTT steps unrolled per training step (default: synthetic 3, real data 7 "
+                           "as Eagle3)")
+    both.add_argument("--steps", type=_positive_int, default=None,
+                      help="optimizer steps (default: synthetic 400, real data 1000)")
+    both.add_argument("--lr", type=_positive_float, default=None,
+                      help="peak learning rate (default: synthetic 3e-3, real data 1e-4)")
+    both.add_argument("--draft-vocab", "--draft-vocab-size", dest="draft_vocab", type=_positive_int,
+                      default=None, help="draft vocabulary size (default: synthetic 256, real data "
+                                         "32000, the most frequent training tokens)")
+    both.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order")
+    both.add_argument("--compiler", default="inductor", choices=["inductor", "aot_eager", "none"],
+                      help="torch.compile backend of the training step ('none': eager)")
+    both.add_argument("--threads", type=_positive_int, default=None,
+                      help="CPU threads for torch (default on CPU: 1; the small draft gains little "
+                           "from more, and on a busy machine more threads wait on each other)")
+
+    real = p.add_argument_group("real data (--target-model)")
+    real.add_argument("--target-model", default=None,
+                      help="local Hugging Face model directory of the target (weights, config, "
+                           "tokenizer with a chat template); enables this mode")
+    real.add_argument("--data", default=None, help="training conversations, JSON lines (ShareGPT "
+                      "'conversations: [{from, value}]' or OpenAI 'messages: [{role, content}]')")
+    real.add_argument("--output-dir", default=None,
+                      help="checkpoints/, train_log.jsonl, train_curves.png and the exported draft/")
+    real.add_argument("--eval-data", default=None,
+                      help="held-out conversations for tau (default: the last --eval-conversations "
+                           "of --data, not trained on)")
+    real.add_argument("--eval-conversations", type=_non_negative_int, default=8,
+                      help="conversations of --data held out when there is no --eval-data")
+    real.add_argument("--skip-malformed", action="store_true",
+                      help="skip malformed lines of --data (counted and printed) instead of stopping "
+                           "at the first with its file and line")
+    real.add_argument("--offline", action="store_true",
+                      help="precompute the target's hidden states to OUT/features (safetensors "
+                           "shards) first, then train from disk")
+    real.add_argument("--no-pack", action="store_true",
+                      help="one conversation per row (default: several per row, as documents)")
+    real.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                      help="continue from the latest checkpoint in OUT/checkpoints (or from "
+                           "CHECKPOINT, a step directory): weights, optimizer, schedule, data "
+                           "position and random state, as if never stopped")
+    real.add_argument("--save-every", type=_non_negative_int, default=0,
+                      help="checkpoint every N steps (0: only at the end)")
+    real.add_argument("--keep-checkpoints", type=_positive_int, default=2,
+                      help="checkpoints kept (older ones are deleted after a new one is written)")
+    real.add_argument("--accumulation", type=_positive_int, default=1,
+                      help="micro-batches per optimizer step (gradient accumulation)")
+    real.add_argument("--warmup", type=_non_negative_int, default=None,
+                      help="linear warmup steps before the cosine decay (default: 1.5%% of --steps)")
+    real.add_argument("--grad-clip", type=float, default=0.5, help="max gradient norm (0: none)")
+    real.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    real.add_argument("--draft-intermediate-size", type=_positive_int, default=None,
+                      help="draft MLP width (default: the target's)")
+    real.add_argument("--draft-heads", type=_positive_int, default=None,
+                      help="draft attention heads (default: the target's)")
+    real.add_argument("--draft-kv-heads", type=_positive_int, default=None,
+                      help="draft K/V heads (default: the target's)")
+    real.add_argument("--aux-layers", type=_layers, default=None,
+                      help="the three target layers whose outputs the draft reads, e.g. 1,15,28 "
+                           "(default: 1, L/2-1, L-4 as SpecForge)")
+    real.add_argument("--init-from", default=None,
+                      help="an exported Eagle3 draft (this tool's, SpecForge's or TorchSpec's) to "
+                           "fine-tune; its sizes and vocabulary are kept")
+    real.add_argument("--eval-every", type=_non_negative_int, default=0,
+                      help="measure tau on the held-out conversations every N steps (0: at the end)")
+    real.add_argument("--eval-k", type=_positive_int, default=None,
+                      help="draft tokens per verification for tau (default: --ttt-steps)")
+    real.add_argument("--eval-tokens", type=_positive_int, default=64,
+                      help="tokens generated per held-out prompt for tau")
+    real.add_argument("--export-dtype", default=None, choices=["float32", "bfloat16"],
+                      help="dtype of the exported weights (default: the training dtype)")
+    real.add_argument("--stop-after", type=_positive_int, default=None,
+                      help="stop after N steps as a killed run would (no final checkpoint or export); "
+                           "for trying --resume")
+
+    synth = p.add_argument_group("synthetic target (no --target-model)")
+    synth.add_argument("--hidden", type=_positive_int, default=96, help="draft hidden size")
+    synth.add_argument("--intermediate", type=_positive_int, default=256, help="draft MLP width")
+    synth.add_argument("--heads", type=_positive_int, default=4, help="draft attention heads")
+    synth.add_argument("--kv-heads", type=_positive_int, default=2, help="draft K/V heads")
+    synth.add_argument("--vocab", type=_positive_int, default=512, help="target vocabulary size")
+    synth.add_argument("--batches", type=_positive_int, default=16,
+                       help="distinct synthetic batches, cycled (generated up front)")
+    synth.add_argument("--context-parallel", default=None, choices=["ulysses", "allgather"],
+                       help="shard each sequence over the ranks of a torchrun launch, with FSDP2 "
+                            "over the same ranks (gloo on CPU, NCCL on CUDA, one GPU per rank); "
+                            "ulysses needs --heads and --kv-heads divisible by the ranks; "
+                            "allgather takes --backend split only")
+    synth.add_argument("--layout", default="zigzag", choices=["zigzag", "contiguous"],
+                       help="context parallel: which positions each rank holds")
+    return p
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> None:
+    """Refuse what cannot work before anything is loaded or compiled (one line each)."""
+    real = args.target_model is not None
+    given = {a.dest for a in parser._actions for opt in a.option_strings
+             if any(arg == opt or arg.startswith(opt + "=") for arg in argv)}
+    if real:
+        misplaced = [d for d in SYNTHETIC_ONLY if d in given]
+        if misplaced:
+            parser.error(f"--{misplaced[0].replace('_', '-')} is for the synthetic target; with "
+                         f"--target-model the draft takes the target's sizes (see --draft-* options)")
+        for name in ("data", "output_dir"):
+            if getattr(args, name) is None:
+                parser.error(f"--target-model needs --{name.replace('_', '-')}")
+    else:
+        misplaced = [d for d in REAL_ONLY if d in given]
+        if misplaced:
+            parser.error(f"--{misplaced[0].replace('_', '-')} needs --target-model (real data)")
+    if args.dtype == "float16":
+        parser.error("--dtype float16 is not supported: AdamW's eps (1e-8) is 0 in float16, so the first "
+                     "step turns the weights into NaN; use --dtype bfloat16 (GPUs) or float32")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device here (torch {torch.__version__}); use "
+                     f"--device cpu")
+    if not args.device.startswith(("cpu", "cuda")):
+        parser.error(f"--device must be cpu or cuda, got {args.device!r}")
+    if args.backend != "split" and args.device == "cpu":
+        parser.error(f"--backend {args.backend} cannot train on CPU (torch's flex_attention has no CPU "
+                     f"backward{'; FA4 needs an NVIDIA GPU' if args.backend == 'fa4' else ''}); use "
+                     f"--backend split (the default) on CPU, or --device cuda")
+    if args.context_parallel == "allgather" and args.backend != "split":
+        parser.error("--context-parallel allgather takes --backend split only")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args, argv)
+    defaults = REAL if args.target_model else SYNTHETIC
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.threads or args.device == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    if args.target_model:
+        return train_real(args)
+    return train_synthetic(parser, args)
+
+
+def train_real(args: argparse.Namespace) -> int:
+    """The real-data mode: compiled_mask.draft.pipeline.run with the flags."""
+    from compiled_mask.draft.checkpoint import CheckpointError
+    from compiled_mask.draft.data import DataError
+    from compiled_mask.draft.pipeline import RunConfig, run
+
+    config = RunConfig(
+        target_model=args.target_model, data=args.data, output_dir=args.output_dir,
+        eval_data=args.eval_data, eval_conversations=args.eval_conversations,
+        skip_malformed=args.skip_malformed, q_len=args.q_len, batch=args.batch,
+        accumulation=args.accumulation, steps=args.steps, lr=args.lr, warmup=args.warmup,
+        grad_clip=args.grad_clip, weight_decay=args.weight_decay, ttt_steps=args.ttt_steps,
+        draft_vocab_size=args.draft_vocab, draft_intermediate_size=args.draft_intermediate_size,
+        draft_heads=args.draft_heads, draft_kv_heads=args.draft_kv_heads, aux_layers=args.aux_layers,
+        init_from=args.init_from, offline=args.offline, packed=not args.no_pack, device=args.device,
+        dtype=args.dtype, backend=args.backend, compiler=args.compiler, save_every=args.save_every,
+        keep_checkpoints=args.keep_checkpoints, resume=args.resume, eval_every=args.eval_every,
+        eval_k=args.eval_k, eval_tokens=args.eval_tokens, seed=args.seed, stop_after=args.stop_after,
+        export_dtype=args.export_dtype)
+    try:
+        run(config)
+    except (DataError, CheckpointError, FileNotFoundError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def local_batch(batch: tuple[torch.Tensor, ...], q_len: int, world_size: int, rank: int,
@@ -102,6 +287,10 @@ def local_batch(batch: tuple[torch.Tensor, ...], q_len: int, world_size: int, ra
     target probabilities sharded, ids and loss mask global. Rank 0's batch: every rank generates
     the same one from the same seed, and the broadcast rules out a last-bit difference between
     devices."""
+    import torch.distributed as dist
+
+    from compiled_mask.distributed import shard_sequence
+
     input_ids, hidden, target, loss_mask = batch
     for t in (input_ids, hidden, target):
         dist.broadcast(t, 0)
@@ -109,55 +298,31 @@ def local_batch(batch: tuple[torch.Tensor, ...], q_len: int, world_size: int, ra
     return input_ids, shard(hidden), shard(target), loss_mask
 
 
-def progress(step: int, total: int, loss: float, acces: list[float], tok_s: float) -> str:
-    width = 24
-    done = int(width * step / total)
-    acc = "/".join(f"{a:.2f}" for a in acces)
-    return (f"[{'#' * done}{'.' * (width - done)}] {step}/{total}  loss {loss:.3f}  "
-            f"acc/step {acc}  {tok_s:,.0f} tok/s")
+def context_parallel_model(draft: Eagle3DraftModel, args: argparse.Namespace, device: torch.device,
+                           dtype: torch.dtype, world_size: int) -> torch.nn.Module:
+    """The synthetic run's context-parallel wiring: Eagle3ContextParallelModel under FSDP2."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from compiled_mask.draft.context_parallel import Eagle3ContextParallelModel
+
+    model = Eagle3ContextParallelModel(draft, args.q_len, args.ttt_steps, mode=args.context_parallel,
+                                       layout=args.layout, attention_backend=args.backend)
+    model.to(device, dtype)
+    # One FSDP unit: the draft's modules run once per TTT step, not once per forward as
+    # per-module units assume, and the draft is a single layer. Gradients are averaged over the
+    # ranks (FSDP's default), which Eagle3ContextParallelModel's losses expect.
+    fully_shard(model, mesh=init_device_mesh(device.type, (world_size,)))
+    return model
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="parameter dtype (default: float32 on CPU, bfloat16 on CUDA)")
-    parser.add_argument("--backend", default="split", choices=["split", "flex", "fa4"],
-                        help="Eagle3Attention backend (CPU: split; flex and fa4 need CUDA)")
-    parser.add_argument("--q-len", type=int, default=128, help="tokens per sample (Q_LEN)")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--ttt-steps", type=int, default=3, help="TTT length (Eagle3 uses 7)")
-    parser.add_argument("--steps", type=int, default=400, help="optimizer steps")
-    parser.add_argument("--hidden", type=int, default=96)
-    parser.add_argument("--intermediate", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--vocab", type=int, default=512, help="target vocabulary")
-    parser.add_argument("--draft-vocab", type=int, default=256, help="draft vocabulary")
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--compiler", default="inductor", choices=["inductor", "aot_eager", "none"],
-                        help="torch.compile backend for the training step ('none': eager)")
-    parser.add_argument("--batches", type=int, default=16,
-                        help="distinct synthetic batches, cycled (generated up front)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default on CPU: 1; the small draft gains "
-                             "little from more, and on a busy machine more threads wait on each other)")
-    parser.add_argument("--context-parallel", default=None, choices=["ulysses", "allgather"],
-                        help="shard each sequence over the ranks of a torchrun launch, with FSDP2 "
-                             "over the same ranks (gloo on CPU, NCCL on CUDA, one GPU per rank); "
-                             "ulysses needs --heads and --kv-heads divisible by the ranks; "
-                             "allgather takes --backend split only")
-    parser.add_argument("--layout", default="zigzag", choices=["zigzag", "contiguous"],
-                        help="context parallel: which positions each rank holds")
-    args = parser.parse_args(argv)
-
+def train_synthetic(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """The synthetic smoke run (and its context-parallel launch under torchrun)."""
     device = torch.device(args.device)
-    if args.threads or device.type == "cpu":
-        torch.set_num_threads(args.threads or 1)
     rank, world_size = 0, 1
     if args.context_parallel:
+        import torch.distributed as dist
+
         if "LOCAL_RANK" not in os.environ:
             parser.error("--context-parallel runs one process per rank: launch with torchrun, e.g. "
                          "torchrun --nproc-per-node 2 tools/train.py --context-parallel allgather")
@@ -170,20 +335,20 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else (
         torch.float32 if device.type == "cpu" else torch.bfloat16)
     torch.manual_seed(args.seed)
-    config = Eagle3DraftConfig(
-        hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        vocab_size=args.vocab, draft_vocab_size=args.draft_vocab, rope_theta=10000.0)
+    if args.draft_vocab > args.vocab:
+        parser.error(f"--draft-vocab {args.draft_vocab} exceeds --vocab {args.vocab}; the draft "
+                     f"vocabulary is a subset of the target's")
+    try:
+        config = Eagle3DraftConfig(
+            hidden_size=args.hidden, intermediate_size=args.intermediate,
+            num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+            vocab_size=args.vocab, draft_vocab_size=args.draft_vocab, rope_theta=10000.0)
+    except ValueError as e:
+        parser.error(str(e))
     draft = Eagle3DraftModel(config)  # the same weights on every rank (the same seed)
     draft.freeze_embedding()
     if args.context_parallel:
-        model = Eagle3ContextParallelModel(draft, args.q_len, args.ttt_steps, mode=args.context_parallel,
-                                           layout=args.layout, attention_backend=args.backend)
-        model.to(device, dtype)
-        # One FSDP unit: the draft's modules run once per TTT step, not once per forward as
-        # per-module units assume, and the draft is a single layer. Gradients are averaged over the
-        # ranks (FSDP's default), which Eagle3ContextParallelModel's losses expect.
-        fully_shard(model, mesh=init_device_mesh(device.type, (world_size,)))
+        model = context_parallel_model(draft, args, device, dtype, world_size)
     else:
         model = Eagle3Model(draft, args.q_len, args.ttt_steps, attention_backend=args.backend)
         model.to(device, dtype)
@@ -235,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         last = step == args.steps - 1
         if last or (step > 0 and (tty or step % max(1, args.steps // 10) == 0)):
             acces = out.acces.tolist()
-            line = progress(step + 1, args.steps, loss, acces, timed_tokens / max(timed_s, 1e-9))
+            line = progress_line(step + 1, args.steps, loss, acces, timed_tokens / max(timed_s, 1e-9))
             say(("\r" + line) if tty else line, end="" if tty and not last else "\n", flush=True)
     total = time.perf_counter() - t_start
     k = max(1, args.steps // 20)
@@ -244,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     say(f"time {total:.1f} s; loss averaged over the first and last {k} steps")
     say(f"trained {args.steps} steps: loss {first:.3f} -> {final:.3f}, graphs compiled: {graphs}")
     if args.context_parallel:
+        import torch.distributed as dist
+
         dist.destroy_process_group()
     return 0
 
