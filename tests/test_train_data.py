@@ -15,6 +15,7 @@ pytest.importorskip("transformers")
 import tiny_target  # noqa: E402
 
 from compiled_mask.draft import Eagle3DraftConfig, Eagle3DraftModel, Eagle3Model  # noqa: E402
+from compiled_mask.draft.batches import make_batch  # noqa: E402
 from compiled_mask.draft.data import (  # noqa: E402
     DataError,
     DataStats,
@@ -84,10 +85,13 @@ def test_assistant_mask_when_the_template_is_not_prefix_stable():
     tok.chat_template = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> "
                          "{% endfor %}{% if add_generation_prompt %}<|assistant|> {% else %}then {% endif %}")
     messages = [{"role": "user", "content": "repeat cat"}, {"role": "assistant", "content": "cat cat cat done"},
+                {"role": "user", "content": "repeat cat"}, {"role": "assistant", "content": "cat cat cat done"},
                 {"role": "user", "content": "repeat sun"}, {"role": "assistant", "content": "sun sun sun done"}]
     ids, mask = tokenize_conversation(tok, messages)
-    learned = [w for w, m in zip(tok.convert_ids_to_tokens(ids), mask) if m]
-    assert learned == ["cat", "cat", "cat", "done", "sun", "sun", "sun", "done", "<|end|>", "then"]
+    words = tok.convert_ids_to_tokens(ids)
+    learned = [w for w, m in zip(words, mask) if m]
+    assert learned == ["cat", "cat", "cat", "done"] * 2 + ["sun", "sun", "sun", "done", "<|end|>", "then"]
+    assert not any(mask[: words.index("cat")])  # the user's "repeat cat" is not the assistant's
 
 
 def test_packing_fills_rows_and_keeps_every_document():
@@ -115,12 +119,15 @@ def test_row_layout_aligns_as_eagle3model_reads():
 
 
 def test_tokenize_truncates_and_drops(tok):
-    convs = [[{"role": "user", "content": "count from one"}, {"role": "assistant", "content": "one two three four done"}],
+    convs = [[{"role": "user", "content": "count from one"}, {"role": "assistant", "content": "one two three done"}],
+             [{"role": "user", "content": "count"}, {"role": "assistant", "content": " ".join(tiny_target.NUMBERS)}],
              [{"role": "user", "content": "repeat cat " * 20}, {"role": "assistant", "content": "cat"}]]
     stats = DataStats()
     docs = tokenize_conversations(tok, convs, q_len=16, stats=stats)
-    assert len(docs) == 1 and len(docs[0]) <= 17
-    assert stats.truncated == 1 and stats.no_assistant_tokens == 1
+    assert [len(d) for d in docs] == [12, 17]  # the second cut to q_len + 1 tokens: one full row
+    assert docs[1].ids.tolist() == tok(tok.apply_chat_template(convs[1], tokenize=False),
+                                       add_special_tokens=False)["input_ids"][:17]
+    assert stats.truncated == 2 and stats.no_assistant_tokens == 1  # the third: no assistant token left
 
 
 def test_draft_vocabulary_is_the_most_frequent_assistant_tokens():
@@ -142,37 +149,38 @@ def test_draft_vocabulary_is_the_most_frequent_assistant_tokens():
 
 
 def test_packed_rows_train_as_one_conversation_per_row():
-    """The same documents, packed two per row (doc_ids) or one per row (seq_lens): Eagle3Model's
-    loss, accuracies and gradients agree; nothing leaks between packed documents."""
+    """The same documents, packed two per row (doc_ids) or one per row (seq_lens), batched by
+    make_batch: Eagle3Model's loss, accuracies and gradients agree; nothing leaks between packed
+    documents."""
     torch.manual_seed(0)
     cfg = Eagle3DraftConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
                             vocab_size=40, draft_vocab_size=40, rope_theta=10000.0)
     model = Eagle3Model(Eagle3DraftModel(cfg), q_len=24, length=3)
     docs = [Document(torch.randint(40, (n,)), torch.rand(n) < 0.7) for n in (13, 11, 9, 16)]
-    hidden = {id(d): torch.randn(len(d), 96) for d in docs}
-    probs = {id(d): torch.softmax(torch.randn(len(d), 40), -1) for d in docs}
-
-    def batch(rows):
-        lays = [row_layout(r, 24) for r in rows]
-        h = torch.zeros(len(rows), 24, 96)
-        p = torch.zeros(len(rows), 24, 40)
-        for b, (r, lay) in enumerate(zip(rows, lays)):
-            for d, p0 in zip(r, lay["starts"].tolist()):
-                h[b, p0 : p0 + len(d) - 1] = hidden[id(d)][: len(d) - 1]
-                p[b, p0 : p0 + len(d) - 1] = probs[id(d)][1:]
-        stack = lambda k: torch.stack([lay[k] for lay in lays])  # noqa: E731
-        return stack("input_ids"), h, p, stack("loss_mask"), stack("doc_ids")
+    aux = {id(d): torch.randn(len(d), 96) for d in docs}  # the target's, per token of each document
+    last = {id(d): torch.randn(len(d), 16) for d in docs}
+    head = torch.randn(40, 16)
 
     def run(rows, packed):
+        lays = [row_layout(r, 24) for r in rows]
+        h, lh = torch.zeros(len(rows), 24, 96), torch.zeros(len(rows), 24, 16)
+        for b, (r, lay) in enumerate(zip(rows, lays)):
+            for d, p0 in zip(r, lay["starts"].tolist()):  # as TargetModel.rows places them
+                h[b, p0 : p0 + len(d) - 1] = aux[id(d)][: len(d) - 1]
+                lh[b, p0 : p0 + len(d) - 1] = last[id(d)][1:]
+        stack = lambda k: torch.stack([lay[k] for lay in lays])  # noqa: E731
+        batch = make_batch(stack("input_ids"), h, lh, stack("loss_mask"), stack("doc_ids"), head,
+                           torch.float32, packed)
+        assert (batch.doc_ids is not None) == packed and (batch.seq_lens is None) == packed
         model.zero_grad()
-        ids, h, p, mask, doc_ids = batch(rows)
-        kw = {"doc_ids": doc_ids} if packed else {"seq_lens": (doc_ids >= 0).sum(-1)}
-        out = model(ids, h, p, mask, **kw)
+        out = model(batch.input_ids, batch.hidden_states, batch.target, batch.loss_mask,
+                    **({"doc_ids": batch.doc_ids} if packed else {"seq_lens": batch.seq_lens}))
         out.loss.backward()
         return out, [q.grad.clone() for q in model.parameters() if q.requires_grad]
 
     packed, g_packed = run([[docs[0], docs[1]], [docs[2], docs[3]]], True)
     single, g_single = run([[d] for d in docs], False)
+    assert packed.acces.sum() > 0  # something to compare
     torch.testing.assert_close(packed.plosses, single.plosses)
     torch.testing.assert_close(packed.acces, single.acces)
     for a, b in zip(g_packed, g_single):

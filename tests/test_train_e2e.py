@@ -98,6 +98,8 @@ def test_train_checkpoint_resume_export_tau(tiny):
     assert state["step"] == STEPS
     exported, cfg = load_draft(draft_dir)
     assert cfg["max_position_embeddings"] >= 64 and cfg["draft_vocab_size"] == 64
+    target_weights = load_file(str(tiny["flags"][1] / "model.safetensors"))
+    assert torch.equal(exported.embed_tokens.weight, target_weights["model.embed_tokens.weight"])  # frozen, the target's
     assert exported.state_dict().keys() == state["draft"].keys()
     for k, v in exported.state_dict().items():
         assert torch.equal(v, state["draft"][k]), k

@@ -41,10 +41,18 @@ def test_chain_is_the_training_unroll():
     T, L = 20, 4
     model = Eagle3Model(draft, q_len=T, length=L)
     ids, hidden = torch.randint(61, (1, T)), torch.randn(1, T, 48)
-    steps = []
-    hook = draft.lm_head.register_forward_hook(lambda m, a, out: steps.append(out.detach()))
+    # Each TTT step's hidden state after the decoder layer, h + mlp(post_attention_layernorm(h)),
+    # from hooks (the unroll computes its logits inside the fused loss), then its logits.
+    residual, mlp_out = [], []
+    layer = draft.midlayer
+    hooks = [layer.post_attention_layernorm.register_forward_hook(lambda m, a, out: residual.append(a[0].detach())),
+             layer.mlp.register_forward_hook(lambda m, a, out: mlp_out.append(out.detach()))]
     model(ids, hidden, torch.randint(24, (1, T)), torch.ones(1, T))
-    hook.remove()
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        steps = [draft.compute_logits(r + o) for r, o in zip(residual, mlp_out)]
+    assert len(steps) == L
     for t in range(T - L + 1):
         proposals, logits = evaluate.draft_chain(draft, hidden[0, : t + 1], ids[0, : t + 1], L,
                                                  forced=ids[0, t + 1 : t + L])
