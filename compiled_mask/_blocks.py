@@ -3,7 +3,7 @@
 Every flag is a closed-form function of the block's coordinates, so the whole build is
 O(n_q * n_kv) elementwise work, with no dense Q_LEN x KV_LEN mask and no Python branching on
 tensor values. The rule is derived from the formula in ``mask_mod.py`` alone (no special cases for
-aligned shapes); ``tests/test_blocks.py`` checks it against ``create_block_mask``.
+aligned shapes); ``tests/test_block_mask.py`` checks it against ``create_block_mask``.
 
 Note [block semantics]
     ``create_block_mask`` evaluates the mask on [0, Q_LEN) x [0, KV_LEN) and pads it with False
@@ -29,8 +29,8 @@ def eagle3_block_flags(
     KV_LEN: int,
     Q_BLOCK_SIZE: int,
     KV_BLOCK_SIZE: int,
-    live_kv_len: int | Tensor,
     device: torch.device,
+    live_kv_len: int | Tensor,
     first_key: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """PARTIAL and FULL flags of every (q-block, kv-block) pair of the Eagle3 mask.
@@ -148,8 +148,8 @@ def eagle3_block_tensors(
     KV_BLOCK_SIZE: int,
     B: int,
     H: int,
-    live_kv_len: int | Tensor,
     device: torch.device,
+    live_kv_len: int | Tensor,
     first_key: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The eight BlockMask tensors of the Eagle3 mask, in ``BlockMask(...)`` argument order.
@@ -162,7 +162,7 @@ def eagle3_block_tensors(
         first_key every sample shares one mask, with it B is its batch.
     """
     partial, full = eagle3_block_flags(
-        Q_LEN, KV_LEN, Q_BLOCK_SIZE, KV_BLOCK_SIZE, live_kv_len, device, first_key
+        Q_LEN, KV_LEN, Q_BLOCK_SIZE, KV_BLOCK_SIZE, device, live_kv_len, first_key
     )  # [B', n_q, n_kv] each, B' in (1, B)
     tensors = []
     for flags in (partial, full, partial.mT, full.mT):

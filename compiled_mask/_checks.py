@@ -182,12 +182,7 @@ def _check_doc_layout(
     return batch
 
 
-def _check_input_layout(where: str, Q_LEN: int, seq_lens: torch.Tensor | None, doc_ids: torch.Tensor | None,
-                        x: torch.Tensor, name: str = "q") -> None:
-    """seq_lens/doc_ids given with attention (or model) inputs: valid layouts (metadata only) on
-    ``x``'s device, of ``x``'s batch."""
-    if seq_lens is None and doc_ids is None:
-        return
-    batch = _check_doc_layout(where, Q_LEN, 1, seq_lens, doc_ids, x.device)
-    if batch != x.size(0):
-        raise ValueError(f"{where}: seq_lens/doc_ids have batch {batch} but {name} has batch {x.size(0)}.")
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    """``t``'s shape as plain ints, for error messages: inside torch.compile a dynamic size would
+    print as its symbol (``s85``), not its value."""
+    return tuple(int(d) for d in t.shape)

@@ -11,8 +11,9 @@ Note [static widths]
     rounds is a 0-d int tensor, read only by tensor ops: keys of rounds past it are treated as
     padding, so their blocks are absent from all eight tensors and no kernel visits them. Every
     shape then depends on Python ints only: one graph serves every step, and FA4 (which refuses
-    SymInts in mask_mod) can take it. The live count is clamped to [1, ceil(KV_LEN / Q_LEN)] in the
-    graph, so no value of it can index outside the tensors.
+    SymInts in mask_mod) can take it. The live count is clamped to [1, max_rounds] in the graph
+    before anything reads it (``_checks._live_rounds``), so no value of it indexes outside the
+    tensors.
 
 Note [fused build]
     On CUDA the op runs one Triton kernel (``_triton_blocks.py``) that writes all eight tensors
@@ -34,10 +35,10 @@ from compiled_mask._layout import _first_keys_reference
 _Tensors8 = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
-def _live_kv_len(rounds: Tensor, Q_LEN: int, KV_LEN: int) -> Tensor:
-    """Number of live keys for ``rounds`` live rounds, clamped into [Q_LEN, KV_LEN]. 0-d int64."""
-    max_rounds = _ceil_div(KV_LEN, Q_LEN)
-    return (rounds.to(torch.int64).clamp(1, max_rounds) * Q_LEN).clamp(max=KV_LEN)
+def _live_kv_len(rounds: Tensor, Q_LEN: int) -> Tensor:
+    """Number of live keys, ``rounds * Q_LEN`` (0-d int64), for a count already widened and clamped
+    to [1, KV_LEN / Q_LEN] (``_checks._live_rounds``, the one place it is clamped)."""
+    return rounds * Q_LEN
 
 
 @torch.library.custom_op("compiled_mask::eagle3_block_mask", mutates_args=())
@@ -59,8 +60,8 @@ def _eagle3_block_mask_op(
         Q_BLOCK_SIZE, KV_BLOCK_SIZE: block sizes, KV_BLOCK_SIZE dividing Q_BLOCK_SIZE.
         B, H: batch and head dims of the outputs (1 broadcasts).
         device: where the outputs live.
-        rounds: ``None`` (all KV_LEN keys live) or a 0-d int tensor on ``device`` with the number
-            of live rounds (Note [static widths]).
+        rounds: ``None`` (all KV_LEN keys live) or a 0-d int64 tensor on ``device`` with the number
+            of live rounds, clamped to [1, KV_LEN / Q_LEN] (Note [static widths]).
         first_key: ``None``, or the ``[B, Q_LEN]`` int64 layout table of a padded/packed batch
             on ``device`` (Note [one layout table] in ``_layout.py``); B must then be its batch.
 
@@ -68,15 +69,16 @@ def _eagle3_block_mask_op(
         ``kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, q_num_blocks, q_indices,
         full_q_num_blocks, full_q_indices``, int32; shapes in :func:`_fake`.
     """
+    live_kv_len = None if rounds is None else _live_kv_len(rounds, Q_LEN)
     if device.type == "cuda":  # Note [fused build]
         from compiled_mask._triton_blocks import eagle3_block_tensors_triton
 
         return eagle3_block_tensors_triton(
-            Q_LEN, KV_LEN, Q_BLOCK_SIZE, KV_BLOCK_SIZE, B, H, rounds, device, first_key
+            Q_LEN, KV_LEN, Q_BLOCK_SIZE, KV_BLOCK_SIZE, B, H, device, live_kv_len, first_key
         )
-    live_kv_len = KV_LEN if rounds is None else _live_kv_len(rounds, Q_LEN, KV_LEN)
     return eagle3_block_tensors(
-        Q_LEN, KV_LEN, Q_BLOCK_SIZE, KV_BLOCK_SIZE, B, H, live_kv_len, device, first_key
+        Q_LEN, KV_LEN, Q_BLOCK_SIZE, KV_BLOCK_SIZE, B, H, device,
+        KV_LEN if live_kv_len is None else live_kv_len, first_key
     )
 
 

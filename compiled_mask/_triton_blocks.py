@@ -181,17 +181,15 @@ def _write_row(num_ptr, idx_ptr, full_num_ptr, full_idx_ptr, row, n_rows, width,
 @triton.jit
 def _eagle3_block_mask_kernel(
     kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx, full_q_num, full_q_idx,
-    rounds_ptr, n_before_ptr, first_at_ptr, first_key_ptr,
-    Q_LEN, KV_LEN, Q_BLOCK_SIZE, KV_BLOCK_SIZE, n_q, n_kv, COPIES, max_rounds,
-    HAS_ROUNDS: tl.constexpr, HAS_LAYOUT: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_Q: tl.constexpr,
+    live_ptr, n_before_ptr, first_at_ptr, first_key_ptr,
+    Q_LEN, KV_LEN, Q_BLOCK_SIZE, KV_BLOCK_SIZE, n_q, n_kv, COPIES,
+    HAS_LIVE: tl.constexpr, HAS_LAYOUT: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
     """Program (row, b): one row of sample b's mask (b = 0 without a layout), COPIES copies."""
     pid = tl.program_id(0)
     b = tl.program_id(1)
-    if HAS_ROUNDS:  # live keys: rounds clamped to [1, max_rounds], as _op._live_kv_len
-        rounds = tl.load(rounds_ptr).to(tl.int64)
-        rounds = tl.minimum(tl.maximum(rounds, 1), max_rounds)
-        live = tl.minimum(rounds * Q_LEN, KV_LEN).to(tl.int32)
+    if HAS_LIVE:  # the live keys, in [Q_LEN, KV_LEN] (_op._live_kv_len)
+        live = tl.load(live_ptr).to(tl.int32)
     else:
         live = KV_LEN
     n_before = n_before_ptr + b * (Q_LEN + 1)
@@ -222,9 +220,9 @@ def eagle3_block_tensors_triton(
     KV_BLOCK_SIZE: int,
     B: int,
     H: int,
-    rounds: Tensor | None,
     device: torch.device,
-    first_key: Tensor | None = None,
+    live_kv_len: Tensor | None,
+    first_key: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Same contract as ``_blocks.eagle3_block_tensors``, in one kernel launch on ``device`` (two
     with a layout: the per-sample lookup tables first). CPU tensors run in the Triton
@@ -248,9 +246,9 @@ def eagle3_block_tensors_triton(
         else:
             n_before = first_at = first_key = out[0]  # unread without a layout
         _eagle3_block_mask_kernel[(n_q + n_kv, B if has_layout else 1)](
-            *out, rounds if rounds is not None else out[0], n_before, first_at, first_key,
+            *out, live_kv_len if live_kv_len is not None else out[0], n_before, first_at, first_key,
             Q_LEN, KV_LEN, Q_BLOCK_SIZE, KV_BLOCK_SIZE, n_q, n_kv, H if has_layout else B * H,
-            -(-KV_LEN // Q_LEN), HAS_ROUNDS=rounds is not None, HAS_LAYOUT=has_layout,
+            HAS_LIVE=live_kv_len is not None, HAS_LAYOUT=has_layout,
             BLOCK_KV=_block(n_kv), BLOCK_Q=_block(n_q),
         )
     return out

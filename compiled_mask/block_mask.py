@@ -14,7 +14,8 @@ from compiled_mask._checks import (
     _check_positive,
 )
 from compiled_mask._layout import _layout_allowed
-from compiled_mask._op import _eagle3_block_mask_op, _first_keys
+from compiled_mask._inputs import normalize_layout
+from compiled_mask._op import _eagle3_block_mask_op
 from compiled_mask.mask_mod import _eagle3_allowed
 
 __all__ = ["eagle3_block_mask"]
@@ -76,8 +77,8 @@ def eagle3_block_mask(
     q_bs, kv_bs = _block_sizes(where, BLOCK_SIZE)
     device = _check_device(where, device)
     B = _check_doc_layout(where, Q_LEN, B, seq_lens, doc_ids, device)
-    first_key = _first_keys(Q_LEN, seq_lens, doc_ids)
-    return _eagle3_block_mask(Q_LEN, KV_LEN, q_bs, kv_bs, B, H, device, None, first_key)
+    layout = normalize_layout(where, Q_LEN, seq_lens, doc_ids, device)  # Note [one layout table]
+    return _eagle3_block_mask(Q_LEN, KV_LEN, q_bs, kv_bs, B, H, device, None, layout.first_key)
 
 
 def _eagle3_block_mask(

@@ -77,10 +77,11 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import Tensor, nn
 
-from compiled_mask import _split
-from compiled_mask._checks import _check_input_layout, _check_positive, _check_rounds, _live_rounds
+from compiled_mask._causal import causal_attention
+from compiled_mask._checks import _check_positive, _check_rounds, _live_rounds, _shape
+from compiled_mask._inputs import Layout, normalize_layout
 from compiled_mask._layout import _valid_queries
-from compiled_mask._op import _first_keys
+from compiled_mask._suffix import lse_merge, suffix_merge
 from compiled_mask.modules import Eagle3Attention, _check_qkv
 
 __all__ = ["Eagle3ContextParallelAttention", "shard_positions", "shard_sequence"]
@@ -311,12 +312,21 @@ class Eagle3ContextParallelAttention(nn.Module):
                 raise ValueError(
                     f"{where}: {name} must be this rank's shard of Q_LEN / world_size = {L} positions "
                     f"{'per round ' if name != 'q' else ''}({n} in dim 2), got {name}.shape="
-                    f"{tuple(t.shape)}. Shard the global tensors with shard_sequence(x, "
+                    f"{_shape(t)}. Shard the global tensors with shard_sequence(x, "
                     f"{self.q_len}, {P}, rank={self.rank}, layout={self.layout!r})."
                 )
-        _check_qkv(q, k, v, L, L * self.max_rounds)
+        _check_qkv(where, q, k, v, L, L * self.max_rounds)
         _check_rounds(where, rounds, self.max_rounds, q.device)
-        _check_input_layout(where, self.q_len, seq_lens, doc_ids, q)
+        layout = normalize_layout(where, self.q_len, seq_lens, doc_ids, q.device, q.size(0))  # Note [one layout table]
+        rounds = _live_rounds(rounds, self.max_rounds, q.device)  # Note [widen rounds first]
+        return self._attend(q, k, v, rounds, layout)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, rounds: Tensor, layout: Layout, *,
+                finite_padding: bool = False) -> Tensor:
+        """The attention from checked, normalised inputs (``Eagle3Attention._attend``'s contract;
+        ``layout`` is the global one)."""
+        where = type(self).__name__
+        P = self.world_size
         if self.mode == "ulysses":
             for name, heads in (("Hq", q.size(1)), ("Hkv", k.size(1))):
                 if heads % P != 0:
@@ -325,8 +335,8 @@ class Eagle3ContextParallelAttention(nn.Module):
                         f"got {name}={heads}, not a multiple of {P}. Use mode='allgather' (any head "
                         "count), or a group whose size divides both head counts."
                     )
-            return self._ulysses(q, k, v, rounds, seq_lens, doc_ids)
-        if doc_ids is not None:
+            return self._ulysses(q, k, v, rounds, layout, finite_padding)
+        if layout.documents:
             raise NotImplementedError(
                 f"{where}: doc_ids with mode='allgather' is not supported yet (the causal part "
                 "would need a kernel that stops at each document's start). Use mode='ulysses', "
@@ -337,24 +347,26 @@ class Eagle3ContextParallelAttention(nn.Module):
                 f"{where}: mode='allgather' runs fused attention kernels (cuDNN or flash) on CUDA, "
                 f"which take bf16 or fp16 inputs, got {q.dtype}. Cast q, k, v."
             )
-        rounds = _live_rounds(rounds, self.max_rounds, q.device)  # Note [widen rounds first]
-        out = self._allgather(q, k, v, rounds)
-        if seq_lens is None:
-            return out
-        # Note [padding without a mask_mod check] in modules.py: valid rows are exact; zero the rest.
-        positions = self.positions.to(q.device)  # (a no-op once the module is on q's device)
-        first_key = _first_keys(self.q_len, seq_lens, None)  # [B, Q_LEN], Note [one layout table]
-        valid = _valid_queries(self.q_len, first_key, q.device)[:, positions]  # [B, L]
-        return out * valid[:, None, :, None].to(out.dtype)  # [B, Hq, L, Dv]
+        if layout.first_key is None:
+            return self._allgather(q, k, v, rounds)
+        # The rank's rows of the layout: valid positions keep their keys and output, padding ones
+        # are zeroed (Note [padding is garbage] and [padding without a mask_mod check] in modules.py).
+        valid = _valid_queries(self.q_len, layout.first_key, q.device)[:, self.positions.to(q.device)]  # [B, L]
+        keep = valid[:, None, :, None]  # [B, 1, L, 1]
+        if not finite_padding:
+            L = self.local_len
+            k = torch.cat([torch.where(keep, k[:, :, :L], 0.0), k[:, :, L:]], dim=2)
+            v = torch.cat([torch.where(keep, v[:, :, :L], 0.0), v[:, :, L:]], dim=2)
+        return torch.where(keep, self._allgather(q, k, v, rounds), 0.0)  # [B, Hq, L, Dv]
 
     # ------------------------------------------------------------------------------- Ulysses
 
-    def _ulysses(self, q: Tensor, k: Tensor, v: Tensor, rounds: Tensor | int,
-                 seq_lens: Tensor | None, doc_ids: Tensor | None) -> Tensor:
+    def _ulysses(self, q: Tensor, k: Tensor, v: Tensor, rounds: Tensor, layout: Layout,
+                 finite_padding: bool) -> Tensor:
         qh = self._seq_to_heads(q, 1)  # [B, Hq/P, Q_LEN, D]
         kh = self._seq_to_heads(k, self.max_rounds)  # [B, Hkv/P, Q_LEN * max_rounds, D]
         vh = self._seq_to_heads(v, self.max_rounds)
-        out = self.local(qh, kh, vh, rounds, seq_lens=seq_lens, doc_ids=doc_ids)  # [B, Hq/P, Q_LEN, Dv]
+        out = self.local._attend(qh, kh, vh, rounds, layout, finite_padding=finite_padding)  # [B, Hq/P, Q_LEN, Dv]
         return self._heads_to_seq(out)
 
     def _seq_to_heads(self, x: Tensor, rounds: int) -> Tensor:
@@ -392,93 +404,24 @@ class Eagle3ContextParallelAttention(nn.Module):
         gathered = gathered.view(P, 2, B, Hkv, n_local, C, D)  # [P, 2, B, Hkv, nl, C, D]
         pieces = [gathered[p, :, :, :, j] for p, j in _global_order(P, self.layout)]  # each [2, B, Hkv, C, D]
         kv_full = torch.stack(pieces, dim=3).view(2, B, Hkv, self.q_len, D)  # [2, B, Hkv, Q_LEN, D]
+        k_full, v_full = kv_full[0], kv_full[1]  # [B, Hkv, Q_LEN, D]: round 0 of every rank
         scale = q.shape[-1] ** -0.5 if self.scale is None else self.scale
-        chunks = _rank_chunks(P, self.rank, self.layout)
-        return _ContextParallelSplit.apply(q, k, v, kv_full[0], kv_full[1], rounds, chunks, C, scale)
-
-
-def _merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
-    """Two softmax parts over disjoint keys as one: ``(out, lse)``, out in ``out_a``'s dtype."""
-    lse = torch.logaddexp(lse_a, lse_b)  # [B, H, C]
-    out = (torch.exp(lse_a - lse).unsqueeze(-1) * out_a.float()
-           + torch.exp(lse_b - lse).unsqueeze(-1) * out_b.float())  # [B, H, C, D]
-    return out.to(out_a.dtype), lse
-
-
-class _ContextParallelSplit(torch.autograd.Function):
-    """The split backend with its causal part cut per query chunk (Note [all-gather, not a ring]).
-
-    Local query chunk i holds global chunk ``g = chunks[i]`` (C positions): its causal keys are
-    the prefix ``[0, g * C)`` of the gathered round 0, all attended (a non-causal kernel call),
-    and its diagonal block ``[g * C, (g + 1) * C)``, causal, which is the rank's own round-0 keys
-    of that chunk. The two parts are merged by log-sum-exp, then the local suffix rounds by the
-    split backend's suffix op. Backward: each kernel's backward given the *merged* out/lse
-    (Note [backward through the merge] in ``_split.py``); the prefix gradients land in the
-    gathered keys' gradient, which the all-gather's backward reduce-scatters to their ranks.
-    """
-
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, k_full: Tensor, v_full: Tensor, rounds: Tensor,
-                chunks: tuple[int, ...], C: int, scale: float) -> Tensor:
-        L = q.size(2)
-        outs, lses, saved, consts = [], [], [], []
-        for i, g in enumerate(chunks):
-            rows = slice(i * C, (i + 1) * C)
-            q_i = q[:, :, rows]  # [B, Hq, C, D]
-            out_i, lse_i, tensors, const = _split._causal_forward(  # Note [cuDNN in the context-parallel split]
-                q_i, k[:, :, rows], v[:, :, rows], scale)
-            saved += tensors
-            consts.append((const, len(tensors)))
-            if g > 0:  # the prefix: every key of the chunks before g
-                out_p, lse_p, tensors, const = _split._causal_forward(
-                    q_i, k_full[:, :, : g * C], v_full[:, :, : g * C], scale, causal=False)
-                saved += tensors
-                consts.append((const, len(tensors)))
-                out_i, lse_i = _merge(out_i, lse_i, out_p, lse_p)
+        outs, lses = [], []
+        for i, g in enumerate(_rank_chunks(P, self.rank, self.layout)):
+            # Local chunk i is global chunk g: its causal keys are the diagonal block (causal) and
+            # the prefix of every chunk before it (all attended), merged by log-sum-exp. Both read
+            # the gathered keys, the diagonal block too (Note [every rank's reduce-scatter
+            # depends on dO]).
+            q_i = q[:, :, i * C: (i + 1) * C]  # [B, Hq, C, D]
+            diag = slice(g * C, (g + 1) * C)
+            out_i, lse_i = causal_attention(q_i, k_full[:, :, diag], v_full[:, :, diag], scale=scale)
+            if g > 0:
+                out_p, lse_p = causal_attention(q_i, k_full[:, :, : g * C], v_full[:, :, : g * C], scale=scale,
+                                                causal=False)
+                out_i, lse_i = lse_merge(out_i, lse_i, out_p, lse_p)
             outs.append(out_i)
             lses.append(lse_i)
         out_c = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]  # [B, Hq, L, Dv]
         lse_c = torch.cat(lses, dim=2) if len(lses) > 1 else lses[0]  # [B, Hq, L]
-        out, lse = _split._suffix_forward(q, k, v, out_c, lse_c, rounds, L, scale)
-        ctx.save_for_backward(q, k, v, k_full, v_full, rounds, out, lse, *saved)
-        ctx.chunks, ctx.C, ctx.scale, ctx.consts = chunks, C, scale, consts
+        out, _ = suffix_merge(q, k[:, :, L:], v[:, :, L:], out_c, lse_c, rounds, scale)
         return out
-
-    @staticmethod
-    def backward(ctx, dout: Tensor):
-        q, k, v, k_full, v_full, rounds, out, lse, *saved = ctx.saved_tensors
-        C, scale = ctx.C, ctx.scale
-        dout = dout.contiguous()
-        consts = iter(ctx.consts)
-
-        def kernel_backward(q_i, k_i, v_i, rows, causal):
-            nonlocal saved
-            const, n = next(consts)
-            tensors, saved = tuple(saved[:n]), saved[n:]
-            # Row slices of the merged dout/out/lse: the op makes them dense (Note [cuDNN backward
-            # layouts] in _split.py).
-            return _split._causal_backward(dout[:, :, rows], q_i, k_i, v_i, out[:, :, rows], lse[:, :, rows],
-                                           tensors, const, scale, causal=causal)
-
-        dq_c = []
-        # Note [every rank's reduce-scatter depends on dO]
-        dk_full = torch.zeros(k_full.shape, dtype=torch.float32, device=k_full.device)
-        dv_full = torch.zeros(v_full.shape, dtype=torch.float32, device=v_full.device)
-        for i, g in enumerate(ctx.chunks):
-            rows = slice(i * C, (i + 1) * C)
-            q_i = q[:, :, rows]
-            dq_i, dk_i, dv_i = kernel_backward(q_i, k[:, :, rows], v[:, :, rows], rows, True)
-            dk_full[:, :, g * C: (g + 1) * C] += dk_i  # the diagonal block: this rank's own keys
-            dv_full[:, :, g * C: (g + 1) * C] += dv_i
-            if g > 0:
-                dq_p, dk_p, dv_p = kernel_backward(q_i, k_full[:, :, : g * C], v_full[:, :, : g * C],
-                                                   rows, False)
-                dq_i = dq_i + dq_p
-                dk_full[:, :, : g * C] += dk_p
-                dv_full[:, :, : g * C] += dv_p
-            dq_c.append(dq_i)
-        dq_c = torch.cat(dq_c, dim=2) if len(dq_c) > 1 else dq_c[0]
-        L = q.size(2)
-        zeros_c = (k.new_zeros(k[:, :, :L].shape), v.new_zeros(v[:, :, :L].shape))  # round 0: in dk_full
-        dq, dk, dv = _split._suffix_backward(dout, q, k, v, out, lse, rounds, dq_c, *zeros_c, L, scale)
-        return dq, dk, dv, dk_full.to(k_full.dtype), dv_full.to(v_full.dtype), None, None, None, None

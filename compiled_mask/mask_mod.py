@@ -10,9 +10,9 @@ from __future__ import annotations
 from torch import Tensor
 from torch.nn.attention.flex_attention import _mask_mod_signature
 
-from compiled_mask._checks import _check_doc_layout, _check_positive
+from compiled_mask._checks import _check_positive
+from compiled_mask._inputs import normalize_layout
 from compiled_mask._layout import _layout_allowed
-from compiled_mask._op import _first_keys
 
 __all__ = ["eagle3_mask_mod"]
 
@@ -71,8 +71,7 @@ def eagle3_mask_mod(
     """
     where = "eagle3_mask_mod"
     _check_positive(where, Q_LEN=Q_LEN)
-    _check_doc_layout(where, Q_LEN, 1, seq_lens, doc_ids)
-    first_key = _first_keys(Q_LEN, seq_lens, doc_ids)
+    first_key = normalize_layout(where, Q_LEN, seq_lens, doc_ids, None).first_key  # Note [one layout table]
     if first_key is None:
 
         def eagle3_mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:

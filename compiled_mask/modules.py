@@ -2,31 +2,31 @@
 
 from __future__ import annotations
 
+import math
+from typing import Callable, NamedTuple
+
 import torch
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask
 
-from compiled_mask import _fa4, _split
+from compiled_mask import _fa4
 from compiled_mask._checks import (
     _DEFAULT_BLOCK_SIZE,
     _block_sizes,
     _check_device,
     _check_doc_layout,
-    _check_input_layout,
     _check_positive,
     _check_rounds,
     _live_rounds,
+    _shape,
 )
 from compiled_mask._flex import flex_eagle3_attention
+from compiled_mask._inputs import Layout, normalize_layout
 from compiled_mask._layout import _valid_queries
-from compiled_mask._op import _first_keys
+from compiled_mask._split import split_attention
 from compiled_mask.block_mask import _eagle3_block_mask
 
 __all__ = ["Eagle3BlockMask", "Eagle3Attention"]
-
-# Backends that run a kernel over the Eagle3 BlockMask; "split" needs no mask (_split.py).
-_MASK_BACKENDS = {"flex": flex_eagle3_attention, "fa4": _fa4.fa4_eagle3_attention}
-_BACKENDS = (*_MASK_BACKENDS, "split")
 
 
 class Eagle3BlockMask(nn.Module):
@@ -101,10 +101,10 @@ class Eagle3BlockMask(nn.Module):
         device = _check_device(where, "cpu" if device is None else device)
         _check_rounds(where, rounds, self.max_rounds, device)
         B = _check_doc_layout(where, self.q_len, self.B, seq_lens, doc_ids, device)
+        layout = normalize_layout(where, self.q_len, seq_lens, doc_ids, device)  # Note [one layout table]
         rounds = _live_rounds(rounds, self.max_rounds, device)  # Note [widen rounds first]
-        first_key = _first_keys(self.q_len, seq_lens, doc_ids)  # Note [one layout table]
         return _eagle3_block_mask(self.q_len, self.kv_len, *self.block_size, B, self.H, device,
-                                  rounds, first_key)
+                                  rounds, layout.first_key)
 
     def extra_repr(self) -> str:
         return f"q_len={self.q_len}, max_rounds={self.max_rounds}, block_size={self.block_size}"
@@ -163,24 +163,16 @@ class Eagle3Attention(nn.Module):
                 f"{where}: unknown backend={backend!r}; choose one of {sorted(_BACKENDS)}."
             )
         _check_positive(where, q_len=q_len, max_rounds=max_rounds)
-        if backend == "fa4":
-            _fa4._check_fa4_installed(where)
-        if backend == "split" and (block_size is not None or kernel_options is not None):
-            raise ValueError(
-                f"{where}: backend='split' uses no block mask: block_size and kernel_options do "
-                f"not apply (got block_size={block_size}, kernel_options={kernel_options})."
-            )
-        if block_size is None and backend == "flex":
-            block_size = _DEFAULT_BLOCK_SIZE
-        self.block_size = None if block_size is None else _block_sizes(where, block_size)
-        if backend == "fa4" and self.block_size is not None:
-            _fa4._check_fa4_block_size(where, self.block_size)
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                                  or not math.isfinite(scale)):
+            raise ValueError(f"{where}: scale must be a finite float or None (1 / sqrt(D)), got scale={scale!r}.")
         self.q_len = q_len
         self.max_rounds = max_rounds
         self.kv_len = q_len * max_rounds
         self.backend = backend
-        self.scale = scale
+        self.scale = None if scale is None else float(scale)
         self.kernel_options = kernel_options
+        self.block_size = _BACKENDS[backend].init(where, block_size, kernel_options)
 
     def forward(
         self,
@@ -198,77 +190,42 @@ class Eagle3Attention(nn.Module):
             q: ``[B, Hq, Q_LEN, D]``.
             k: ``[B, Hkv, Q_LEN * max_rounds, D]``, Hq a multiple of Hkv (GQA).
             v: ``[B, Hkv, Q_LEN * max_rounds, Dv]``; Dv may differ from D (MLA-style heads, e.g.
-                D 192 and Dv 128) on flex and split (Note [value head dim] in ``_split.py``); fa4
-                refuses it (``_fa4._check_fa4_head_dims``).
+                D 192 and Dv 128) on flex and split (Note [value head dim] in ``_causal.py``);
+                fa4 refuses it (``_fa4._check_fa4_head_dims``).
             rounds: live rounds, a 0-d int tensor on q's device (one graph for all values; a
                 value outside [1, max_rounds] is clamped), or eagerly an int in that range.
             seq_lens: optional ``[B]`` valid length of each sample (padded batch); doc_ids:
                 optional ``[B, Q_LEN]`` document of each position, -1 for padding (packed
                 batch); see ``eagle3_mask_mod``. Query rows with nothing to attend (padding)
-                come out as zeros, with zero gradients. With doc_ids, "split" runs its causal
-                part on flex_attention (Note [documents in the split backend] in ``_split.py``).
+                come out as zeros, with zero gradients, whatever q, k and v hold at padding
+                positions (NaN included). With doc_ids, "split" runs its causal part on
+                flex_attention on CUDA (Note [documents in the split backend] in ``_split.py``).
 
         Returns:
             ``[B, Hq, Q_LEN, Dv]``.
         """
         where = type(self).__name__
-        _check_qkv(q, k, v, self.q_len, self.kv_len)
+        _check_qkv(where, q, k, v, self.q_len, self.kv_len)
         _check_rounds(where, rounds, self.max_rounds, q.device)
-        _check_input_layout(where, self.q_len, seq_lens, doc_ids, q)
+        layout = normalize_layout(where, self.q_len, seq_lens, doc_ids, q.device, q.size(0))  # Note [one layout table]
         rounds = _live_rounds(rounds, self.max_rounds, q.device)  # Note [widen rounds first]
-        first_key = _first_keys(self.q_len, seq_lens, doc_ids)  # Note [one layout table]
-        if self.backend == "split":
-            return self._split_forward(q, k, v, rounds, first_key, documents=doc_ids is not None)
-        block_size = self.block_size_for(q.device)
-        if self.backend == "fa4":
-            _fa4._check_fa4_device(where, q.device)
-            if q.dtype not in (torch.bfloat16, torch.float16):
-                raise ValueError(
-                    f"{where}: backend='fa4' takes bf16 or fp16 inputs, got {q.dtype}. "
-                    "Cast q, k, v (e.g. .bfloat16()) or use backend='flex'."
-                )
-            _fa4._check_fa4_head_dims(where, q.size(3), v.size(3))
-            _fa4._check_fa4_call(where, self.q_len, block_size)
-        B = 1 if first_key is None else q.size(0)
-        block_mask = _eagle3_block_mask(
-            self.q_len, self.kv_len, *block_size, B, 1, q.device, rounds, first_key,
-            plain_mask_mod=self.backend == "fa4",  # Note [FA4 mask_mod] in _fa4.py
-        )
-        out = _MASK_BACKENDS[self.backend](
-            q, k, v, block_mask, scale=self.scale, kernel_options=self.kernel_options
-        )
-        return out if self.backend == "flex" else _zero_padding_rows(out, first_key)
+        return self._attend(q, k, v, rounds, layout)
 
-    def _split_forward(self, q: Tensor, k: Tensor, v: Tensor, rounds: Tensor,
-                       first_key: Tensor | None, documents: bool) -> Tensor:
-        where = type(self).__name__
-        if q.device.type == "cuda" and q.dtype not in (torch.bfloat16, torch.float16):
-            raise ValueError(
-                f"{where}: backend='split' on CUDA runs a fused causal kernel (cuDNN or flash "
-                f"attention), which takes bf16 or fp16 inputs, got {q.dtype}. Cast q, k, v or "
-                f"use backend='flex'."
-            )
-        if q.device.type == "cuda" and max(q.size(3), v.size(3)) > 256:
-            raise ValueError(
-                f"{where}: backend='split' on CUDA runs flash attention or cuDNN for the causal "
-                f"part, which take head dims up to 256, got D={q.size(3)} and Dv={v.size(3)}. "
-                "Use backend='flex'."
-            )
-        if not documents:
-            out = _split.split_eagle3_attention(q, k, v, rounds, q_len=self.q_len, scale=self.scale)
-        else:  # Note [documents in the split backend] in _split.py
-            if q.device.type == "cpu" and torch.compiler.is_compiling():
-                raise NotImplementedError(
-                    f"{where}: backend='split' with doc_ids runs its causal part on "
-                    "flex_attention with its log-sum-exp, which torch's compiled CPU flex does "
-                    "not return (it runs eagerly on CPU, and compiled on CUDA). On CPU compile "
-                    "backend='flex' instead."
-                )
-            causal = _eagle3_block_mask(self.q_len, self.q_len, _DEFAULT_BLOCK_SIZE, _DEFAULT_BLOCK_SIZE,
-                                        q.size(0), 1, q.device, None, first_key)
-            out = _split.split_document_attention(q, k, v, rounds, causal, q_len=self.q_len,
-                                                  scale=self.scale)
-        return _zero_padding_rows(out, first_key)
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, rounds: Tensor, layout: Layout, *,
+                finite_padding: bool = False) -> Tensor:
+        """The attention from checked, normalised inputs: ``rounds`` widened and clamped
+        (``_live_rounds``), ``layout`` from ``normalize_layout``. ``finite_padding``: the caller
+        guarantees finite k/v at padding positions (Note [padding is garbage])."""
+        backend = _BACKENDS[self.backend]
+        backend.check(self, q, v)
+        if q.numel() == 0 or v.size(-1) == 0:  # B or Hq of 0: nothing to attend
+            return q.new_zeros(*q.shape[:3], v.size(-1))
+        if layout.first_key is not None and not finite_padding:
+            k, v = _zero_padding_keys(k, v, layout, self.q_len, whole_buffer=self.backend != "split")
+        out = backend.run(self, q, k, v, rounds, layout)
+        if layout.first_key is None or not backend.zero_padding_rows:
+            return out
+        return _zero_padding_rows(out, layout.first_key)
 
     def block_size_for(self, device: torch.device) -> tuple[int, int]:
         """The (Q_BLOCK_SIZE, KV_BLOCK_SIZE) of the mask for inputs on ``device`` (for "split",
@@ -284,9 +241,114 @@ class Eagle3Attention(nn.Module):
         )
 
 
-def _zero_padding_rows(out: Tensor, first_key: Tensor | None) -> Tensor:
-    """Zero the padding query rows of a layout (Note [padding without a mask_mod check]); ``out``
-    as it is without one (``first_key`` None).
+# ----------------------------------------------------------------------------- the backend table
+
+
+def _init_flex(where: str, block_size, kernel_options) -> tuple[int, int]:
+    return _block_sizes(where, _DEFAULT_BLOCK_SIZE if block_size is None else block_size)
+
+
+def _check_flex(attn: Eagle3Attention, q: Tensor, v: Tensor) -> None:
+    pass
+
+
+def _run_flex(attn: Eagle3Attention, q: Tensor, k: Tensor, v: Tensor, rounds: Tensor, layout: Layout) -> Tensor:
+    B = 1 if layout.first_key is None else q.size(0)
+    block_mask = _eagle3_block_mask(attn.q_len, attn.kv_len, *attn.block_size_for(q.device), B, 1, q.device,
+                                    rounds, layout.first_key)
+    return flex_eagle3_attention(q, k, v, block_mask, scale=attn.scale, kernel_options=attn.kernel_options)
+
+
+def _init_fa4(where: str, block_size, kernel_options) -> tuple[int, int] | None:
+    _fa4._check_fa4_installed(where)
+    if block_size is None:
+        return None  # from the device, at the first call
+    block_size = _block_sizes(where, block_size)
+    _fa4._check_fa4_block_size(where, block_size)
+    return block_size
+
+
+def _check_fa4(attn: Eagle3Attention, q: Tensor, v: Tensor) -> None:
+    where = type(attn).__name__
+    _fa4._check_fa4_device(where, q.device)
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"{where}: backend='fa4' takes bf16 or fp16 inputs, got {q.dtype}. "
+            "Cast q, k, v (e.g. .bfloat16()) or use backend='flex'."
+        )
+    _fa4._check_fa4_head_dims(where, q.size(3), v.size(3))
+    _fa4._check_fa4_call(where, attn.q_len, attn.block_size_for(q.device))
+
+
+def _run_fa4(attn: Eagle3Attention, q: Tensor, k: Tensor, v: Tensor, rounds: Tensor, layout: Layout) -> Tensor:
+    B = 1 if layout.first_key is None else q.size(0)
+    block_mask = _eagle3_block_mask(attn.q_len, attn.kv_len, *attn.block_size_for(q.device), B, 1, q.device,
+                                    rounds, layout.first_key, plain_mask_mod=True)  # Note [FA4 mask_mod]
+    return _fa4.fa4_eagle3_attention(q, k, v, block_mask, scale=attn.scale, kernel_options=attn.kernel_options)
+
+
+def _init_split(where: str, block_size, kernel_options) -> None:
+    if block_size is not None or kernel_options is not None:
+        raise ValueError(
+            f"{where}: backend='split' uses no block mask: block_size and kernel_options do "
+            f"not apply (got block_size={block_size}, kernel_options={kernel_options})."
+        )
+    return None
+
+
+def _check_split(attn: Eagle3Attention, q: Tensor, v: Tensor) -> None:
+    where = type(attn).__name__
+    if q.device.type != "cuda":
+        return
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"{where}: backend='split' on CUDA runs a fused causal kernel (cuDNN or flash "
+            f"attention), which takes bf16 or fp16 inputs, got {q.dtype}. Cast q, k, v or "
+            f"use backend='flex'."
+        )
+    if max(q.size(3), v.size(3)) > 256:
+        raise ValueError(
+            f"{where}: backend='split' on CUDA runs flash attention or cuDNN for the causal "
+            f"part, which take head dims up to 256, got D={q.size(3)} and Dv={v.size(3)}. "
+            "Use backend='flex'."
+        )
+
+
+def _run_split(attn: Eagle3Attention, q: Tensor, k: Tensor, v: Tensor, rounds: Tensor, layout: Layout) -> Tensor:
+    first_key = document_mask = None
+    if layout.documents:  # Note [documents in the split backend] in _split.py
+        if q.device.type == "cuda":
+            document_mask = _eagle3_block_mask(attn.q_len, attn.q_len, _DEFAULT_BLOCK_SIZE, _DEFAULT_BLOCK_SIZE,
+                                               q.size(0), 1, q.device, None, layout.first_key)
+        else:
+            first_key = layout.first_key
+    return split_attention(q, k, v, rounds, q_len=attn.q_len, scale=attn.scale, first_key=first_key,
+                           document_mask=document_mask)
+
+
+class _Backend(NamedTuple):
+    """A backend of :class:`Eagle3Attention`: ``init(where, block_size, kernel_options)`` checks
+    the constructor's arguments and returns the block size it keeps; ``check(attn, q, v)``
+    refuses inputs it cannot take, before any op runs; ``run(attn, q, k, v, rounds, layout)``
+    attends; ``zero_padding_rows``: whether its padding rows need zeroing after it (flex's mask
+    leaves them no key, so they are zeros already; Inductor's CPU flex template also takes no
+    epilogue)."""
+
+    init: Callable
+    check: Callable
+    run: Callable
+    zero_padding_rows: bool
+
+
+_BACKENDS = {
+    "flex": _Backend(_init_flex, _check_flex, _run_flex, zero_padding_rows=False),
+    "fa4": _Backend(_init_fa4, _check_fa4, _run_fa4, zero_padding_rows=True),
+    "split": _Backend(_init_split, _check_split, _run_split, zero_padding_rows=True),
+}
+
+
+def _zero_padding_rows(out: Tensor, first_key: Tensor) -> Tensor:
+    """Zero the padding query rows of a layout (Note [padding without a mask_mod check]).
 
     Note [padding without a mask_mod check]
         The split backend runs the Eagle3 rule without a padding check: with seq_lens only, its
@@ -298,20 +360,43 @@ def _zero_padding_rows(out: Tensor, first_key: Tensor | None) -> Tensor:
         per-document mask (Note [documents in the split backend] in ``_split.py``); its suffix
         still needs the zeroing. fa4's plain mask_mod reads the layout table, so its padding rows
         attend nothing already; they are zeroed too, so that the defined output does not rest on
-        how FA4 writes a row with no key.
+        how FA4 writes a row with no key. A ``where``, not a product: a padding row may hold NaN
+        (its q is garbage), and its gradient is zero either way.
     """
-    if first_key is None:
-        return out
     valid = _valid_queries(out.size(2), first_key, out.device)  # [B, Q_LEN]
-    return out * valid[:, None, :, None].to(out.dtype)
+    return torch.where(valid[:, None, :, None], out, 0.0)  # [B, Hq, Q_LEN, Dv]
 
 
-def _check_qkv(q: Tensor, k: Tensor, v: Tensor, q_len: int, kv_len: int) -> None:
+def _zero_padding_keys(k: Tensor, v: Tensor, layout: Layout, q_len: int, whole_buffer: bool
+                       ) -> tuple[Tensor, Tensor]:
+    """k and v with zeros at the layout's padding positions (Note [padding is garbage]).
+
+    Note [padding is garbage]
+        Real pipelines leave anything at padding positions, NaN included. A kernel that reads a
+        padding key with zero weight still computes ``0 * v`` (NaN for a NaN v) inside its tile
+        product, and a masked NaN score can survive an additive mask; either would reach valid
+        rows. So the keys and values of padding positions are zeroed before any kernel reads
+        them: round 0 for split (its suffix kernels read only a valid query's own diagonal key),
+        every round for the block-sparse kernels (a suffix tile holds other positions' keys).
+        A caller that knows its padding is finite (``Eagle3Model`` zeroes its inputs there) skips it.
+    """
+    valid = _valid_queries(q_len, layout.first_key, k.device)  # [B, Q_LEN]: valid positions
+    if whole_buffer:
+        rounds = k.size(2) // q_len
+        valid = valid.repeat(1, rounds)  # [B, Q_LEN * rounds]
+        return (torch.where(valid[:, None, :, None], k, 0.0), torch.where(valid[:, None, :, None], v, 0.0))
+    keep = valid[:, None, :, None]  # [B, 1, Q_LEN, 1]
+    k0 = torch.where(keep, k[:, :, :q_len], 0.0)
+    v0 = torch.where(keep, v[:, :, :q_len], 0.0)
+    return torch.cat([k0, k[:, :, q_len:]], dim=2), torch.cat([v0, v[:, :, q_len:]], dim=2)
+
+
+def _check_qkv(where: str, q: Tensor, k: Tensor, v: Tensor, q_len: int, kv_len: int) -> None:
     """Shape, dtype and device checks of the attention inputs (metadata only)."""
-    where = "Eagle3Attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"{where}: {name} must be 4-D [B, H, S, D], got shape {tuple(t.shape)}.")
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            got = f"shape {_shape(t)}" if isinstance(t, Tensor) else repr(t)
+            raise ValueError(f"{where}: {name} must be 4-D [B, H, S, D], got {got}.")
     if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
         raise ValueError(
             f"{where}: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}."
@@ -322,22 +407,27 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor, q_len: int, kv_len: int) -> None
         )
     if q.size(2) != q_len:
         raise ValueError(
-            f"{where}: q must have Q_LEN={q_len} positions (dim 2), got q.shape={tuple(q.shape)}."
+            f"{where}: q must have Q_LEN={q_len} positions (dim 2), got q.shape={_shape(q)}."
         )
     if k.size(2) != kv_len or v.size(2) != kv_len:
         raise ValueError(
             f"{where}: k and v must be the static buffer of Q_LEN * max_rounds = {kv_len} "
-            f"positions (dim 2), got k.shape={tuple(k.shape)} and v.shape={tuple(v.shape)}. "
+            f"positions (dim 2), got k.shape={_shape(k)} and v.shape={_shape(v)}. "
             "Allocate it once for max_rounds and write round s at [s * Q_LEN, (s + 1) * Q_LEN)."
         )
     if q.size(0) != k.size(0) or k.shape[:2] != v.shape[:2]:
         raise ValueError(
-            f"{where}: batch and head dims must match: q.shape={tuple(q.shape)}, "
-            f"k.shape={tuple(k.shape)}, v.shape={tuple(v.shape)}."
+            f"{where}: batch and head dims must match: q.shape={_shape(q)}, "
+            f"k.shape={_shape(k)}, v.shape={_shape(v)}."
         )
     if q.size(3) != k.size(3):
         raise ValueError(
             f"{where}: q and k must share the head dim D, got {q.size(3)} and {k.size(3)}."
+        )
+    if k.size(1) == 0 or q.size(3) == 0:
+        raise ValueError(
+            f"{where}: k/v need at least one head and q/k a head dim of at least 1, got "
+            f"Hkv={k.size(1)} and D={q.size(3)}."
         )
     if q.size(1) % k.size(1) != 0:
         raise ValueError(

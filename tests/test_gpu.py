@@ -23,6 +23,7 @@ from helpers import (
 
 from compiled_mask import Eagle3Attention, eagle3_block_mask
 from compiled_mask._blocks import eagle3_block_tensors
+from compiled_mask._checks import _live_rounds
 from compiled_mask._op import _eagle3_block_mask_op, _live_kv_len
 from compiled_mask._op import _first_keys
 
@@ -40,12 +41,12 @@ def test_large_shapes_match_create_block_mask(Q_LEN, KV_LEN, BLOCK_SIZE):
 
 def _fused_vs_torch_ops(Q_LEN, KV_LEN, q_bs, kv_bs, B, H, rounds, seq_lens=None, doc_ids=None):
     cuda = torch.device("cuda")
-    rounds_t = None if rounds is None else torch.tensor(rounds, device=cuda)
+    rounds_t = None if rounds is None else _live_rounds(torch.tensor(rounds, device=cuda), KV_LEN // Q_LEN, cuda)
     seq_lens, doc_ids = (None if t is None else t.to(cuda) for t in (seq_lens, doc_ids))
     first_key = _first_keys(Q_LEN, seq_lens, doc_ids)
     fused = _eagle3_block_mask_op(Q_LEN, KV_LEN, q_bs, kv_bs, B, H, cuda, rounds_t, first_key)
-    live = KV_LEN if rounds is None else _live_kv_len(rounds_t, Q_LEN, KV_LEN)
-    want = eagle3_block_tensors(Q_LEN, KV_LEN, q_bs, kv_bs, B, H, live, cuda, first_key)
+    live = KV_LEN if rounds is None else _live_kv_len(rounds_t, Q_LEN)
+    want = eagle3_block_tensors(Q_LEN, KV_LEN, q_bs, kv_bs, B, H, cuda, live, first_key)
     for i, (f, w) in enumerate(zip(fused, want)):
         assert f.shape == w.shape and f.dtype == w.dtype, i
         assert torch.equal(f, w), (Q_LEN, KV_LEN, q_bs, kv_bs, B, H, rounds, i, seq_lens, doc_ids)

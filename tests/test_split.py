@@ -20,7 +20,7 @@ from helpers import (
     rel_err,
 )
 
-from compiled_mask import Eagle3Attention, _split
+from compiled_mask import Eagle3Attention, _causal
 from compiled_mask.inspect import GraphCounter, compile_summary, watch_recompiles
 
 
@@ -110,8 +110,8 @@ def test_forward_matches_compiled_flex():
 def test_split_cuda_vs_float64_and_flex(fresh_compile_state, monkeypatch, kernel, q_len, max_rounds,
                                         live, Hq, Hkv, D):
     """On CUDA the causal part runs cuDNN (or flash); bf16 fwd+bwd no worse than flex."""
-    assert _split._causal_kernel(torch.empty(1, 1, 2, D, device="cuda")) == "cudnn"  # the default
-    monkeypatch.setattr(_split, "_causal_kernel", lambda q: kernel)
+    assert _causal._causal_kernel(torch.empty(1, 1, 2, D, device="cuda")) == "cudnn"  # the default
+    monkeypatch.setattr(_causal, "_causal_kernel", lambda q: kernel)
     errors = backend_errors(("split", "flex"), q_len, max_rounds, live, Hq, Hkv, D, torch.bfloat16)
     for split_err, flex_err in zip(errors["split"], errors["flex"]):
         assert split_err < 1e-2
@@ -119,12 +119,11 @@ def test_split_cuda_vs_float64_and_flex(fresh_compile_state, monkeypatch, kernel
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="Note [aligned kernel inputs]: compiled for a misaligned input, it is not seen"))])
+@pytest.mark.parametrize("compiled", [False, True])
 def test_split_cuda_misaligned_inputs(fresh_compile_state, compiled):
     """Contiguous q, k, v, dO at storage offsets that are not 16-byte aligned (views into larger
-    buffers): exact eagerly; compiled, still wrong (Note [aligned kernel inputs])."""
+    buffers): exact eagerly, and in a graph compiled for such inputs (the causal op sees the real
+    tensors: Note [aligned kernel inputs] in _causal.py)."""
     q_len, max_rounds, Hq, Hkv, D = 512, 3, 4, 2, 64
     g = torch.Generator(device="cuda").manual_seed(0)
 
@@ -168,97 +167,6 @@ def test_split_cuda_refuses_float32():
         attn(q, k, k.clone(), torch.tensor(1, device="cuda"))
 
 
-# ----------------------------------------------------------------------------- the suffix ops
-
-
-def _suffix_args(B, Hq, Hkv, q_len, max_rounds, D, Dv, live, device="cpu", dtype=torch.float32,
-                 strided=False, seed=0):
-    """Inputs of the suffix ops: forward args, and the extra backward args (dout, dq_c, dk_c, dv_c).
-
-    ``strided``: every tensor a [B, L, H, D] buffer viewed as [B, H, L, D], like SDPA's layouts.
-    """
-    g = torch.Generator(device=device).manual_seed(seed)
-
-    def make(b, h, n, d, dtype=dtype):
-        shape = (b, n, h, d) if strided else (b, h, n, d)
-        x = torch.randn(*shape, generator=g, device=device).to(dtype)
-        return x.transpose(1, 2) if strided else x
-
-    q, k, v = make(B, Hq, q_len, D), make(B, Hkv, q_len * max_rounds, D), make(B, Hkv, q_len * max_rounds, Dv)
-    out_c = make(B, Hq, q_len, Dv)
-    lse_c = make(B, Hq, q_len, 1, dtype=torch.float32)[..., 0] + 3
-    forward = (q, k, v, out_c, lse_c, torch.tensor(live, device=device), q_len, D**-0.5)
-    backward = (make(B, Hq, q_len, Dv), make(B, Hq, q_len, D), make(B, Hkv, q_len, D), make(B, Hkv, q_len, Dv))
-    return forward, backward
-
-
-def _backward_args(forward, extra, out, lse):
-    q, k, v, _, _, rounds, q_len, scale = forward
-    dout, dq_c, dk_c, dv_c = extra
-    return (dout, q, k, v, out, lse, rounds, dq_c, dk_c, dv_c, q_len, scale)
-
-
-# (B, Hq, Hkv, q_len, max_rounds, D, Dv, live)
-SUFFIX_CASES = [
-    (1, 4, 2, 40, 4, 16, 16, 3),  # GQA, a dead round, Q_LEN off the kernel's 32-query tiles
-    (2, 4, 4, 33, 3, 24, 8, 5),  # rounds past the buffer, D not a power of two, Dv != D
-    (1, 6, 2, 70, 5, 16, 16, 1),  # every suffix round dead
-    (1, 2, 1, 32, 1, 16, 16, 1),  # no suffix rounds at all
-    (1, 2, 1, 20, 3, 16, 16, -2),  # negative rounds: nothing live
-]
-
-
-@pytest.mark.parametrize("case", SUFFIX_CASES[:3])
-def test_suffix_ops_opcheck(case):
-    forward, extra = _suffix_args(*case, strided=case[0] == 2)
-    torch.library.opcheck(_split._suffix_forward, forward)
-    out, lse = _split._suffix_forward(*forward)
-    torch.library.opcheck(_split._suffix_backward, _backward_args(forward, extra, out, lse))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("strided", [False, True])
-@pytest.mark.parametrize("case", SUFFIX_CASES + [(2, 32, 8, 1000, 7, 128, 128, 7), (1, 8, 2, 515, 4, 64, 64, 3)])
-def test_suffix_kernels_match_reference(case, strided, dtype):
-    """The default (grouped) Triton kernels against the torch math they replace, on the same CUDA inputs."""
-    _assert_suffix_ops_match_reference(case, strided, dtype)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("case", SUFFIX_CASES + [(2, 32, 8, 1000, 7, 128, 128, 7), (1, 8, 2, 515, 4, 64, 128, 3)])
-def test_per_head_suffix_kernels_match_reference(monkeypatch, case, dtype):
-    """The per-head forward and the split backward (Note [suffix kernel switches]: the grouped ones
-    are the default), strided inputs."""
-    from compiled_mask import _triton_suffix
-
-    monkeypatch.setattr(_triton_suffix, "FORWARD", "heads")
-    monkeypatch.setattr(_triton_suffix, "BACKWARD", "split")
-    _assert_suffix_ops_match_reference(case, True, dtype)
-
-
-def _assert_suffix_ops_match_reference(case, strided, dtype):
-    forward, extra = _suffix_args(*case, device="cuda", dtype=dtype, strided=strided)
-    got = _split._suffix_forward(*forward)
-    want = _split._suffix_forward_reference(*forward)
-    for x, w in zip(got, want):
-        assert x.is_contiguous() and x.dtype == w.dtype
-        torch.testing.assert_close(x, w)
-    args = _backward_args(forward, extra, *want)
-    for name, x, w in zip("qkv", _split._suffix_backward(*args), _split._suffix_backward_reference(*args)):
-        assert x.is_contiguous() and x.dtype == w.dtype, name
-        torch.testing.assert_close(x, w, msg=name)
-
-
-@pytest.mark.gpu
-def test_suffix_ops_opcheck_cuda():
-    forward, extra = _suffix_args(*SUFFIX_CASES[0], device="cuda", dtype=torch.bfloat16)
-    torch.library.opcheck(_split._suffix_forward, forward)
-    out, lse = _split._suffix_forward(*forward)
-    torch.library.opcheck(_split._suffix_backward, _backward_args(forward, extra, out, lse))
-
-
 @settings(max_examples=40, deadline=None)
 @given(
     B=st.integers(1, 2), Hkv=st.integers(1, 2), G=st.sampled_from([1, 2, 4]), q_len=st.integers(1, 90),
@@ -300,59 +208,3 @@ def test_value_head_dim_differs(compiled, D, Dv):
     assert rel_err(out, want) < 1e-5
     for name, got, ref in zip("qkv", grads, want_grads):
         assert got.shape == ref.shape and rel_err(got, ref) < 1e-5, name
-
-
-@pytest.mark.gpu
-def test_one_query_runs_on_flash():
-    """cuDNN refuses Q_LEN = 1 (and, compiled, crashed on it): flash takes it."""
-    assert _split._causal_kernel(torch.empty(1, 1, 1, 64, device="cuda")) == "flash"
-    assert _split._causal_kernel(torch.empty(1, 1, 2, 64, device="cuda")) == "cudnn"
-
-
-# ------------------------------------------------------------------ the causal kernels' backward
-
-
-def _causal_backward_args(device, dtype, layout, seed=0):
-    """q, k, v ``[B, H, L, D]`` as transposed views of ``[B, L, H, D]`` (a projection's layout), the
-    causal kernel's forward state, and dO; ``layout``: "contiguous", or every one of dO, out, lse
-    a transposed view of another storage order (same values)."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    q, k, v = (torch.randn(2, 64, h, 32, generator=g, device=device).to(dtype).transpose(1, 2)
-               for h in (4, 2, 2))
-    out, lse, tensors, consts = _split._causal_forward(q, k, v, 32**-0.5)
-    dout = torch.randn(out.shape, generator=g, device=device).to(dtype)
-    if layout != "contiguous":
-        dout, out = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (dout, out))
-        lse = lse.transpose(1, 2).contiguous().transpose(1, 2)
-    return (dout, q, k, v, out, lse, tensors, consts)
-
-
-@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
-def test_causal_backward_op_opcheck(layout):
-    """The causal kernels' backward op (Note [cuDNN backward layouts]): its fake states the real
-    outputs' layout (contiguous), for inputs in a projection's layout."""
-    dout, q, k, v, out, lse, tensors, (kernel, *sizes) = _causal_backward_args("cpu", torch.float32, layout)
-    args = (dout, q, k, v, out, lse, list(tensors), kernel, list(sizes), 32**-0.5, True)
-    torch.library.opcheck(_split._causal_backward_op, args)
-    for grad in _split._causal_backward_op(*args):
-        assert grad.is_contiguous()
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["cudnn", "flash"])
-def test_causal_backward_any_layout_in_one_process(monkeypatch, kernel):
-    """dO, out and lse in another layout than the previous call's, for the same q, k, v: exact
-    (Note [cuDNN backward layouts]: without the op's contiguous copies, flash was wrong for a
-    transposed lse, and cuDNN for all three transposed after a contiguous call; H200, torch 2.11)."""
-    monkeypatch.setattr(_split, "_causal_kernel", lambda q: kernel)
-    for order in (("contiguous", "transposed"), ("transposed", "contiguous"), ("contiguous", "transposed")):
-        for layout in order:
-            dout, q, k, v, out, lse, tensors, consts = _causal_backward_args("cuda", torch.bfloat16, layout)
-            assert consts[0] == kernel
-            got = _split._causal_backward(dout, q, k, v, out, lse, tensors, consts, 32**-0.5)
-            leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-            want_out = torch.nn.functional.scaled_dot_product_attention(
-                *leaves, is_causal=True, scale=32**-0.5, enable_gqa=True)
-            want = torch.autograd.grad(want_out, leaves, dout.double())
-            for name, x, w in zip("qkv", got, want):
-                assert rel_err(x, w) < 2e-2, (order, layout, name, rel_err(x, w))

@@ -28,8 +28,9 @@ import torch
 import triton  # noqa: F401  (the test extra installs it; a missing triton must fail, not skip)
 from helpers import load_tool
 
-from compiled_mask import _split
+from compiled_mask._suffix import _merge_backward_reference, _merge_reference
 from compiled_mask._blocks import eagle3_block_tensors
+from compiled_mask._checks import _live_rounds
 from compiled_mask._op import _first_keys, _live_kv_len
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -71,13 +72,12 @@ def suffix():
 
 def _assert_build_matches(blocks, Q_LEN, KV_LEN, q_bs, kv_bs, B, H, rounds, seq_lens=None, doc_ids=None):
     """The fused build (one or two interpreted kernels) == the torch-ops build, all eight tensors."""
-    rounds_t = None if rounds is None else torch.tensor(rounds)
+    live = None if rounds is None else _live_kv_len(_live_rounds(torch.tensor(rounds), KV_LEN // Q_LEN, CPU), Q_LEN)
     first_key = _first_keys(Q_LEN, seq_lens, doc_ids)
     if first_key is not None:
         B = first_key.shape[0]
-    got = blocks.eagle3_block_tensors_triton(Q_LEN, KV_LEN, q_bs, kv_bs, B, H, rounds_t, CPU, first_key)
-    live = KV_LEN if rounds is None else _live_kv_len(rounds_t, Q_LEN, KV_LEN)
-    want = eagle3_block_tensors(Q_LEN, KV_LEN, q_bs, kv_bs, B, H, live, CPU, first_key)
+    got = blocks.eagle3_block_tensors_triton(Q_LEN, KV_LEN, q_bs, kv_bs, B, H, CPU, live, first_key)
+    want = eagle3_block_tensors(Q_LEN, KV_LEN, q_bs, kv_bs, B, H, CPU, KV_LEN if live is None else live, first_key)
     for i, (g, w) in enumerate(zip(got, want)):
         assert g.shape == w.shape and g.dtype == w.dtype, i
         assert torch.equal(g, w), (Q_LEN, KV_LEN, q_bs, kv_bs, B, H, rounds, i, seq_lens, doc_ids)
@@ -195,21 +195,22 @@ SUFFIX_CASES = [
     (1, 6, 2, 20, 4, 3, 8, 8),  # G = 3: a padded head in the grouped tiles
     (1, 6, 2, 9, 3, -1, 8, 8),  # negative rounds: nothing live
 ]
-# (forward, backward) kernel variants (Note [suffix kernel switches] in _triton_suffix.py)
+# (forward, backward) kernel forms (_triton_suffix.py)
 SUFFIX_VARIANTS = [("heads", "split"), ("grouped", "fused")]
 
 
 def _suffix_inputs(B, Hq, Hkv, q_len, max_rounds, D, Dv, dtype, strided, seed=0):
+    """q, the suffix rounds ks/vs, and a causal part's out_c/lse_c."""
     g = torch.Generator().manual_seed(seed)
     make = lambda *shape: torch.randn(*shape, generator=g).to(dtype)  # noqa: E731
-    kv = q_len * max_rounds
+    kv = q_len * (max_rounds - 1)
     if strided:  # [B, S, H, D] storage, viewed as [B, H, S, D]
         q = make(B, q_len, Hq, D).transpose(1, 2)
-        k, v = make(B, kv, Hkv, D).transpose(1, 2), make(B, kv, Hkv, Dv).transpose(1, 2)
+        ks, vs = make(B, kv, Hkv, D).transpose(1, 2), make(B, kv, Hkv, Dv).transpose(1, 2)
     else:
-        q, k, v = make(B, Hq, q_len, D), make(B, Hkv, kv, D), make(B, Hkv, kv, Dv)
+        q, ks, vs = make(B, Hq, q_len, D), make(B, Hkv, kv, D), make(B, Hkv, kv, Dv)
     out_c, lse_c = make(B, Hq, q_len, Dv), torch.randn(B, Hq, q_len, generator=g)
-    return q, k, v, out_c, lse_c
+    return q, ks, vs, out_c, lse_c
 
 
 @in_interpreter
@@ -217,17 +218,17 @@ def _suffix_inputs(B, Hq, Hkv, q_len, max_rounds, D, Dv, dtype, strided, seed=0)
 @pytest.mark.parametrize("case", SUFFIX_CASES)
 @pytest.mark.parametrize("dtype, strided", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)])
 def test_suffix_kernels_match_torch(suffix, case, dtype, strided, variants):
-    """Forward merge and backward (dq, dk, dv) of the interpreted kernels == the torch math."""
+    """Forward merge and backward (dq, dks, dvs and the causal part's d out_c, d lse_c, with and
+    without an lse gradient) of the interpreted kernels == the torch math."""
     _assert_suffix_kernels_match(suffix, case, dtype, strided, variants)
 
 
 @in_interpreter
-def test_grouped_suffix_kernels_small_tiles(suffix, monkeypatch):
+def test_grouped_suffix_kernels_small_tiles(suffix):
     """The grouped kernels with fewer rows per program than the group has heads: one query per
     program, the tile arithmetic at its edge."""
-    for config in (suffix.GROUPED_FWD, suffix.FUSED_BWD):
-        monkeypatch.setitem(config, "rows", 2)
-    _assert_suffix_kernels_match(suffix, (1, 8, 2, 5, 3, 2, 16, 8), torch.float32, True, SUFFIX_VARIANTS[1])
+    config = dict(rows=2, num_warps=2, stages=3)
+    _assert_suffix_kernels_match(suffix, (1, 8, 2, 5, 3, 2, 16, 8), torch.float32, True, SUFFIX_VARIANTS[1], config)
 
 
 @in_interpreter
@@ -237,28 +238,26 @@ def test_grouped_suffix_kernels_wide_group(suffix):
     _assert_suffix_kernels_match(suffix, (1, 32, 1, 8, 2, 2, 8, 8), torch.float32, False, SUFFIX_VARIANTS[1])
 
 
-def _assert_suffix_kernels_match(suffix, case, dtype, strided, variants):
+def _assert_suffix_kernels_match(suffix, case, dtype, strided, variants, config=None):
     fwd, bwd = variants
     B, Hq, Hkv, q_len, max_rounds, live, D, Dv = case
-    q, k, v, out_c, lse_c = _suffix_inputs(B, Hq, Hkv, q_len, max_rounds, D, Dv, dtype, strided)
-    rounds, scale = torch.tensor(live), D**-0.5
+    q, ks, vs, out_c, lse_c = _suffix_inputs(B, Hq, Hkv, q_len, max_rounds, D, Dv, dtype, strided)
+    rounds, scale = _live_rounds(torch.tensor(live), max_rounds, CPU), D**-0.5
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
 
-    out, lse = suffix.suffix_forward_triton(q, k, v, out_c, lse_c, rounds, q_len, scale, fwd)
-    want_out, want_lse = _split._suffix_forward_reference(q, k, v, out_c, lse_c, rounds, q_len, scale)
+    out, lse = suffix.merge_forward_triton(q, ks, vs, out_c, lse_c, rounds, scale, fwd, config)
+    want_out, want_lse = _merge_reference(q, ks, vs, out_c, lse_c, rounds, scale)
     torch.testing.assert_close(out, want_out, **tol)
     torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
 
     g = torch.Generator().manual_seed(1)
     dout = torch.randn(out.shape, generator=g).to(dtype)
-    dq_c = torch.randn(q.shape, generator=g).to(dtype)
-    dk_c, dv_c = (torch.randn(B, Hkv, q_len, d, generator=g).to(dtype) for d in (D, Dv))
-    got = suffix.suffix_backward_triton(dout, q, k, v, want_out, want_lse, rounds, dq_c, dk_c, dv_c, q_len, scale,
-                                        bwd)
-    want = _split._suffix_backward_reference(dout, q, k, v, want_out, want_lse, rounds, dq_c, dk_c, dv_c,
-                                             q_len, scale)
-    for name, x, y in zip(("dq", "dk", "dv"), got, want):
-        torch.testing.assert_close(x, y, **tol, msg=lambda m: f"{name}: {m}")
+    for dlse in (None, torch.randn(lse.shape, generator=g)):
+        args = (dout, dlse, q, ks, vs, out_c, lse_c, want_out, want_lse, rounds, scale)
+        got = suffix.merge_backward_triton(*args, bwd, config)
+        want = _merge_backward_reference(*args)
+        for name, x, y in zip(("dq", "dks", "dvs", "d_out_c", "d_lse_c"), got, want):
+            torch.testing.assert_close(x, y, **tol, msg=lambda m: f"{name}: {m}")
 
 
 def _load_bench():
@@ -280,12 +279,12 @@ def test_bench_suffix_table(suffix, monkeypatch):
     fwd, bwd = bench.suffix_bytes(1, 4, 2, 10, 3, 3, 8, 8, 4)
     assert [r["MB"] for r in rows[:4]] == [float(f"{n / 1e6:.4g}") for n in (fwd, fwd, bwd, bwd)]
 
-    real = suffix.suffix_backward_triton
+    real = suffix.merge_backward_triton
 
     def off_by_a_little(*args):  # the fused variant's dq, 1e-3 off
-        dq, dk, dv = real(*args)
-        return (dq + 1e-3 if args[-1] == "fused" else dq), dk, dv
+        dq, *rest = real(*args)
+        return (dq + 1e-3 if args[-2] == "fused" else dq), *rest
 
-    monkeypatch.setattr(suffix, "suffix_backward_triton", off_by_a_little)
+    monkeypatch.setattr(suffix, "merge_backward_triton", off_by_a_little)
     rows, failed = bench.suffix_rows(*args, sweep=False)
     assert failed == 1 and [r["check"][:8] for r in rows] == ["ok", "ok", "ok", "MISMATCH"], rows

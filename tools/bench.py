@@ -309,40 +309,7 @@ def _with_throughput(row: dict, tflop: float, peaks: dict) -> dict:
     return row
 
 
-SPLIT_SUFFIX_DEFAULT = ("default",)  # the split backend with the suffix kernels its module picks
-
-
-def _split_suffix_arg(spec: str) -> str:
-    fwd, _, bwd = spec.partition(":")
-    if spec != "default" and (fwd not in ("heads", "grouped") or bwd not in ("split", "fused")):
-        raise argparse.ArgumentTypeError(f"got {spec!r}, expected 'default' or FWD:BWD with FWD in "
-                                         "heads|grouped and BWD in split|fused, e.g. grouped:fused")
-    return spec
-
-
-def _suffix_variant(spec: str):
-    """A ``--split-suffix`` entry "FWD:BWD" (e.g. "grouped:fused", Note [suffix kernel switches]
-    in _triton_suffix.py) -> a context that selects it, and a label for the row."""
-    if spec == "default":
-        return contextlib.nullcontext, ""
-    fwd, bwd = spec.split(":")
-
-    @contextlib.contextmanager
-    def use():
-        from compiled_mask import _triton_suffix as ts
-
-        old = ts.FORWARD, ts.BACKWARD
-        ts.FORWARD, ts.BACKWARD = fwd, bwd
-        try:
-            yield
-        finally:
-            ts.FORWARD, ts.BACKWARD = old
-
-    return use, f" [suffix fwd={fwd}, bwd={bwd}]"
-
-
-def attention_rows(device, dtype, q_len, rounds_list, heads, D, backends, reps, passes, peaks,
-                   split_suffix=SPLIT_SUFFIX_DEFAULT, prebuilt=True):
+def attention_rows(device, dtype, q_len, rounds_list, heads, D, backends, reps, passes, peaks, prebuilt=True):
     """``passes``: (pass name, grad mode) pairs, e.g. ("fwd", None), ("fwd+bwd", "autograd").
     On CPU the fwd+bwd passes time the floors only (flex has no CPU backward, and compiling the
     other backward graphs would double the CI smoke's time)."""
@@ -363,30 +330,27 @@ def attention_rows(device, dtype, q_len, rounds_list, heads, D, backends, reps, 
         for rounds in rounds_list:
             kv_len = q_len * rounds
             live = torch.tensor(rounds, device=device)
-            methods = []  # (name, attend, context, is_floor)
+            methods = []  # (name, attend, is_floor)
             if not (backward and device.type == "cpu"):
                 for b, attn in compiled.items():
-                    for spec in (split_suffix if b == "split" else SPLIT_SUFFIX_DEFAULT):
-                        use, label = _suffix_variant(spec)
-                        methods.append((f"Eagle3Attention({b!r}), mask in-graph{label}",
-                                        lambda q, k, v, attn=attn: attn(q, k, v, live), use, False))
+                    methods.append((f"Eagle3Attention({b!r}), mask in-graph",
+                                    lambda q, k, v, attn=attn: attn(q, k, v, live), False))
                 if prebuilt:
                     bm = create_block_mask(eagle3_mask_mod(q_len), 1, 1, q_len, kv_len, device=device)
                     methods.append(("flex_attention + create_block_mask (prebuilt)",
                                     lambda q, k, v, bm=bm: flex(q, k[:, :, :kv_len], v[:, :, :kv_len],
-                                                                block_mask=bm, enable_gqa=True),
-                                    contextlib.nullcontext, False))
+                                                                block_mask=bm, enable_gqa=True), False))
             methods.append((floors[0], lambda q, k, v: F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, enable_gqa=True), contextlib.nullcontext, True))
+                q, k, v, is_causal=True, enable_gqa=True), True))
             methods.append((floors[1], lambda q, k, v: F.scaled_dot_product_attention(
-                q, k, v, is_causal=True), contextlib.nullcontext, True))
+                q, k, v, is_causal=True), True))
             results = []
-            for name, attend, use, is_floor in methods:
+            for name, attend, is_floor in methods:
                 row = dict(table="attention", method=name, Q_LEN=q_len, rounds=rounds,
                            heads=f"{Hq}/{Hkv}", D=D, dtype=str(dtype).removeprefix("torch."),
                            pass_=pass_, grad=grad_mode or "")
                 try:
-                    with use(), torch.no_grad() if not backward else contextlib.nullcontext():
+                    with torch.no_grad() if not backward else contextlib.nullcontext():
                         fn = _step(attend, floor_sets[name] if is_floor else sets, grad_mode)
                         row["ms"] = median_ms(fn, device, reps)
                 except Exception as e:  # noqa: BLE001 - a backend that cannot run is a row too
@@ -503,54 +467,42 @@ def document_rows(device, dtype, q_len, rounds, heads, D, batch, backends, reps)
 
 def suffix_bytes(B: int, Hq: int, Hkv: int, q_len: int, max_rounds: int, live: int, D: int, Dv: int,
                  itemsize: int = 2) -> tuple[int, int]:
-    """(forward, backward) bytes the split backend's suffix ops must move: every tensor they read
-    or write, once (Note [grouped suffix kernels] in ``_triton_suffix.py``); ``live`` is clamped
-    to [1, max_rounds] as the kernels clamp it.
+    """(forward, backward) bytes the merge op must move: every tensor it reads or writes, once
+    (``_triton_suffix.py``); ``live`` is clamped to [1, max_rounds] as the callers clamp it.
 
-    Forward: reads q, the causal part's out and lse, and the K/V rows of the live suffix rounds;
-    writes out and lse. Backward: reads dO, O, q, the causal dq, lse, the live suffix rounds' K/V
-    and the causal part's dk/dv; writes dq and every row of the K/V gradient (the causal rows,
-    the live rounds', the dead rounds' zeros). lse is fp32; the rest ``itemsize`` bytes.
+    Forward: reads q, the causal part's out_c and lse_c, and the K/V rows of the live suffix
+    rounds; writes out and lse. Backward: reads dO, O, q, out_c, lse, lse_c and the live suffix
+    rounds' K/V; writes dq, the causal part's d out_c and d lse_c, and every row of the suffix
+    K/V gradient (the live rounds', the dead rounds' zeros). lse's are fp32; the rest
+    ``itemsize`` bytes.
     """
     live = min(max(live, 1), max_rounds)
     q_rows, kv_rows = B * Hq * q_len, B * Hkv * q_len  # query rows; K/V rows of one round
     lse = 4 * q_rows
     kv_round = kv_rows * (D + Dv) * itemsize  # K and V rows of one round
     forward = q_rows * (D + 2 * Dv) * itemsize + 2 * lse + (live - 1) * kv_round
-    backward = (q_rows * (2 * Dv + 3 * D) * itemsize + lse  # dO, O, q, dq_c read; dq written
-                + (live - 1) * kv_round + kv_round + max_rounds * kv_round)  # K/V read, dk_c/dv_c, dK/dV
+    backward = (q_rows * (4 * Dv + 2 * D) * itemsize + 3 * lse  # dO, O, q, out_c read; dq, d out_c written
+                + (live - 1) * kv_round + (max_rounds - 1) * kv_round)  # K/V read, dK/dV written
     return forward, backward
 
 
-# Launch parameters tried by --suffix-sweep for the grouped kernels (GROUPED_FWD / FUSED_BWD).
+# Launch parameters tried by --suffix-sweep for the grouped kernels (their ``config`` argument).
 SUFFIX_SWEEP = [dict(rows=r, num_warps=w, stages=s) for r in (16, 32, 64) for w in (2, 4, 8) for s in (2, 3)]
 # (run at the largest rounds only: 18 configurations x 2 kernels, a Triton compile each)
 
 
-@contextlib.contextmanager
-def _launch_config(ts, op: str, config: dict | None):
-    """Run the grouped ``op`` kernel with ``config`` (Note [suffix kernel switches])."""
-    target = ts.GROUPED_FWD if op == "forward" else ts.FUSED_BWD
-    old = dict(target)
-    target.update(config or {})
-    try:
-        yield
-    finally:
-        target.clear()
-        target.update(old)
-
-
 def suffix_rows(device, dtype, q_len, rounds_list, heads, D, reps, peaks, sweep=False) -> tuple[list[dict], int]:
-    """The split backend's suffix ops alone, every kernel variant, on the causal part's real
-    outputs and gradients: time, bytes moved (``suffix_bytes``) and GB/s; each variant's result
-    checked against the torch reference and against the first variant (``torch.testing.assert_close``).
-    The byte count is what the op must move, the same for every variant: a variant that reads
-    a tensor twice gets an effective rate. Returns (rows, number of failed checks).
+    """The merge op alone, every kernel form, on the causal part's real outputs: time, bytes
+    moved (``suffix_bytes``) and GB/s; each form's result checked against the torch reference
+    and against the first form (``torch.testing.assert_close``). The byte count is what the op
+    must move, the same for every form: a form that reads a tensor twice gets an effective rate.
+    Returns (rows, number of failed checks).
 
     On CPU the op's CPU implementation (the torch reference itself) is timed, unchecked; in
     the Triton interpreter (TRITON_INTERPRET=1, a test) the kernels run on CPU tensors.
     """
-    from compiled_mask import _split
+    from compiled_mask._causal import _causal_attention
+    from compiled_mask._suffix import _merge_backward_reference, _merge_reference
 
     Hq, Hkv = heads
     scale = D**-0.5
@@ -560,29 +512,27 @@ def suffix_rows(device, dtype, q_len, rounds_list, heads, D, reps, peaks, sweep=
         q = torch.randn(1, Hq, q_len, D, device=device, dtype=dtype, generator=g)
         k, v = (torch.randn(1, Hkv, q_len * rounds, D, device=device, dtype=dtype, generator=g) for _ in "kv")
         live = torch.tensor(rounds, device=device)
-        out_c, lse_c, tensors, consts = _split._causal_forward(q, k[:, :, :q_len], v[:, :, :q_len], scale)
-        fwd_args = (q, k, v, out_c, lse_c, live, q_len, scale)
-        out, lse = _split._suffix_forward_reference(*fwd_args)
+        out_c, lse_c = _causal_attention(q, k[:, :, :q_len], v[:, :, :q_len], None, scale, True)
+        fwd_args = (q, k[:, :, q_len:], v[:, :, q_len:], out_c, lse_c, live, scale)
+        out, lse = _merge_reference(*fwd_args)
         dout = torch.randn(out.shape, device=device, dtype=dtype, generator=g)
-        grads_c = _split._causal_backward(dout, q, k[:, :, :q_len], v[:, :, :q_len], out, lse, tuple(tensors),
-                                          consts, scale)
-        bwd_args = (dout, q, k, v, out, lse, live, *grads_c, q_len, scale)
+        bwd_args = (dout, None, q, k[:, :, q_len:], v[:, :, q_len:], out_c, lse_c, out, lse, live, scale)
         args = {"forward": fwd_args, "backward": bwd_args}
         nbytes = dict(zip(("forward", "backward"), suffix_bytes(1, Hq, Hkv, q_len, rounds, rounds, D, D,
                                                                 q.element_size())))
-        if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        kernels = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+        if kernels:
             from compiled_mask import _triton_suffix as ts
 
-            ops = {"forward": ts.suffix_forward_triton, "backward": ts.suffix_backward_triton}
+            ops = {"forward": ts.merge_forward_triton, "backward": ts.merge_backward_triton}
             variants = [("forward", "heads", None), ("forward", "grouped", None),
                         ("backward", "split", None), ("backward", "fused", None)]
             if sweep and rounds == max(rounds_list):
                 variants += [(op, name, c) for op, name in (("forward", "grouped"), ("backward", "fused"))
                              for c in SUFFIX_SWEEP]
-            want = {"forward": (out, lse), "backward": _split._suffix_backward_reference(*bwd_args)}
+            want = {"forward": (out, lse), "backward": _merge_backward_reference(*bwd_args)}
         else:
-            ts = None
-            ops = {"forward": _split._suffix_forward, "backward": _split._suffix_backward}
+            ops = {"forward": _merge_reference, "backward": _merge_backward_reference}
             variants = [("forward", "torch (CPU)", None), ("backward", "torch (CPU)", None)]
         first = {}  # each op's first variant, which the others are checked against too
         for op, variant, config in variants:
@@ -591,17 +541,18 @@ def suffix_rows(device, dtype, q_len, rounds_list, heads, D, reps, peaks, sweep=
                 label += " rows={rows} warps={num_warps} stages={stages}".format(**config)
             row = dict(table="suffix", op=op, variant=label, Q_LEN=q_len, rounds=rounds, heads=f"{Hq}/{Hkv}", D=D,
                        dtype=str(dtype).removeprefix("torch."), MB=float(f"{nbytes[op] / 1e6:.4g}"))
-            fn = (lambda f=ops[op], a=args[op], variant=variant: f(*a, variant)) if ts else (
-                lambda f=ops[op], a=args[op]: f(*a))
-            with _launch_config(ts, op, config) if ts else contextlib.nullcontext():
-                got = fn()
-                row["us"] = round(1e3 * median_ms(fn, device, reps), 1)
+            if kernels:
+                fn = lambda f=ops[op], a=args[op], variant=variant, config=config: f(*a, variant, config)  # noqa: E731
+            else:
+                fn = lambda f=ops[op], a=args[op]: f(*a)  # noqa: E731
+            got = fn()
+            row["us"] = round(1e3 * median_ms(fn, device, reps), 1)
             row["GB/s"] = float(f"{nbytes[op] / (row['us'] / 1e6) / 1e9:.4g}")
             if peaks.get("TB/s"):
                 row["pct_bw"] = float(f"{100 * row['GB/s'] / (1e3 * peaks['TB/s']):.3g}")
-            if ts:
+            if kernels:
                 try:
-                    names = ("out", "lse") if op == "forward" else ("dq", "dk", "dv")
+                    names = ("out", "lse") if op == "forward" else ("dq", "dks", "dvs", "d_out_c", "d_lse_c")
                     for name, x, w, y in zip(names, got, want[op], first.setdefault(op, got)):
                         torch.testing.assert_close(x, w, msg=lambda m, name=name: f"{name} vs the reference: {m}")
                         torch.testing.assert_close(x, y, msg=lambda m, name=name: f"{name} vs the first variant: {m}")
@@ -611,8 +562,8 @@ def suffix_rows(device, dtype, q_len, rounds_list, heads, D, reps, peaks, sweep=
                     failed += 1
             rows.append(row)
             print(_fmt_row(row), flush=True)
-        del q, k, v, out_c, lse_c, tensors, out, lse, dout, grads_c, args, got, first
-        if ts:
+        del q, k, v, out_c, lse_c, out, lse, dout, args, got, first
+        if kernels:
             del want
     return rows, failed
 
@@ -971,10 +922,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--q-lens", type=int, nargs="+",
                         help="Q_LENs of the attention and suffix tables (default: 8192, --smoke 256); "
                              "a Q_LEN other than the default gets 7 rounds and no create_block_mask row")
-    parser.add_argument("--split-suffix", nargs="+", default=list(SPLIT_SUFFIX_DEFAULT), type=_split_suffix_arg,
-                        metavar="FWD:BWD", help="attention rows of backend split with these suffix kernels, "
-                        "e.g. heads:split grouped:fused ('default': the module's choice; Note [suffix "
-                        "kernel switches] in compiled_mask/_triton_suffix.py)")
     parser.add_argument("--suffix-sweep", action="store_true",
                         help="suffix table: also time the grouped kernels at each of SUFFIX_SWEEP's launch parameters")
     parser.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak (default: from its name)")
@@ -1040,7 +987,7 @@ def main(argv: list[str] | None = None) -> int:
     if "attention" in args.only:
         for q_len, rounds_list, reps_, prebuilt in att_runs:
             rows += attention_rows(device, dtype, q_len, rounds_list, att["heads"], att["D"], backends, reps_,
-                                   passes, peaks, args.split_suffix, prebuilt=prebuilt)
+                                   passes, peaks, prebuilt=prebuilt)
     if "padding" in args.only:
         rows += padding_rows(device, dtype, att["q_len"], max(att["rounds_list"]), att["heads"],
                              att["D"], 8 if not args.smoke else 2, att["reps"])

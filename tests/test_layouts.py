@@ -195,18 +195,9 @@ def test_attention_one_graph_zero_padding_rows(compiled_flex_attention):
     assert counter.graphs == 2, reasons
 
 
-def _check_split_documents(q_len, max_rounds, live, seq_lens, doc_ids, seed):
-    """Note [documents in the split backend], on CPU against float64:
-
-    - the eager forward of backend="split" (flex's per-document causal part + the suffix merge);
-    - the gradients _SuffixMerge returns for out_c and lse_c, which must carry the causal part's
-      exact gradients. flex has no backward on CPU, so the causal part here is a dense masked
-      softmax, differentiable like flex (lse -inf on empty rows, clamped the same way).
-    """
-    from compiled_mask._op import _first_keys
-    from compiled_mask._split import _SuffixMerge
-    from compiled_mask.modules import _zero_padding_rows
-
+def _check_split_documents(q_len, max_rounds, live, seq_lens, doc_ids, seed, attn=None):
+    """Note [documents in the split backend], on CPU against float64: backend="split" (the causal
+    op under the layout table's document mask + the suffix merge), forward and q/k/v gradients."""
     B, scale = len(doc_ids if doc_ids is not None else seq_lens), 0.25
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, 4, q_len, 16, generator=g, requires_grad=True)
@@ -218,16 +209,9 @@ def _check_split_documents(q_len, max_rounds, live, seq_lens, doc_ids, seed):
     want = dense_reference_attention(q64, k64, v64, allowed, scale=scale)
     want_grads = torch.autograd.grad(want, (q64, k64, v64), dout.double())
 
-    attn = Eagle3Attention(q_len, max_rounds, backend="split", scale=scale)
-    out = attn(q.detach(), k.detach(), v.detach(), torch.tensor(live), seq_lens=seq_lens, doc_ids=doc_ids)
-    torch.testing.assert_close(out.double(), want, rtol=0, atol=2e-5)
-
-    k_c, v_c = (t[:, :, :q_len].repeat_interleave(2, 1) for t in (k, v))
-    scores = (q @ k_c.transpose(-1, -2) * scale).masked_fill(~allowed[..., :q_len], float("-inf"))
-    lse_c = scores.logsumexp(-1).clamp(min=torch.finfo(torch.float32).min)
-    out_c = torch.exp(scores - lse_c.unsqueeze(-1)) @ v_c
-    out = _SuffixMerge.apply(q, k, v, out_c, lse_c, torch.tensor(live), q_len, scale)
-    out = _zero_padding_rows(out, _first_keys(q_len, seq_lens, doc_ids))
+    if attn is None:
+        attn = Eagle3Attention(q_len, max_rounds, backend="split", scale=scale)
+    out = attn(q, k, v, torch.tensor(live), seq_lens=seq_lens, doc_ids=doc_ids)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     for got, ref in zip((out, *grads), (want, *want_grads)):
         torch.testing.assert_close(got.double(), ref, rtol=0, atol=2e-5)
@@ -250,12 +234,14 @@ def test_fuzz_split_documents_vs_float64(layout, data):
     _check_split_documents(Q_LEN, max_rounds, live, seq_lens, doc_ids, seed=data.draw(st.integers(0, 99)))
 
 
-def test_split_documents_compiled_on_cpu_says_why():
-    torch._dynamo.reset()
-    attn = torch.compile(Eagle3Attention(64, 2, backend="split"), fullgraph=True)
-    q, k = torch.randn(2, 2, 64, 8), torch.randn(2, 2, 128, 8)
-    with pytest.raises(Exception, match=r"backend='split' with doc_ids .* compiled CPU flex does not return"):
-        attn(q, k, k.clone(), torch.tensor(1), doc_ids=docs((64,), (30, 34)))
+def test_split_documents_compiled_on_cpu(fresh_compile_state):
+    """Packed documents train on CPU compiled too: one graph over TTT steps and layouts, each call
+    equal to float64."""
+    counter = GraphCounter()
+    attn = torch.compile(Eagle3Attention(50, 3, backend="split", scale=0.25), backend=counter, fullgraph=True)
+    for live, doc_ids in ((1, docs((20, -5, 25), (50,))), (3, docs((10, 40), (-30, 20)))):
+        _check_split_documents(50, 3, live, None, doc_ids, seed=live, attn=attn)
+    assert counter.graphs == 1
 
 
 @pytest.mark.parametrize("compiled", [False, True])
