@@ -6,7 +6,7 @@ and of the q/k/v gradients against ``Eagle3Attention(backend="split")`` on the w
 ranks' shards partition the positions (``test_shards_partition_the_sequence``), so together they
 check every element. A failing rank raises, and ``mp.spawn`` re-raises its traceback here.
 
-The draft step (``Eagle3ContextParallelModel`` under FSDP2's ``fully_shard``) is checked the same
+The draft step (``Eagle3Model(..., sequence=ContextParallel(...))`` under FSDP2's ``fully_shard``) is checked the same
 way against the single-process ``Eagle3Model`` on the global batch (CPU) or the float64
 written-out unroll of test_draft.py (GPU): loss, plosses, acces on every rank and every parameter's
 gradient, unsharded.
@@ -36,7 +36,7 @@ from torch.distributed.fsdp import fully_shard
 
 from compiled_mask import Eagle3Attention, Eagle3DraftConfig, Eagle3DraftModel
 from compiled_mask.distributed import Eagle3ContextParallelAttention, shard_positions, shard_sequence
-from compiled_mask.draft.context_parallel import Eagle3ContextParallelModel
+from compiled_mask.draft import ContextParallel, Eagle3Model
 from compiled_mask.inspect import GraphCounter, watch_recompiles
 
 # The 2-GPU machine's NVLink multicast is off (../shared/GPU.md): every process needs these.
@@ -296,7 +296,7 @@ def _draft_batch(cfg, q_len, seed, target, layout, device):
 
 
 def _local_inputs(batch, q_len, world_size, rank, layout):
-    """What a rank passes (Eagle3ContextParallelModel's table): hidden states and a float target
+    """What a rank passes (context_parallel.py's table): hidden states and a float target
     sharded, ids, int targets and the loss mask global."""
     input_ids, hidden, target, loss_mask = batch
     shard = lambda x: shard_sequence(x, q_len, world_size, rank, layout, dim=1)  # noqa: E731
@@ -304,9 +304,10 @@ def _local_inputs(batch, q_len, world_size, rank, layout):
 
 
 def _cp_draft_model(reference, mode, layout, device, dtype):
-    """An Eagle3ContextParallelModel with the reference's weights, fully_shard over the world."""
-    model = Eagle3ContextParallelModel(Eagle3DraftModel(reference.draft_model.config), reference.q_len,
-                                       reference.length, mode=mode, layout=layout)
+    """The reference's model with the sequence sharded over the world (ContextParallel), its
+    weights, fully_shard over the world."""
+    model = Eagle3Model(Eagle3DraftModel(reference.draft_model.config), reference.q_len, reference.length,
+                        memory=reference.memory, sequence=ContextParallel(mode=mode, layout=layout))
     model.load_state_dict(reference.state_dict())
     model.to(device, dtype)
     fully_shard(model, mesh=init_device_mesh(device.type, (dist.get_world_size(),)))
@@ -327,7 +328,7 @@ _DRAFT_EAGER = [("allgather", "contiguous", "ids", "seq_lens"), ("ulysses", "con
 
 
 def _check_draft_step(rank, world_size, device, cases, compiler):
-    """Each case: two training steps of Eagle3ContextParallelModel under fully_shard (compiled with
+    """Each case: two training steps of the context-parallel Eagle3Model under fully_shard (compiled with
     ``compiler``, or eager for None) against the single-process Eagle3Model on the global batch:
     loss, plosses and acces on every rank, every parameter's gradient (the embedding's too: it
     reads the shifted ids), and one graph per rank for both steps."""
@@ -339,19 +340,15 @@ def _check_draft_step(rank, world_size, device, cases, compiler):
         model = _cp_draft_model(reference, mode, layout, device, torch.float32)
         counter = GraphCounter(compiler or "eager")
         step = model if compiler is None else torch.compile(model, backend=counter, fullgraph=True)
-        with_grad = doc != "doc_ids"  # documents: split's causal part is CPU flex, no backward
         with watch_recompiles() as reasons:
             for seed in (1, 2):
                 what = f"rank {rank} {mode}/{layout} target={target} {doc} seed={seed}"
                 batch, kw = _draft_batch(cfg, q_len, seed, target, doc, device)
-                with torch.set_grad_enabled(with_grad):
-                    want = reference(*batch, **kw)
-                    got = step(*_local_inputs(batch, q_len, world_size, rank, layout), **kw)
+                want = reference(*batch, **kw)
+                got = step(*_local_inputs(batch, q_len, world_size, rank, layout), **kw)
                 for name in ("loss", "plosses", "acces"):  # the global values, on every rank
                     torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-6,
                                                msg=lambda m: f"{what} {name}: {m}")  # noqa: B023
-                if not with_grad:
-                    continue
                 got.loss.backward()
                 want.loss.backward()
                 got_grads = _full_grads(model)
@@ -370,13 +367,13 @@ def _check_draft_eager_and_errors(rank, world_size, device):
     _check_draft_step(rank, world_size, device, _DRAFT_EAGER, None)
     import textwrap
 
-    code = textwrap.dedent(Eagle3ContextParallelModel.__doc__.split("Example::", 1)[1])
+    code = textwrap.dedent(ContextParallel.__doc__.split("Example::", 1)[1])
     with torch.compiler.set_stance("force_eager"):  # its Inductor compile takes ~90 s on CPU
         exec(code, {"torch": torch, "dist": dist, "shard_sequence": shard_sequence,
                     "Eagle3DraftConfig": Eagle3DraftConfig, "Eagle3DraftModel": Eagle3DraftModel,
-                    "Eagle3ContextParallelModel": Eagle3ContextParallelModel})
+                    "Eagle3Model": Eagle3Model, "ContextParallel": ContextParallel})
     model = make_model(q_len=48, length=3)
-    cp = Eagle3ContextParallelModel(model.draft_model, 48, 3)
+    cp = Eagle3Model(model.draft_model, 48, 3, sequence=ContextParallel())
     batch, _ = _draft_batch(model.draft_model.config, 48, 0, "probs", None, device)
     input_ids, hidden, target, loss_mask = _local_inputs(batch, 48, world_size, rank, "zigzag")
     shard_hint = rf"\. Pass this rank's shard: shard_sequence\({{}}, 48, 2, rank={rank}, layout='zigzag', dim=1\)"
@@ -392,7 +389,7 @@ def _check_draft_eager_and_errors(rank, world_size, device):
     with pytest.raises(ValueError, match=r"up to length - 1 = 7 positions ahead, which must lie within the next "
                        r"chunk; layout='zigzag' cuts q_len=24 into chunks of 6 over 2 ranks\. Use a q_len of at "
                        r"least 28"):
-        Eagle3ContextParallelModel(model.draft_model, 24, 8)
+        Eagle3Model(model.draft_model, 24, 8, sequence=ContextParallel())
 
 
 def test_two_ranks_draft_step_compiled():
@@ -402,8 +399,8 @@ def test_two_ranks_draft_step_compiled():
 
 
 def test_two_ranks_draft_step_eager():
-    """FSDP2, eager: both modes and layouts, both targets, seq_lens, doc_ids (forward: CPU flex has
-    no backward); the docstring example; input errors."""
+    """FSDP2, eager: both modes and layouts, both targets, seq_lens, doc_ids; the docstring
+    example; input errors."""
     _spawn(_check_draft_eager_and_errors, 2)
 
 

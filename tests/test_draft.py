@@ -32,13 +32,13 @@ TINY = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key
             vocab_size=300, draft_vocab_size=120, rope_theta=10000.0)
 
 
-def make_model(q_len=64, length=3, backend="split", seed=0, **config) -> Eagle3Model:
+def make_model(q_len=64, length=3, backend="split", seed=0, memory="save", chunk_rows=None, **config) -> Eagle3Model:
     torch.manual_seed(seed)
     draft = Eagle3DraftModel(Eagle3DraftConfig(**{**TINY, **config}))
     for p in draft.parameters():  # norm weights away from 1, so a swapped norm shows
         with torch.no_grad():
             p.add_(0.1 * torch.randn_like(p)) if p.dim() == 1 else None
-    return Eagle3Model(draft, q_len, length, attention_backend=backend)
+    return Eagle3Model(draft, q_len, length, attention_backend=backend, memory=memory, chunk_rows=chunk_rows)
 
 
 def make_batch(B, T, cfg: Eagle3DraftConfig, seed=0, ids_target=False, device="cpu"):
@@ -101,7 +101,8 @@ def reference_unroll(model: Eagle3Model, input_ids, hidden_states, target, loss_
     valid, starts = valid.to(dev), starts.to(dev)
     ids_target = not target.dtype.is_floating_point
     mask = loss_mask.bool() & valid & ((target >= 0) if ids_target else True)
-    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64, device=dev) / D)
+    # RoPE frequencies in float32, as HF's Llama (and the draft) compute them, then widened.
+    inv_freq = (1.0 / cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float32) / D)).double().to(dev)
 
     def rope(x, s):  # positions t + s
         freqs = (torch.arange(T, dtype=torch.float64, device=dev) + s)[:, None] * inv_freq[None]
@@ -131,7 +132,7 @@ def reference_unroll(model: Eagle3Model, input_ids, hidden_states, target, loss_
             nll, want = -(tgt * logp).sum(-1), tgt.argmax(-1)
         n = step_mask.sum().clamp(min=1)
         plosses.append((nll * step_mask).sum() / n)
-        acces.append(((logp.argmax(-1) == want) & step_mask).sum() / n)
+        acces.append(((logp.argmax(-1) == want) & step_mask).sum().double() / n)
         ids, tgt, mask, same_doc = _shift(ids), _shift(tgt), _shift(mask), _shift(same_doc)
     plosses = torch.stack(plosses)
     weights = 0.8 ** torch.arange(N, dtype=torch.float64, device=dev)
@@ -147,12 +148,13 @@ def grads(model, loss):
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("memory", ["save", "recompute", "recompute_tiled"])
 @pytest.mark.parametrize("layout", ["dense", "seq_lens", "doc_ids", "ids_target"])
-def test_eager_matches_float64_reference(layout):
-    """The model (eager, split backend, float64) against the written-out SpecForge-style unroll:
-    losses, accuracies and every parameter gradient (doc_ids: forward only, since split's causal
-    part over documents is flex_attention, which has no CPU backward; the GPU tests take it)."""
-    model = make_model(seed=1).double()
+def test_eager_matches_float64_reference(layout, memory):
+    """The model (eager, split backend, float64, each memory policy) against the written-out
+    SpecForge-style unroll with unfused logits: losses, accuracies and every parameter gradient,
+    at float64 precision."""
+    model = make_model(seed=1, memory=memory).double()
     cfg = model.draft_model.config
     input_ids, hidden, target, loss_mask = make_batch(2, 64, cfg, seed=2, ids_target=layout == "ids_target")
     kwargs = {}
@@ -162,16 +164,13 @@ def test_eager_matches_float64_reference(layout):
         kwargs = dict(zip(("seq_lens", "doc_ids"), doc_layout(2, 64, seed=3)))
     if target.dtype.is_floating_point:
         target = target.double()
-    with torch.set_grad_enabled(layout != "doc_ids"):
-        out = model(input_ids, hidden.double(), target, loss_mask, **kwargs)
-        want = reference_unroll(model, input_ids, hidden, target, loss_mask, **kwargs)
-    # The split backend folds the suffix rounds in float32, hence 1e-6 rather than 1e-12.
-    torch.testing.assert_close(out.plosses, want[1], rtol=1e-6, atol=0)
-    torch.testing.assert_close(out.acces.double(), want[2].double(), rtol=1e-6, atol=0)  # same argmax
-    torch.testing.assert_close(out.loss, want[0], rtol=1e-6, atol=0)
-    if layout != "doc_ids":
-        for got, ref in zip(grads(model, out.loss), grads(model, want[0])):
-            assert rel_err(got, ref) < 1e-6
+    out = model(input_ids, hidden.double(), target, loss_mask, **kwargs)
+    want = reference_unroll(model, input_ids, hidden, target, loss_mask, **kwargs)
+    torch.testing.assert_close(out.plosses, want[1], rtol=1e-10, atol=0)
+    torch.testing.assert_close(out.acces.double(), want[2].double(), rtol=1e-10, atol=0)  # same argmax
+    torch.testing.assert_close(out.loss, want[0], rtol=1e-10, atol=0)
+    for got, ref in zip(grads(model, out.loss), grads(model, want[0])):
+        assert rel_err(got, ref) < 1e-9
 
 
 class SavedForBackward:

@@ -1,7 +1,37 @@
 """The Eagle3 draft training step with the sequence sharded over a process group (context parallel).
 
-The attention side lives in the library (``compiled_mask.distributed``); this module runs the TTT
-unroll's shifts, halos and loss reductions over the ranks.
+:class:`ContextParallel` is a :class:`~compiled_mask.draft.unroll.Sequence` strategy: passed to
+``Eagle3Model(..., sequence=ContextParallel(...))``, it makes the unchanged TTT unroll run on a
+rank's shard of the sequence. It owns everything that crosses ranks: the sharded attention (the
+library's :class:`~compiled_mask.distributed.Eagle3ContextParallelAttention`), the shifted reads
+at chunk boundaries (a halo of the soft target), and the sums of counts and losses over the group.
+The model knows nothing of ranks; shard its parameters with FSDP2 (``fully_shard``) over the group.
+
+Each rank passes the same *global* small per-position tensors and its *local* shard of the large
+ones (Note [shard layout] in ``compiled_mask/distributed.py``):
+
+=================  =================================  ==========================================
+input              shape on each rank                 what
+=================  =================================  ==========================================
+input_ids          ``[B, T]``                         global (the same on every rank)
+hidden_states      ``[B, L, 3 * target_hidden_size]``  the rank's shard, L = T / P:
+                                                      ``shard_sequence(x, T, P, rank, layout, dim=1)``
+target (soft)      ``[B, L, V]`` (or TargetLogits /   the rank's shard, as hidden_states
+                   TargetHead ``[B, L, Ht]``)
+target (int ids)   ``[B, T]``                         global
+loss_mask          ``[B, T]``                         global
+seq_lens, doc_ids  ``[B]``, ``[B, T]``                global
+=================  =================================  ==========================================
+
+Step s reads everything at global position t + s, which for the last s rows of a chunk lies in
+the next chunk, on another rank: the global tensors are sliced there, and the soft target gets a
+halo, the first ``length - 1`` rows of every chunk, all-gathered (Note [sequence shards] in
+``unroll.py``). ``loss``, ``plosses`` and ``acces`` are the global values on every rank (the same
+numbers a single process computes on the whole batch), so logs agree; their gradients are set up
+so that averaging the ranks' parameter gradients over the group, as FSDP2's ``fully_shard`` and
+DDP do by default, gives exactly the single-process gradient (Note [gradients over ranks]).
+Compile it whole, ``torch.compile(model, fullgraph=True)``: the collectives are functional, so one
+graph serves every training step, all TTT steps included.
 """
 
 from __future__ import annotations
@@ -9,7 +39,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
-from torch import Tensor
+from torch import Tensor, nn
 
 from compiled_mask.distributed import (
     Eagle3ContextParallelAttention,
@@ -18,53 +48,21 @@ from compiled_mask.distributed import (
     _num_chunks,
     _rank_chunks,
 )
-from compiled_mask.draft.model import Eagle3DraftModel
-from compiled_mask.draft.unroll import Eagle3Model
 
-__all__ = ["Eagle3ContextParallelModel"]
+__all__ = ["ContextParallel"]
 
 
-
-class Eagle3ContextParallelModel(Eagle3Model):
-    """:class:`~compiled_mask.Eagle3Model` with the sequence sharded over a process group.
-
-    The same TTT unroll, losses and outputs, run by every rank of ``group`` on its positions
-    (:func:`shard_positions`) with :class:`Eagle3ContextParallelAttention`. Each rank passes the
-    same *global* small per-position tensors and its *local* shard of the large ones:
-
-    =================  =================================  ==========================================
-    input              shape on each rank                 what
-    =================  =================================  ==========================================
-    input_ids          ``[B, T]``                         global (the same on every rank)
-    hidden_states      ``[B, L, 3 * target_hidden_size]``  the rank's shard, L = T / P:
-                                                          ``shard_sequence(x, T, P, rank, layout, dim=1)``
-    target (float)     ``[B, L, draft_vocab_size]``       the rank's shard, as hidden_states
-    target (int ids)   ``[B, T]``                         global
-    loss_mask          ``[B, T]``                         global
-    seq_lens, doc_ids  ``[B]``, ``[B, T]``                global
-    =================  =================================  ==========================================
-
-    Step s reads everything at global position t + s, which for the last s rows of a chunk lies
-    in the next chunk, on another rank: the global tensors are sliced there, and the float target
-    gets a halo, the first ``length - 1`` rows of every chunk, all-gathered (Note [sequence
-    shards] in ``draft.py``). ``loss``, ``plosses`` and ``acces`` are the global values on every
-    rank (the same numbers a single process computes on the whole batch), so logs agree; their
-    gradients are set up so that averaging the ranks' parameter gradients over the group, as
-    FSDP2's ``fully_shard`` and DDP do by default, gives exactly the single-process gradient
-    (Note [gradients over ranks]). Compile it whole, ``torch.compile(model, fullgraph=True)``:
-    the collectives are functional, so one graph serves every training step, all TTT steps
-    included (with ``fully_shard``, its hooks run outside the graph).
+class ContextParallel:
+    """Shard the TTT unroll's sequence over a process group (module docstring).
 
     Args:
-        draft_model: the :class:`~compiled_mask.Eagle3DraftModel`, with the same weights on every
-            rank (``fully_shard`` the built model to shard them).
-        q_len: the global T (tokens per sample).
-        length: TTT steps; ``length - 1`` must not exceed a chunk, ``q_len / (2P)`` (zigzag) or
-            ``q_len / P`` (contiguous).
-        group, mode, layout: as :class:`Eagle3ContextParallelAttention` (``"allgather"`` takes no
-            doc_ids; ``"ulysses"`` needs both head counts divisible by P).
-        attention_backend: the attention backend (``"split"``; ``"flex"``/``"fa4"`` with Ulysses).
-        loss_decay: as :class:`~compiled_mask.Eagle3Model`.
+        group: the process group (default: the world); torch.distributed must be initialised.
+        mode: ``"allgather"`` or ``"ulysses"`` (``Eagle3ContextParallelAttention``; allgather takes
+            no doc_ids, ulysses needs both head counts divisible by P).
+        layout: ``"zigzag"`` or ``"contiguous"`` (which positions each rank holds).
+
+    ``length - 1`` TTT steps ahead must fit in one chunk: ``q_len / (2P)`` (zigzag) or
+    ``q_len / P`` (contiguous) positions.
 
     Example::
 
@@ -76,7 +74,8 @@ class Eagle3ContextParallelModel(Eagle3Model):
         cfg = Eagle3DraftConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2,
                                 num_key_value_heads=2, vocab_size=50, draft_vocab_size=20)
         torch.manual_seed(0)  # the same weights and batch on every rank, for the example
-        model = Eagle3ContextParallelModel(Eagle3DraftModel(cfg), q_len=32, length=3, mode="allgather")
+        model = Eagle3Model(Eagle3DraftModel(cfg), q_len=32, length=3,
+                            sequence=ContextParallel(mode="allgather"))
         fully_shard(model, mesh=init_device_mesh("cpu", (P,)))  # gradients averaged over the group
         step = torch.compile(model, fullgraph=True)
         ids, hidden = torch.randint(50, (2, 32)), torch.randn(2, 32, 3 * 32)
@@ -85,75 +84,98 @@ class Eagle3ContextParallelModel(Eagle3Model):
         out.loss.backward()  # out.loss, out.plosses, out.acces: the global values on every rank
     """
 
-    _where = "Eagle3ContextParallelModel"
-    _rows_name = "L"
+    rows_name = "L"
 
-    def __init__(self, draft_model: Eagle3DraftModel, q_len: int, length: int = 7, *,
-                 group: dist.ProcessGroup | None = None, mode: str = "allgather",
-                 layout: str = "zigzag", attention_backend: str = "split",
-                 loss_decay: float = 0.8) -> None:
-        super().__init__(draft_model, q_len, length, attention_backend=attention_backend,
-                         loss_decay=loss_decay)
-        # The single-process attention the base built gives way to the sharded one.
-        self.attn = Eagle3ContextParallelAttention(q_len, length, group=group, mode=mode,
-                                                   layout=layout, backend=attention_backend)
-        P, rank = self.attn.world_size, self.attn.rank
-        self.group, self.world_size, self.rank, self.layout = self.attn.group, P, rank, layout
-        self._chunks = _rank_chunks(P, rank, layout)
-        self._chunk_len = q_len // _num_chunks(P, layout)
-        if length - 1 > self._chunk_len:
+    def __init__(self, group: dist.ProcessGroup | None = None, *, mode: str = "allgather",
+                 layout: str = "zigzag") -> None:
+        if not dist.is_available() or not dist.is_initialized():
             raise ValueError(
-                f"{self._where}: TTT step s reads position t + s, up to length - 1 = {length - 1} "
-                f"positions ahead, which must lie within the next chunk; layout={layout!r} cuts "
-                f"q_len={q_len} into chunks of {self._chunk_len} over {P} ranks. Use a q_len of at "
-                f"least {(length - 1) * _num_chunks(P, layout)}, fewer ranks, or fewer TTT steps."
+                "ContextParallel: torch.distributed is not initialised. Call "
+                "torch.distributed.init_process_group(...) first (e.g. under torchrun)."
             )
+        self.group = dist.group.WORLD if group is None else group
+        self.world_size = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
+        self.mode, self.layout = mode, layout
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, mode={self.attn.mode!r}, layout={self.layout!r}, world_size={self.world_size}"
+    def bind(self, q_len: int, length: int, attention_backend: str) -> nn.Module:
+        attn = Eagle3ContextParallelAttention(q_len, length, group=self.group, mode=self.mode,
+                                              layout=self.layout, backend=attention_backend)
+        P = self.world_size
+        self.q_len = q_len
+        self.chunks = _rank_chunks(P, self.rank, self.layout)
+        self.chunk_len = q_len // _num_chunks(P, self.layout)
+        if length - 1 > self.chunk_len:
+            raise ValueError(
+                f"ContextParallel: TTT step s reads position t + s, up to length - 1 = {length - 1} "
+                f"positions ahead, which must lie within the next chunk; layout={self.layout!r} cuts "
+                f"q_len={q_len} into chunks of {self.chunk_len} over {P} ranks. Use a q_len of at "
+                f"least {(length - 1) * _num_chunks(P, self.layout)}, fewer ranks, or fewer TTT steps."
+            )
+        return attn
 
-    def _input_hint(self, name: str, local: bool) -> str:
-        if not local:
-            return f" (every rank passes the global {name}, the same on every rank)"
-        return (f". Pass this rank's shard: shard_sequence({name}, {self.q_len}, {self.world_size}, "
-                f"rank={self.rank}, layout={self.layout!r}, dim=1)")
+    def local_len(self) -> int:
+        return self.chunk_len * len(self.chunks)
 
-    # Note [gradients over ranks]
-    #     Rank r's part of step s's loss is the masked sum over its positions divided by the
-    #     count over all ranks (``_sum_over_ranks``), so the parts sum to the single-process loss
-    #     exactly. Autograd through the attention's functional collectives sends every part's
-    #     gradient to the rank that holds the keys it read, so after every rank's backward the
-    #     ranks' parameter gradients sum to the single-process gradient. FSDP2 (and DDP) average
-    #     gradients over the group by default, so each rank's loss backpropagates P times its part:
-    #     the average is then the exact gradient, with no FSDP setting to change. (Over a larger
-    #     data-parallel group holding whole context-parallel groups, dp x cp, the default average
-    #     is the mean over data-parallel replicas of that gradient, as wanted.) The values
-    #     returned are the totals, all-reduced (no gradient: functional all_reduce has none), so
-    #     every rank logs the same numbers: ``total + (part - part.detach()) * P`` has the
-    #     total's value exactly and P times the part's gradient.
+    def positions(self, device: torch.device) -> Tensor:
+        C = self.chunk_len
+        return torch.cat([torch.arange(g * C, (g + 1) * C, device=device) for g in self.chunks])
 
-    def _reduce_steps(self, plosses: Tensor, acces: Tensor) -> tuple[Tensor, Tensor]:
-        n = plosses.numel()
-        totals = funcol.all_reduce(torch.cat([plosses.detach(), acces.detach()]), "sum", self.group)  # [2n]
-        local_grad = (plosses - plosses.detach()) * self.world_size  # zero, with P x the part's gradient
-        return totals[:n] + local_grad, totals[n:]
+    def at(self, x: Tensor, s: int, dim: int = 1) -> Tensor:
+        C = self.chunk_len
+        parts = [x.narrow(dim, g * C + s, C) for g in self.chunks]
+        return torch.cat(parts, dim) if len(parts) > 1 else parts[0]  # L positions along dim
 
-    def _sum_over_ranks(self, x: Tensor) -> Tensor:
-        return funcol.all_reduce(x, "sum", self.group)
-
-    def _gather_rows(self, x: Tensor) -> Tensor:
-        B = x.size(0)
-        chunks = self._all_gather_chunks(x.view(B, len(self._chunks), self._chunk_len).transpose(0, 1))
-        return chunks.transpose(0, 1).reshape(B, self.q_len)  # [B, T]
-
-    def _next_chunk_rows(self, x: Tensor, n: int) -> Tensor:
-        n_local, C = len(self._chunks), self._chunk_len
+    def halo(self, x: Tensor, n: int) -> Tensor | None:
+        """``x [B, L, ...]`` -> ``[B, chunks, n, ...]``: the first n rows of the global chunk after
+        each local chunk, zeros after the last (no gradient: a target)."""
+        n_local, C = len(self.chunks), self.chunk_len
         heads = x.unflatten(1, (n_local, C))[:, :, :n].transpose(0, 1)  # [nl, B, n, ...]
         if n == 0:
             return heads.transpose(0, 1)
         heads = self._all_gather_chunks(heads)  # [chunks, B, n, ...], every chunk's first n rows
         heads = torch.cat([heads, torch.zeros_like(heads[:1])])  # past the last chunk: zeros
-        return heads[[g + 1 for g in self._chunks]].transpose(0, 1)  # [B, nl, n, ...]
+        return heads[[g + 1 for g in self.chunks]].transpose(0, 1)  # [B, nl, n, ...]
+
+    def shifted(self, x: Tensor, halo: Tensor | None, s: int) -> list[tuple[int, int, Tensor]]:
+        C = self.chunk_len
+        pieces = []
+        for j in range(len(self.chunks)):
+            pieces.append((j * C, (j + 1) * C - s, x[:, j * C + s: (j + 1) * C]))  # own rows from s on
+            if s:
+                pieces.append(((j + 1) * C - s, (j + 1) * C, halo[:, j, :s]))  # the next chunk's first s
+        return pieces
+
+    def sum(self, x: Tensor) -> Tensor:
+        return funcol.all_reduce(x, "sum", self.group)
+
+    # Note [gradients over ranks]
+    #     Rank r's part of step s's loss is the masked sum over its positions divided by the
+    #     count over all ranks (``sum``), so the parts sum to the single-process loss exactly.
+    #     Autograd through the attention's functional collectives sends every part's gradient to
+    #     the rank that holds the keys it read, so after every rank's backward the ranks'
+    #     parameter gradients sum to the single-process gradient. FSDP2 (and DDP) average
+    #     gradients over the group by default, so each rank's loss backpropagates P times its
+    #     part: the average is then the exact gradient, with no FSDP setting to change. (Over a
+    #     larger data-parallel group holding whole context-parallel groups, dp x cp, the default
+    #     average is the mean over data-parallel replicas of that gradient, as wanted.) The values
+    #     returned are the totals, all-reduced (no gradient: functional all_reduce has none), so
+    #     every rank logs the same numbers: ``total + (part - part.detach()) * P`` has the
+    #     total's value exactly and P times the part's gradient.
+    def totals(self, plosses: Tensor, acces: Tensor) -> tuple[Tensor, Tensor]:
+        n = plosses.numel()
+        totals = funcol.all_reduce(torch.cat([plosses.detach(), acces.detach()]), "sum", self.group)  # [2n]
+        local_grad = (plosses - plosses.detach()) * self.world_size  # zero, with P x the part's gradient
+        return totals[:n] + local_grad, totals[n:]
+
+    def hint(self, name: str, local: bool) -> str:
+        if not local:
+            return f" (every rank passes the global {name}, the same on every rank)"
+        return (f". Pass this rank's shard: shard_sequence({name}, {self.q_len}, {self.world_size}, "
+                f"rank={self.rank}, layout={self.layout!r}, dim=1)")
+
+    def __repr__(self) -> str:
+        return f"ContextParallel(mode={self.mode!r}, layout={self.layout!r}, world_size={self.world_size})"
 
     def _all_gather_chunks(self, x: Tensor) -> Tensor:
         """``x [local chunks, ...]`` on every rank -> ``[all chunks, ...]`` in global chunk order

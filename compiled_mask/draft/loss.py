@@ -123,8 +123,8 @@ def _chunk_target(target_kind: str, target: Tensor, target_weight: Tensor | None
     if target_kind == "ids":
         ids = target[b, r0:r1]  # [n]
         c = c & (ids >= 0)
-        # Ids >= V cannot be checked without reading data: clamped (see head_loss).
-        return None, torch.where(c, ids, 0).clamp(0, V - 1), c
+        c = c & (ids < V)  # ids outside the draft vocabulary do not count (see head_loss)
+        return None, torch.where(c, ids, 0), c
     rows = torch.where(c[:, None], target[b, r0:r1], 0)  # [n, V] or [n, Ht]
     if target_kind == "probs":
         p = rows.to(_f32_or_wider(rows.dtype))  # [n, V]
@@ -295,10 +295,9 @@ def head_loss(hidden: Tensor, norm_weight: Tensor, head_weight: Tensor,
             parameter dtype, the one ``norm_weight * normed(hidden)`` must promote to.
         target: one of
             - a float tensor ``[B, R, V]`` of probabilities, any float dtype (need not sum to 1);
-            - an int tensor ``[B, R]`` of draft-vocabulary ids, -1 (or any negative) for a token
-              outside the draft vocabulary: such a row does not count. Ids >= V at counted rows
-              cannot be checked without reading the data (a device sync): they are clamped to
-              V - 1, so pass valid ids;
+            - an int tensor ``[B, R]`` of draft-vocabulary ids, -1 for a token outside the draft
+              vocabulary: such a row does not count, and neither does any id outside ``[0, V)``
+              (checking them would read the data, a device sync);
             - :class:`TargetLogits` ``[B, R, V]``;
             - :class:`TargetHead` ``[B, R, Ht]`` and ``[V, Ht]``.
         counted: ``[B, R]`` bool, the rows whose loss and hit count (e.g. the loss mask).
@@ -477,7 +476,7 @@ def _head_loss_reference(hidden: Tensor, norm_weight: Tensor, head_weight: Tenso
     """
     V = head_weight.shape[0]
     if isinstance(target, Tensor) and not target.dtype.is_floating_point:
-        counted = counted & (target >= 0)
+        counted = counted & (target >= 0) & (target < V)
     c = counted[..., None]  # [B, R, 1]
     x = torch.where(c, hidden, 0)  # [B, R, H]
     x32 = x.to(_f32_or_wider(x.dtype))
@@ -485,7 +484,7 @@ def _head_loss_reference(hidden: Tensor, norm_weight: Tensor, head_weight: Tenso
     logits = F.linear(normed, head_weight)  # [B, R, V]
     logp = torch.log_softmax(logits.to(_f32_or_wider(logits.dtype)), -1)  # [B, R, V]
     if isinstance(target, Tensor) and not target.dtype.is_floating_point:
-        target_id = torch.where(counted, target, 0).clamp(0, V - 1)  # [B, R]
+        target_id = torch.where(counted, target, 0)  # [B, R]
         nll = -logp.gather(-1, target_id[..., None]).squeeze(-1)  # [B, R]
     else:
         if isinstance(target, TargetHead):

@@ -16,6 +16,7 @@ theirs, with the same module and parameter names, so their checkpoints' state di
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import torch.nn.functional as F
@@ -67,8 +68,21 @@ class Eagle3DraftConfig:
                     f"num_attention_heads={self.num_attention_heads}; set head_dim explicitly."
                 )
             self.head_dim = self.hidden_size // self.num_attention_heads
+        for name in ("head_dim", "target_hidden_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{where}: {name} must be an int >= 1 or None, got {name}={value!r}.")
         if self.head_dim % 2:
             raise ValueError(f"{where}: RoPE needs an even head_dim, got head_dim={self.head_dim}.")
+        for name, low in (("rms_norm_eps", "0"), ("rope_theta", "1")):
+            value = getattr(self, name)
+            ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+            if not ok or (value < 0 if name == "rms_norm_eps" else value <= 1):
+                bound = ">= 0" if name == "rms_norm_eps" else "> 1"
+                raise ValueError(
+                    f"{where}: {name} must be a finite number {bound}, got {name}={value!r} "
+                    f"(Llama 3: rms_norm_eps=1e-5, rope_theta=500000)."
+                )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"{where}: num_attention_heads must be a multiple of num_key_value_heads (GQA), "
@@ -84,7 +98,8 @@ class Eagle3DraftConfig:
 
 
 class _RMSNorm(nn.Module):
-    """Llama's RMSNorm: normalise in float32, scale in the input dtype (``weight`` [hidden])."""
+    """Llama's RMSNorm: normalise in float32 (float64 for float64), scale in the input dtype
+    (``weight`` [hidden])."""
 
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
@@ -92,7 +107,7 @@ class _RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # float64 stays float64
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
         return self.weight * x32.to(x.dtype)
 
@@ -194,8 +209,19 @@ class Eagle3DraftModel(nn.Module):
         self.embed_tokens.weight.requires_grad_(False)
 
     def embed_input_ids(self, input_ids: Tensor) -> Tensor:
-        """``[B, T]`` target-vocabulary ids -> ``[B, T, hidden_size]``."""
-        return self.embed_tokens(input_ids)
+        """``[B, T]`` target-vocabulary ids -> ``[B, T, hidden_size]``.
+
+        Ids must lie in ``[0, vocab_size)``: reading them to check would sync with the device, so
+        an id outside is refused by the embedding itself (on CPU, eagerly, with this message).
+        """
+        try:
+            return self.embed_tokens(input_ids)
+        except IndexError as e:
+            raise ValueError(
+                f"Eagle3DraftModel: input_ids must be target-vocabulary ids in [0, vocab_size = "
+                f"{self.config.vocab_size}); got an id outside it ({e}). Padding positions too need a "
+                f"valid id (e.g. 0)."
+            ) from e
 
     def project_hidden_states(self, hidden_states: Tensor) -> Tensor:
         """The target's three auxiliary hidden states ``[B, T, 3 * target_hidden_size]`` ->
@@ -227,20 +253,34 @@ class Eagle3DraftModel(nn.Module):
             draft_to_target: ``[draft_vocab_size]`` distinct target ids (e.g. the most frequent
                 tokens, sorted), as SpecForge's vocab-mapping file lists them.
         """
-        n = self.config.draft_vocab_size
-        if draft_to_target.shape != (n,) or draft_to_target.dtype.is_floating_point:
+        where = "Eagle3DraftModel.set_vocab_mapping"
+        n, vocab = self.config.draft_vocab_size, self.config.vocab_size
+        if (not isinstance(draft_to_target, Tensor) or draft_to_target.shape != (n,)
+                or draft_to_target.dtype.is_floating_point or draft_to_target.dtype == torch.bool):
+            got = (f"shape {tuple(draft_to_target.shape)} and dtype {draft_to_target.dtype}"
+                   if isinstance(draft_to_target, Tensor) else type(draft_to_target).__name__)
+            raise ValueError(f"{where}: expected [{n}] int target ids, got {got}.")
+        # A one-off setup call, not a forward pass: reading the ids to check them is fine here.
+        ids = draft_to_target.to("cpu", torch.int64)
+        bad = ids[(ids < 0) | (ids >= vocab)]
+        if bad.numel():
+            raise ValueError(f"{where}: target ids must lie in [0, vocab_size = {vocab}), got {bad[:5].tolist()}.")
+        unique, counts = ids.unique(return_counts=True)
+        if (counts > 1).any():
             raise ValueError(
-                f"Eagle3DraftModel.set_vocab_mapping: expected [{n}] int target ids, got shape "
-                f"{tuple(draft_to_target.shape)} and dtype {draft_to_target.dtype}."
+                f"{where}: target ids must be distinct (each draft id maps to one target id and back), "
+                f"got repeated ids {unique[counts > 1][:5].tolist()}."
             )
-        ids = draft_to_target.to(self.d2t.device, torch.int64)
+        ids = ids.to(self.d2t.device)
         self.d2t.copy_(ids - torch.arange(n, device=ids.device))
         self.t2d.zero_()
         self.t2d[ids] = True
 
     def target_to_draft_ids(self, target_ids: Tensor) -> Tensor:
-        """Target-vocabulary ids -> draft ids, -1 where the draft vocabulary lacks the token."""
-        n = self.config.draft_vocab_size
-        table = torch.full((self.config.vocab_size,), -1, dtype=torch.int64, device=self.d2t.device)
+        """Target-vocabulary ids -> draft ids, -1 where the draft vocabulary lacks the token (and for
+        ids outside ``[0, vocab_size)``, such as -1 or -100 padding)."""
+        n, vocab = self.config.draft_vocab_size, self.config.vocab_size
+        table = torch.full((vocab,), -1, dtype=torch.int64, device=self.d2t.device)
         table[self.d2t + torch.arange(n, device=self.d2t.device)] = torch.arange(n, device=self.d2t.device)
-        return table[target_ids.clamp(min=0)].masked_fill(target_ids < 0, -1)
+        inside = (target_ids >= 0) & (target_ids < vocab)
+        return table[target_ids.clamp(0, vocab - 1)].masked_fill(~inside, -1)

@@ -4,28 +4,35 @@
 do: step s feeds its hidden states to step s + 1, shifts the token ids, target and loss mask by one
 more position, writes its K/V as round s of the static buffer and attends over rounds 0..s with the
 Eagle3 mask. Each step's loss is the cross entropy against the target's next-token distribution
-(or ids) under the loss mask; the total weights step s by 0.8**s, as Eagle3 does. Everything,
-including the loss, is tensor ops with no data-dependent Python, so
-``torch.compile(Eagle3Model(...), fullgraph=True)`` gives one graph for the forward and backward of
-the whole step, for every batch of the same shape.
+(or ids) under the loss mask, through the fused, chunked LM head (``loss.py``: no ``[T, V]``
+tensor is ever held); the total weights step s by 0.8**s, as Eagle3 does. Everything is tensor
+ops with no data-dependent Python, so ``torch.compile(Eagle3Model(...), fullgraph=True)`` gives
+one graph for the forward and backward of the whole step, for every batch of the same shape.
+
+The unroll is written for a process that holds some positions of the sequence: a
+:class:`Sequence` says which, and owns whatever needs other processes (shifted rows, sums, the
+attention). :class:`WholeSequence` (the default) holds them all; ``context_parallel.py`` shards
+them over a process group. The model itself knows nothing of ranks.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from compiled_mask._checks import _check_input_layout
+from compiled_mask._checks import _shape
+from compiled_mask._inputs import Layout, normalize_layout
 from compiled_mask._layout import _valid_queries
-from compiled_mask._op import _first_keys
+from compiled_mask.draft.loss import TargetHead, TargetLogits, head_loss
 from compiled_mask.draft.model import Eagle3DraftModel
+from compiled_mask.draft.tiled import tiled_mlp
 from compiled_mask.modules import Eagle3Attention
 
-__all__ = ["Eagle3Model", "Eagle3Output"]
+__all__ = ["Eagle3Model", "Eagle3Output", "MEMORY_POLICIES", "Sequence", "WholeSequence"]
 
 
 class Eagle3Output(NamedTuple):
@@ -41,6 +48,378 @@ class Eagle3Output(NamedTuple):
     loss: Tensor
     plosses: Tensor
     acces: Tensor
+
+
+class Sequence(Protocol):
+    """Which positions of the sequence this process holds, and the operations across processes.
+
+    The unroll reads, at local position t of TTT step s, what step 0 reads at global position
+    ``t + s`` (Note [sequence shards]). A strategy provides that and the sums over processes;
+    :class:`WholeSequence` is the identity, ``context_parallel.ContextParallel`` a sharding.
+    """
+
+    rows_name: str  # how errors name the local rows of hidden_states and of a float target
+
+    def bind(self, q_len: int, length: int, attention_backend: str) -> nn.Module: ...
+    def local_len(self) -> int: ...
+    def positions(self, device: torch.device) -> Tensor: ...
+    def at(self, x: Tensor, s: int, dim: int = 1) -> Tensor: ...
+    def halo(self, x: Tensor, n: int) -> Tensor | None: ...
+    def shifted(self, x: Tensor, halo: Tensor | None, s: int) -> list[tuple[int, int, Tensor]]: ...
+    def sum(self, x: Tensor) -> Tensor: ...
+    def totals(self, plosses: Tensor, acces: Tensor) -> tuple[Tensor, Tensor]: ...
+    def hint(self, name: str, local: bool) -> str: ...
+
+
+# Note [sequence shards]
+#     A process holds L positions of the T of each sample (all of them, or a rank's shard), in
+#     chunks of C consecutive positions. Step s reads, at local position t, what step 0 reads at
+#     global position t + s (ids, loss mask, int targets, RoPE position, same-document check):
+#       - global ``[B, T]`` inputs (ids, loss mask, int targets, the layout table) are padded by
+#         ``length - 1`` and read at the local positions + s (``Sequence.at``);
+#       - local ``[B, L, ...]`` inputs (a soft target in any form) are read by rows: each chunk's
+#         own rows from s on, then the first s rows of the next chunk, which may live elsewhere
+#         (``Sequence.halo``, then ``Sequence.shifted``: pairs of local rows and target rows, no
+#         copy of the target);
+#       - positions past T read id 0 and no target under a False mask, so they count nothing, and
+#         each step's loss is its masked sum over the count of all processes (``Sequence.sum``);
+#         ``Sequence.totals`` turns the per-process parts into the totals.
+
+
+class WholeSequence:
+    """The whole sequence in this process (:class:`Sequence`): every operation is local."""
+
+    rows_name = "T"
+
+    def bind(self, q_len: int, length: int, attention_backend: str) -> nn.Module:
+        self.q_len = q_len
+        return Eagle3Attention(q_len, length, backend=attention_backend)
+
+    def local_len(self) -> int:
+        return self.q_len
+
+    def positions(self, device: torch.device) -> Tensor:
+        return torch.arange(self.q_len, device=device)
+
+    def at(self, x: Tensor, s: int, dim: int = 1) -> Tensor:
+        return x.narrow(dim, s, self.q_len)
+
+    def halo(self, x: Tensor, n: int) -> Tensor | None:
+        return None
+
+    def shifted(self, x: Tensor, halo: Tensor | None, s: int) -> list[tuple[int, int, Tensor]]:
+        return [(0, self.q_len - s, x[:, s:])]
+
+    def sum(self, x: Tensor) -> Tensor:
+        return x
+
+    def totals(self, plosses: Tensor, acces: Tensor) -> tuple[Tensor, Tensor]:
+        return plosses, acces
+
+    def hint(self, name: str, local: bool) -> str:
+        return ""
+
+
+# Note [memory policies]
+#     What each TTT step keeps for the backward, one argument with a default by Q_LEN:
+#       - "save": everything autograd saves (the fastest; ~200 KB per token and step for the
+#         Llama-3-8B-sized draft, docs/benchmarks.md);
+#       - "recompute": each step's decoder layer under activation checkpointing: it keeps only
+#         its inputs (the previous hidden states, the ids) and its K/V round, and the backward
+#         replays that one step just before its gradients are needed (the partitioner orders the
+#         replays as autograd would, step by step), so at most one step's activations are alive;
+#       - "recompute_tiled": as "recompute", with the MLP tiled over the sequence
+#         (``tiled.py``), so that replaying a step at 128K tokens does not hold three
+#         ``[T, intermediate]`` activations at once.
+#     The LM head and loss never keep ``[T, V]`` whatever the policy (``loss.py``). Each policy
+#     computes the same numbers (tests/test_draft.py); they differ in memory and time only.
+MEMORY_POLICIES = ("save", "recompute", "recompute_tiled")
+_AUTO_RECOMPUTE_TOKENS = 16384  # "auto": recompute above this many tokens per sample
+_AUTO_TILE_TOKENS = 65536  # "auto": and tile the MLP above this many
+_MLP_TILE_ROWS = 8192  # rows per MLP tile ("recompute_tiled")
+
+
+def _memory_policy(where: str, memory: str, q_len: int) -> str:
+    if memory == "auto":
+        if q_len > _AUTO_TILE_TOKENS:
+            return "recompute_tiled"
+        return "recompute" if q_len > _AUTO_RECOMPUTE_TOKENS else "save"
+    if memory not in MEMORY_POLICIES:
+        raise ValueError(f"{where}: unknown memory={memory!r}; choose 'auto' or one of {list(MEMORY_POLICIES)}.")
+    return memory
+
+
+class Eagle3Model(nn.Module):
+    """Eagle3 training-time test: ``length`` draft steps, the loss and its per-step parts.
+
+    As TorchSpec's ``Eagle3Model`` (``draft_model``, ``length``, ``attention_backend``): step s
+    embeds the ids shifted by s, runs the decoder layer on them and on the previous step's hidden
+    states (step 0: ``fc`` of the target's auxiliary states), writes its K/V as round s and
+    attends over rounds 0..s with :class:`~compiled_mask.Eagle3Attention` (query q sees the causal
+    keys of round 0 and key q of each later round). RoPE positions of step s are ``t + s``. The
+    loss of step s compares the draft's distribution at position t with the target at ``t + s``.
+
+    Compile it whole: ``torch.compile(Eagle3Model(...), fullgraph=True)``; one graph serves the
+    forward and backward of every batch of the same shape (new ``seq_lens``/``doc_ids`` values
+    included; None and a tensor are two graphs, so pass the same kind every call).
+
+    Args:
+        draft_model: the :class:`Eagle3DraftModel`.
+        q_len: tokens per sample (T); batches are padded or packed to it.
+        length: TTT steps (Eagle3 uses 7), at most q_len.
+        attention_backend: ``Eagle3Attention``'s backend: "split", "flex" or "fa4".
+        loss_decay: step s's loss weight is ``loss_decay ** s`` (Eagle3: 0.8).
+        memory: what each step keeps for the backward (Note [memory policies]): "save",
+            "recompute", "recompute_tiled", or "auto" (the default): "save" up to 16384 tokens
+            per sample, "recompute" up to 65536, "recompute_tiled" beyond.
+        chunk_rows: rows per chunk of the fused LM head and loss (``head_loss``; default from the
+            draft vocabulary, ~32 MiB per float32 ``[rows, V]`` buffer).
+        sequence: which positions this process holds (:class:`Sequence`); default
+            :class:`WholeSequence`. ``context_parallel.ContextParallel`` shards the sequence over
+            a process group.
+
+    Example::
+
+        >>> from compiled_mask.draft import Eagle3DraftConfig, Eagle3DraftModel
+        >>> cfg = Eagle3DraftConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2,
+        ...                         num_key_value_heads=1, vocab_size=50, draft_vocab_size=20)
+        >>> model = Eagle3Model(Eagle3DraftModel(cfg), q_len=16, length=3)
+        >>> ids, hidden = torch.randint(50, (2, 16)), torch.randn(2, 16, 3 * 32)
+        >>> out = model(ids, hidden, torch.randint(20, (2, 16)), torch.ones(2, 16))
+        >>> out.plosses.shape, out.acces.shape  # per TTT step
+        (torch.Size([3]), torch.Size([3]))
+        >>> out.loss.backward()
+    """
+
+    def __init__(self, draft_model: Eagle3DraftModel, q_len: int, length: int = 7, *,
+                 attention_backend: str = "split", loss_decay: float = 0.8, memory: str = "auto",
+                 chunk_rows: int | None = None, sequence: Sequence | None = None) -> None:
+        super().__init__()
+        where = "Eagle3Model"
+        for name, value in (("q_len", q_len), ("length", length)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{where}: {name} must be an int >= 1, got {name}={value!r}.")
+        if length > q_len:
+            raise ValueError(
+                f"{where}: TTT step s predicts the target s positions ahead, so length must be at "
+                f"most q_len, got length={length} and q_len={q_len}."
+            )
+        if isinstance(loss_decay, bool) or not isinstance(loss_decay, (int, float)) or not 0 <= loss_decay < float("inf"):
+            raise ValueError(f"{where}: loss_decay must be a finite number >= 0 (Eagle3: 0.8), got {loss_decay!r}.")
+        if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int)
+                                       or chunk_rows < 1):
+            raise ValueError(f"{where}: chunk_rows must be an int >= 1 or None, got chunk_rows={chunk_rows!r}.")
+        self.draft_model = draft_model
+        self.q_len = q_len
+        self.length = length
+        self.attention_backend = attention_backend
+        self.loss_decay = float(loss_decay)
+        self.memory = _memory_policy(where, memory, q_len)
+        self.chunk_rows = chunk_rows
+        self.sequence = WholeSequence() if sequence is None else sequence
+        self.attn = self.sequence.bind(q_len, length, attention_backend)
+        self.register_buffer("live_rounds", torch.arange(1, length + 1), persistent=False)  # [length]
+
+    def forward(self, input_ids: Tensor, hidden_states: Tensor, target: Tensor | TargetLogits | TargetHead,
+                loss_mask: Tensor, *, seq_lens: Tensor | None = None, doc_ids: Tensor | None = None
+                ) -> Eagle3Output:
+        """One TTT unroll: losses and accuracies of every step.
+
+        The inputs are aligned for step 0, as TorchSpec's ``Eagle3Model`` and SpecForge's offline
+        trainer receive them: at position t the target model has read tokens ..t, and
+
+        Args:
+            input_ids: ``[B, T]`` target-vocabulary ids, the token *after* position t.
+            hidden_states: ``[B, T, 3 * target_hidden_size]``, the target's three auxiliary
+                hidden states at position t, concatenated.
+            target: what step 0 predicts at position t (the token after ``input_ids[:, t]``), in
+                one of these forms (``loss.py``; which to use when: docs/training.md):
+                ``[B, T, draft_vocab_size]`` float probabilities over the draft vocabulary (any
+                float dtype); ``[B, T]`` int draft-vocabulary ids, -1 where the token is not in
+                the draft vocabulary (no loss there; :meth:`Eagle3DraftModel.target_to_draft_ids`
+                maps target ids); :class:`~compiled_mask.draft.loss.TargetLogits` ``[B, T, V]``;
+                :class:`~compiled_mask.draft.loss.TargetHead`, the target's last hidden state
+                ``[B, T, Ht]`` and its lm_head rows of the draft vocabulary ``[V, Ht]``.
+            loss_mask: ``[B, T]`` bool or 0/1: which step-0 predictions count. Step s uses it
+                shifted by s (positions whose target lies past T drop out).
+            seq_lens: optional ``[B]`` valid length of each sample (padded batch).
+            doc_ids: optional ``[B, T]`` document of each position, -1 for padding (packed
+                batch; a document is a maximal run of equal ids). The attention stays inside
+                documents, and step s drops positions whose shifted target is in another document.
+
+        Returns:
+            :class:`Eagle3Output`: ``loss`` (weighted sum of the steps), ``plosses`` and
+            ``acces`` ``[length]``.
+        """
+        draft, seq = self.draft_model, self.sequence
+        T, ahead = self.q_len, self.length - 1  # step s reads position t + s, up to t + ahead
+        self._check_inputs(input_ids, hidden_states, target, loss_mask)
+        layout = normalize_layout("Eagle3Model", T, seq_lens, doc_ids, input_ids.device, input_ids.size(0),
+                                  name="input_ids")  # Note [one layout table]: once per training step
+        mask = loss_mask.bool()  # [B, T]
+        ids_target = isinstance(target, Tensor) and not target.dtype.is_floating_point
+        if ids_target:
+            mask = mask & (target >= 0)
+        if layout.first_key is not None:
+            valid = _valid_queries(T, layout.first_key, input_ids.device)  # [B, T]: not padding
+            mask = mask & valid
+            # Note [padding is garbage] in modules.py: whatever the padding rows hold, they
+            # compute on zeros, so every K/V the attention reads is finite.
+            hidden_states = torch.where(seq.at(valid, 0)[..., None], hidden_states, 0)
+        # Past T: no token (id 0), nothing counts (Note [sequence shards]).
+        ids_pad, mask_pad = F.pad(input_ids, (0, ahead)), F.pad(mask, (0, ahead))
+        target_pad = F.pad(target, (0, ahead)) if ids_target else None  # [B, T + ahead]
+        first_key_pad = None if layout.first_key is None else F.pad(layout.first_key, (0, ahead))
+        step_masks = []
+        for s in range(self.length):
+            step_mask = seq.at(mask_pad, s)  # [B, L]: loss_mask at t + s
+            if first_key_pad is not None:  # the shifted target in the same document
+                step_mask = step_mask & (seq.at(first_key_pad, s) == seq.at(first_key_pad, 0))
+            step_masks.append(step_mask)
+        counts = seq.sum(torch.stack([m.sum() for m in step_masks]))  # [length] int64
+        soft, halo = None, None
+        if not ids_target:
+            soft = target.hidden if isinstance(target, TargetHead) else (
+                target.logits if isinstance(target, TargetLogits) else target)  # [B, L, V or Ht]
+            halo = seq.halo(soft, ahead)
+
+        hidden = draft.project_hidden_states(hidden_states.to(draft.fc.weight.dtype))  # [B, L, H]
+        positions = torch.arange(T + ahead, device=input_ids.device)  # [T + ahead]
+        cos_all, sin_all = draft.rope_cos_sin(positions, hidden.dtype)  # [T + ahead, D] each
+        rounds: list[Tensor] = []  # k_0, ..., k_s, v_0, ..., v_s
+        nll_sums, hit_sums = [], []
+        for s in range(self.length):
+            step = (s, seq.at(ids_pad, s), hidden, seq.at(cos_all, s, dim=0), seq.at(sin_all, s, dim=0), layout)
+            if self.memory != "save" and torch.is_grad_enabled():  # Note [memory policies]
+                hidden, k, v = torch.utils.checkpoint.checkpoint(self._step, *step, *rounds, use_reentrant=False)
+            else:
+                hidden, k, v = self._step(*step, *rounds)
+            rounds = [*rounds[: s], k, *rounds[s:], v]
+            # Step s predicts, at position t, what step 0 predicts at t + s.
+            nll_sum, hit_sum = self._loss(hidden, target, soft, halo, target_pad, step_masks[s], s)
+            nll_sums.append(nll_sum)
+            hit_sums.append(hit_sum)
+        # Each step's masked mean over all positions (of all processes); 0 where none counts.
+        nll_sums, hit_sums = torch.stack(nll_sums), torch.stack(hit_sums)
+        counts = counts.to(nll_sums.dtype).clamp(min=1.0)
+        plosses, acces = seq.totals(nll_sums / counts, hit_sums / counts)
+        loss = sum(self.loss_decay**s * plosses[s] for s in range(self.length))
+        return Eagle3Output(loss, plosses, acces)
+
+    def _step(self, s: int, ids: Tensor, hidden: Tensor, cos: Tensor, sin: Tensor, layout: Layout,
+              *rounds: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """TTT step s's decoder layer: ``(next hidden states [B, L, H], k_s, v_s)``; ``rounds``:
+        the K/V rounds of the earlier steps, ``k_0..k_{s-1}, v_0..v_{s-1}``."""
+        draft = self.draft_model
+        layer = draft.midlayer
+        B, L, _ = hidden.shape
+        embeds = draft.embed_input_ids(ids).to(hidden.dtype)  # [B, L, H]
+        residual = hidden
+        x = torch.cat((layer.input_layernorm(embeds), layer.hidden_norm(hidden)), dim=-1)  # [B, L, 2H]
+        q, k, v = layer.self_attn.project(x, cos, sin)
+        k_buf = self._buffer([*rounds[:s], k])  # [B, Hkv, L * length, D]
+        v_buf = self._buffer([*rounds[s:], v])
+        out = self.attn._attend(q, k_buf, v_buf, self.live_rounds[s], layout, finite_padding=True)
+        out = out.transpose(1, 2).reshape(B, L, -1)  # [B, L, Hq * D]
+        hidden = residual + layer.self_attn.o_proj(out)
+        normed = layer.post_attention_layernorm(hidden)
+        if self.memory == "recompute_tiled":
+            mlp = layer.mlp
+            hidden = hidden + tiled_mlp(normed, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
+                                        chunk_rows=_MLP_TILE_ROWS)
+        else:
+            hidden = hidden + layer.mlp(normed)  # [B, L, H]
+        return hidden, k, v
+
+    def _buffer(self, rounds: list[Tensor]) -> Tensor:
+        """The static K/V buffer of the rounds so far (Note [writing a round]); inside a
+        recomputed step nothing is saved anyway, so the buffer is built plainly there."""
+        if self.memory == "save":
+            return _build_buffer(rounds, self.length)
+        return _round_buffer(self.length, *rounds)
+
+    def _loss(self, hidden: Tensor, target, soft: Tensor | None, halo: Tensor | None, target_pad: Tensor | None,
+              counted: Tensor, s: int) -> tuple[Tensor, Tensor]:
+        """Step s's summed cross entropy and hits against the target at t + s (``head_loss``), over
+        this process's rows (Note [sequence shards])."""
+        draft = self.draft_model
+        args = dict(eps=draft.config.rms_norm_eps, chunk_rows=self.chunk_rows)
+        norm, head = draft.norm.weight, draft.lm_head.weight
+        if soft is None:  # int ids: global, read at t + s
+            return head_loss(hidden, norm, head, self.sequence.at(target_pad, s), counted, **args)
+        nll_sum = hit_sum = 0
+        for lo, hi, rows in self.sequence.shifted(soft, halo, s):
+            if hi <= lo:
+                continue
+            if isinstance(target, TargetHead):
+                rows = TargetHead(rows, target.weight)
+            elif isinstance(target, TargetLogits):
+                rows = TargetLogits(rows)
+            n, h = head_loss(hidden[:, lo:hi], norm, head, rows, counted[:, lo:hi], **args)
+            nll_sum, hit_sum = nll_sum + n, hit_sum + h
+        return nll_sum, hit_sum
+
+    def _check_inputs(self, input_ids: Tensor, hidden_states: Tensor, target, loss_mask: Tensor) -> None:
+        where, seq = "Eagle3Model", self.sequence
+        cfg = self.draft_model.config
+        for name, t in (("input_ids", input_ids), ("hidden_states", hidden_states), ("loss_mask", loss_mask)):
+            if not isinstance(t, Tensor):
+                raise ValueError(f"{where}: {name} must be a Tensor, got {type(t).__name__}.")
+        if input_ids.dim() != 2 or input_ids.shape[1] != self.q_len:
+            raise ValueError(
+                f"{where}: input_ids must be [B, T] with T = q_len = {self.q_len}, got shape "
+                f"{_shape(input_ids)}. Pad or pack batches to q_len{seq.hint('input_ids', local=False)}."
+            )
+        if input_ids.dtype.is_floating_point or input_ids.dtype in (torch.bool, torch.uint64) or input_ids.is_complex():
+            raise ValueError(
+                f"{where}: input_ids must be integer token ids (e.g. int64), got dtype {input_ids.dtype}."
+            )
+        B, T = input_ids.shape
+        L = seq.local_len()
+        rows = seq.rows_name
+        if hidden_states.dim() != 3 or hidden_states.shape[:2] != (B, L):
+            raise ValueError(
+                f"{where}: hidden_states must be [B, {rows}, 3 * target_hidden_size] with "
+                f"B = {B} (from input_ids), {rows} = {L}, got shape "
+                f"{_shape(hidden_states)}{seq.hint('hidden_states', local=True)}."
+            )
+        if not hidden_states.dtype.is_floating_point:
+            raise ValueError(f"{where}: hidden_states must be floating point, got dtype {hidden_states.dtype}.")
+        if isinstance(target, (TargetLogits, TargetHead)):
+            soft = target.logits if isinstance(target, TargetLogits) else target.hidden
+            name = "TargetLogits.logits" if isinstance(target, TargetLogits) else "TargetHead.hidden"
+            if not isinstance(soft, Tensor) or soft.dim() != 3 or soft.shape[:2] != (B, L):
+                got = f"shape {_shape(soft)}" if isinstance(soft, Tensor) else type(soft).__name__
+                raise ValueError(
+                    f"{where}: {name} must be [B, {rows}, ...] with B = {B}, {rows} = {L}, got "
+                    f"{got}{seq.hint(name, local=True)}."
+                )
+        elif not isinstance(target, Tensor):
+            raise ValueError(
+                f"{where}: target must be a Tensor (probabilities or ids), TargetLogits or TargetHead, "
+                f"got {type(target).__name__}."
+            )
+        elif target.dtype.is_floating_point:
+            if target.shape != (B, L, cfg.draft_vocab_size):
+                raise ValueError(
+                    f"{where}: a float target must be [B, {rows}, draft_vocab_size] = "
+                    f"[{B}, {L}, {cfg.draft_vocab_size}] probabilities, got shape "
+                    f"{_shape(target)}{seq.hint('target', local=True)}."
+                )
+        elif target.shape != (B, T):
+            raise ValueError(
+                f"{where}: an int target must be [B, T] = [{B}, {T}] draft-vocabulary ids, got "
+                f"shape {_shape(target)}{seq.hint('target', local=False)}."
+            )
+        if loss_mask.shape != (B, T):
+            raise ValueError(
+                f"{where}: loss_mask must be [B, T] = [{B}, {T}], got {_shape(loss_mask)}"
+                f"{seq.hint('loss_mask', local=False)}."
+            )
+
+    def extra_repr(self) -> str:
+        return (f"q_len={self.q_len}, length={self.length}, attention_backend={self.attention_backend!r}, "
+                f"memory={self.memory!r}")
 
 
 # Note [writing a round]
@@ -83,260 +462,3 @@ def _build_buffer(rounds: list[Tensor], length: int) -> Tensor:
     if not (needs_grad and torch.compiler.is_compiling()):
         return _round_buffer(length, *rounds)
     return torch.utils.checkpoint.checkpoint(_round_buffer, length, *rounds, use_reentrant=False)
-
-
-class Eagle3Model(nn.Module):
-    """Eagle3 training-time test: ``length`` draft steps, the loss and its per-step parts.
-
-    As TorchSpec's ``Eagle3Model`` (``draft_model``, ``length``, ``attention_backend``): step s
-    embeds the ids shifted by s, runs the decoder layer on them and on the previous step's hidden
-    states (step 0: ``fc`` of the target's auxiliary states), writes its K/V as round s and
-    attends over rounds 0..s with :class:`~compiled_mask.Eagle3Attention` (query q sees the causal
-    keys of round 0 and key q of each later round). RoPE positions of step s are ``t + s``. The
-    loss of step s compares ``compute_logits`` at position t with the target at ``t + s``.
-
-    Compile it whole: ``torch.compile(Eagle3Model(...), fullgraph=True)``; one graph serves the
-    forward and backward of every batch of the same shape (new ``seq_lens``/``doc_ids`` values
-    included; None and a tensor are two graphs, so pass the same kind every call).
-    :class:`compiled_mask.distributed.Eagle3ContextParallelModel` runs the same step with the
-    sequence sharded over several GPUs.
-
-    Args:
-        draft_model: the :class:`Eagle3DraftModel`.
-        q_len: tokens per sample (T); batches are padded or packed to it.
-        length: TTT steps (Eagle3 uses 7).
-        attention_backend: ``Eagle3Attention``'s backend: "split", "flex" or "fa4".
-        loss_decay: step s's loss weight is ``loss_decay ** s`` (Eagle3: 0.8).
-
-    Example::
-
-        >>> from compiled_mask.draft import Eagle3DraftConfig, Eagle3DraftModel
-        >>> cfg = Eagle3DraftConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2,
-        ...                         num_key_value_heads=1, vocab_size=50, draft_vocab_size=20)
-        >>> model = Eagle3Model(Eagle3DraftModel(cfg), q_len=16, length=3)
-        >>> ids, hidden = torch.randint(50, (2, 16)), torch.randn(2, 16, 3 * 32)
-        >>> out = model(ids, hidden, torch.randint(20, (2, 16)), torch.ones(2, 16))
-        >>> out.plosses.shape, out.acces.shape  # per TTT step
-        (torch.Size([3]), torch.Size([3]))
-        >>> out.loss.backward()
-    """
-
-    def __init__(self, draft_model: Eagle3DraftModel, q_len: int, length: int = 7, *,
-                 attention_backend: str = "split", loss_decay: float = 0.8) -> None:
-        super().__init__()
-        for name, value in (("q_len", q_len), ("length", length)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Eagle3Model: {name} must be an int >= 1, got {name}={value!r}.")
-        self.draft_model = draft_model
-        self.q_len = q_len
-        self.length = length
-        self.attention_backend = attention_backend
-        self.attn = Eagle3Attention(q_len, length, backend=attention_backend)
-        self.loss_decay = loss_decay
-        self.register_buffer("live_rounds", torch.arange(1, length + 1), persistent=False)  # [length]
-        self._chunks, self._chunk_len = (0,), q_len  # the whole sequence (Note [sequence shards])
-
-    def forward(self, input_ids: Tensor, hidden_states: Tensor, target: Tensor, loss_mask: Tensor,
-                *, seq_lens: Tensor | None = None, doc_ids: Tensor | None = None) -> Eagle3Output:
-        """One TTT unroll: losses and accuracies of every step.
-
-        The inputs are aligned for step 0, as TorchSpec's ``Eagle3Model`` and SpecForge's offline
-        trainer receive them: at position t the target model has read tokens ..t, and
-
-        Args:
-            input_ids: ``[B, T]`` target-vocabulary ids, the token *after* position t.
-            hidden_states: ``[B, T, 3 * target_hidden_size]``, the target's three auxiliary
-                hidden states at position t, concatenated.
-            target: what step 0 predicts at position t (the token after ``input_ids[:, t]``):
-                either ``[B, T, draft_vocab_size]`` float probabilities over the draft vocabulary
-                (the target's next-token distribution), or ``[B, T]`` int draft-vocabulary ids,
-                -1 where the token is not in the draft vocabulary (no loss there;
-                :meth:`Eagle3DraftModel.target_to_draft_ids` maps target ids).
-            loss_mask: ``[B, T]`` bool or 0/1: which step-0 predictions count. Step s uses it
-                shifted by s (positions whose target lies past T drop out).
-            seq_lens: optional ``[B]`` valid length of each sample (padded batch).
-            doc_ids: optional ``[B, T]`` document of each position, -1 for padding (packed
-                batch; a document is a maximal run of equal ids). The attention stays inside
-                documents, and step s drops positions whose shifted target is in another document.
-
-        Returns:
-            :class:`Eagle3Output`: ``loss`` (weighted sum of the steps), ``plosses`` and
-            ``acces`` ``[length]``.
-        """
-        draft = self.draft_model
-        T, ahead = self.q_len, self.length - 1  # step s reads position t + s, up to t + ahead
-        self._check_inputs(input_ids, hidden_states, target, loss_mask)
-        mask = loss_mask.bool()  # [B, T]
-        if target.dtype.is_floating_point:
-            target_p = target.to(_loss_dtype(target))  # [B, L, V]
-            target_next = self._next_chunk_rows(target, ahead).to(target_p.dtype)  # [B, chunks, ahead, V]
-            target_ids = self._gather_rows(target_p.argmax(-1))  # [B, T], once for all steps
-        else:
-            target_p = target_next = None
-            target_ids = target.clamp(min=0)
-            mask = mask & (target >= 0)
-        first_key = None
-        if seq_lens is not None or doc_ids is not None:
-            _check_input_layout(self._where, T, seq_lens, doc_ids, input_ids, name="input_ids")
-            first_key = _first_keys(T, seq_lens, doc_ids)  # [B, T], Note [one layout table]
-            mask = mask & _valid_queries(T, first_key, first_key.device)  # valid positions
-        # Past T: no token (id 0), nothing counts (Note [sequence shards]).
-        ids_pad, mask_pad, target_ids_pad = (F.pad(t, (0, ahead)) for t in (input_ids, mask, target_ids))
-        first_key_pad = None if first_key is None else F.pad(first_key, (0, ahead))  # [B, T + ahead]
-        step_masks = []
-        for s in range(self.length):
-            step_mask = self._at(mask_pad, s)  # [B, L]: loss_mask at t + s
-            if first_key_pad is not None:  # the shifted target in the same document
-                step_mask = step_mask & (self._at(first_key_pad, s) == self._at(first_key_pad, 0))
-            step_masks.append(step_mask)
-        counts = self._sum_over_ranks(torch.stack([m.sum() for m in step_masks]))  # [length] int64
-
-        hidden = draft.project_hidden_states(hidden_states.to(draft.fc.weight.dtype))  # [B, L, H]
-        positions = torch.arange(T + ahead, device=input_ids.device)  # [T + ahead]
-        cos_all, sin_all = draft.rope_cos_sin(positions, hidden.dtype)  # [T + ahead, D] each
-        k_rounds: list[Tensor] = []
-        v_rounds: list[Tensor] = []
-        nll_sums, hit_sums = [], []
-        for s in range(self.length):
-            embeds = draft.embed_input_ids(self._at(ids_pad, s)).to(hidden.dtype)  # [B, L, H]
-            hidden = self._layer(embeds, hidden, self._at(cos_all, s, dim=0), self._at(sin_all, s, dim=0),
-                                 s, k_rounds, v_rounds, seq_lens, doc_ids)
-            # Step s predicts, at position t, what step 0 predicts at t + s.
-            logits = draft.compute_logits(hidden)  # [B, L, V]
-            logp = torch.log_softmax(logits.to(_loss_dtype(logits)), dim=-1)  # [B, L, V], float32 or wider
-            step_ids = self._at(target_ids_pad, s)  # [B, L]
-            if target_p is None:
-                nll = -logp.gather(-1, step_ids.unsqueeze(-1)).squeeze(-1)  # [B, L]
-            else:
-                nll = self._soft_nll(logp, target_p, target_next, s)  # [B, L]
-            weight = step_masks[s].to(logp.dtype)  # [B, L]
-            nll_sums.append((nll * weight).sum())
-            hit_sums.append(((logits.argmax(-1) == step_ids).to(logp.dtype) * weight).sum())
-        # Each step's masked mean over all positions (of all ranks); 0 where none counts.
-        counts = counts.to(logp.dtype).clamp(min=1.0)
-        plosses, acces = self._reduce_steps(torch.stack(nll_sums) / counts, torch.stack(hit_sums) / counts)
-        loss = sum(self.loss_decay**s * plosses[s] for s in range(self.length))
-        return Eagle3Output(loss, plosses, acces)
-
-    # Note [sequence shards]
-    #     The unroll is written for a process that holds some chunks of the sequence: chunks
-    #     ``_chunks`` (global chunk indices, in local order) of ``_chunk_len`` positions each, L
-    #     positions in all. Here that is the whole sequence, one chunk; Eagle3ContextParallelModel
-    #     (distributed.py) holds a rank's ``shard_positions`` and overrides the four hooks below
-    #     that need other ranks. Step s reads, at local position t, what step 0 reads at global
-    #     position t + s (ids, loss mask, target, RoPE position, same-document check):
-    #       - global ``[B, T]`` inputs (ids, loss mask, int targets, the layout table) are padded
-    #         by ``length - 1`` and sliced at each chunk's positions + s (:meth:`_at`);
-    #       - the float target ``[B, L, V]`` is local: the last s rows of a chunk read the first s
-    #         rows of the next global chunk, ``_next_chunk_rows`` (zeros after the last chunk);
-    #       - positions past T read id 0 and target 0 under a False mask, so they count nothing,
-    #         and each step's loss is its masked sum over the count of all ranks
-    #         (``_sum_over_ranks``); ``_reduce_steps`` turns the per-rank parts into the totals.
-    #     On one process the hooks are identities (and a zero halo): the same code, no collective.
-
-    def _at(self, x: Tensor, s: int, dim: int = 1) -> Tensor:
-        """``x`` (global positions along ``dim``, padded past T) at this process's positions + s."""
-        C = self._chunk_len
-        parts = [x.narrow(dim, g * C + s, C) for g in self._chunks]
-        return torch.cat(parts, dim) if len(parts) > 1 else parts[0]  # L positions along dim
-
-    def _soft_nll(self, logp: Tensor, target_p: Tensor, target_next: Tensor, s: int) -> Tensor:
-        """Cross entropy against the float target at t + s, ``[B, L]``: per local chunk, its own
-        rows from s on, then the first s rows of the next chunk (no copy of the target)."""
-        C = self._chunk_len
-        pieces = []
-        for j in range(len(self._chunks)):
-            chunk_logp = logp[:, j * C : (j + 1) * C]  # [B, C, V]
-            pieces.append(-(target_p[:, j * C + s : (j + 1) * C] * chunk_logp[:, : C - s]).sum(-1))  # [B, C - s]
-            if s:
-                pieces.append(-(target_next[:, j, :s] * chunk_logp[:, C - s :]).sum(-1))  # [B, s]
-        return torch.cat(pieces, 1) if len(pieces) > 1 else pieces[0]  # [B, L]
-
-    def _next_chunk_rows(self, x: Tensor, n: int) -> Tensor:
-        """``x [B, L, ...]`` -> ``[B, chunks, n, ...]``: the first n rows of the global chunk after
-        each local chunk, zeros after the last (Note [sequence shards]). One chunk here: zeros."""
-        return x.new_zeros(x.size(0), len(self._chunks), n, *x.shape[2:])
-
-    def _gather_rows(self, x: Tensor) -> Tensor:
-        """``x [B, L]`` local -> ``[B, T]`` in global order. Here L = T: ``x`` itself."""
-        return x
-
-    def _sum_over_ranks(self, x: Tensor) -> Tensor:
-        """``x`` summed over the ranks that share the sequence (no gradient). Here: ``x``."""
-        return x
-
-    def _reduce_steps(self, plosses: Tensor, acces: Tensor) -> tuple[Tensor, Tensor]:
-        """This process's parts of the per-step losses and accuracies -> the totals. Here: themselves."""
-        return plosses, acces
-
-    def _layer(self, embeds: Tensor, hidden: Tensor, cos: Tensor, sin: Tensor, s: int,
-               k_rounds: list[Tensor], v_rounds: list[Tensor], seq_lens: Tensor | None,
-               doc_ids: Tensor | None) -> Tensor:
-        """One pass of the decoder layer (TTT step s): the next hidden states ``[B, L, H]`` (L = T
-        on one process, the rank's positions under context parallelism)."""
-        layer = self.draft_model.midlayer
-        B, L, _ = hidden.shape
-        residual = hidden
-        x = torch.cat((layer.input_layernorm(embeds), layer.hidden_norm(hidden)), dim=-1)  # [B, L, 2H]
-        q, k, v = layer.self_attn.project(x, cos, sin)
-        k_rounds.append(k)
-        v_rounds.append(v)
-        k_buf = _build_buffer(k_rounds, self.length)  # [B, Hkv, L * length, D]
-        v_buf = _build_buffer(v_rounds, self.length)
-        out = self.attn(q, k_buf, v_buf, self.live_rounds[s], seq_lens=seq_lens, doc_ids=doc_ids)
-        out = out.transpose(1, 2).reshape(B, L, -1)  # [B, L, Hq * D]
-        hidden = residual + layer.self_attn.o_proj(out)
-        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))  # [B, L, H]
-
-    def _check_inputs(self, input_ids: Tensor, hidden_states: Tensor, target: Tensor,
-                      loss_mask: Tensor) -> None:
-        where = self._where
-        cfg = self.draft_model.config
-        if input_ids.dim() != 2 or input_ids.shape[1] != self.q_len:
-            raise ValueError(
-                f"{where}: input_ids must be [B, T] with T = q_len = {self.q_len}, got shape "
-                f"{tuple(input_ids.shape)}. Pad or pack batches to q_len"
-                f"{self._input_hint('input_ids', local=False)}."
-            )
-        B, T = input_ids.shape
-        L = self._chunk_len * len(self._chunks)
-        if hidden_states.shape[:2] != (B, L):
-            raise ValueError(
-                f"{where}: hidden_states must be [B, {self._rows_name}, 3 * target_hidden_size] with "
-                f"B = {B} (from input_ids), {self._rows_name} = {L}, got shape "
-                f"{tuple(hidden_states.shape)}{self._input_hint('hidden_states', local=True)}."
-            )
-        if target.dtype.is_floating_point:
-            if target.shape != (B, L, cfg.draft_vocab_size):
-                raise ValueError(
-                    f"{where}: a float target must be [B, {self._rows_name}, draft_vocab_size] = "
-                    f"[{B}, {L}, {cfg.draft_vocab_size}] probabilities, got shape "
-                    f"{tuple(target.shape)}{self._input_hint('target', local=True)}."
-                )
-        elif target.shape != (B, T):
-            raise ValueError(
-                f"{where}: an int target must be [B, T] = [{B}, {T}] draft-vocabulary ids, got "
-                f"shape {tuple(target.shape)}{self._input_hint('target', local=False)}."
-            )
-        if loss_mask.shape != (B, T):
-            raise ValueError(
-                f"{where}: loss_mask must be [B, T] = [{B}, {T}], got {tuple(loss_mask.shape)}"
-                f"{self._input_hint('loss_mask', local=False)}."
-            )
-
-    # How _check_inputs names the model, the rows of hidden_states and a float target, and the fix
-    # for a wrong shape (Eagle3ContextParallelModel names the rank's shard). A class attribute, not
-    # type(self).__name__: fully_shard renames the class (FSDPEagle3Model).
-    _where = "Eagle3Model"
-    _rows_name = "T"
-
-    def _input_hint(self, name: str, local: bool) -> str:
-        return ""
-
-    def extra_repr(self) -> str:
-        return f"q_len={self.q_len}, length={self.length}, attention_backend={self.attention_backend!r}"
-
-
-def _loss_dtype(t: Tensor) -> torch.dtype:
-    """float32 for bf16/fp16 (the loss is computed in float32), else the tensor's own dtype."""
-    return torch.promote_types(t.dtype, torch.float32)
