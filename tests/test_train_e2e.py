@@ -107,6 +107,12 @@ def test_train_checkpoint_resume_export_tau(tiny):
     fresh, _ = load_draft(draft_dir)
     assert torch.equal(draft_chain(exported, aux, ids, 3)[0], draft_chain(fresh, aux, ids, 3)[0])
 
+    # Fine-tuning from the export starts where the run ended, not from scratch.
+    code, out, err = _train([*_with(tiny["flags"], steps=2, compiler="none", eval_tokens=1),
+                             "--output-dir", tiny["base"] / "ft", "--init-from", draft_dir])
+    assert code == 0, err[-3000:]
+    assert _log(tiny["base"] / "ft")[0]["loss"] < log[0]["loss"] - 4
+
     # Killed after step 30 (checkpoint 20 written), resumed: the same run, bit for bit.
     b = tiny["base"] / "b"
     code, out, err = _train([*tiny["flags"], "--output-dir", b, "--stop-after", 30])

@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=_positive_int, default=1, help="rows per step (default: %(default)s)")
     p.add_argument("--docs-per-row", type=_positive_int, default=1,
                    help="documents packed per row (default: %(default)s: one sequence of Q_LEN + 1 tokens)")
+    p.add_argument("--layout", default="doc_ids", choices=["doc_ids", "seq_lens", "none"],
+                   help="how rows reach the step: doc_ids (as real data, packed documents), seq_lens, or "
+                        "none (one full sequence per row; needs --docs-per-row 1) (default: %(default)s)")
     p.add_argument("--ttt-steps", type=_positive_int, default=7, help="TTT steps (default: %(default)s)")
     p.add_argument("--draft-vocab", type=_positive_int, default=32000, help="(default: %(default)s)")
     p.add_argument("--backend", default="split", choices=["split", "flex", "fa4"], help="(default: %(default)s)")
@@ -66,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.q_len % args.docs_per_row or args.q_len // args.docs_per_row < 2:
         p.error("--docs-per-row must divide --q-len into documents of at least 2 positions")
+    if args.layout != "doc_ids" and args.docs_per_row != 1:
+        p.error(f"--layout {args.layout} holds one document per row: use --docs-per-row 1")
 
     t0 = time.perf_counter()
     target = TargetModel.random(args.target, device=device, dtype=dtype)
@@ -95,14 +100,18 @@ def main(argv: list[str] | None = None) -> int:
             row.append(len(docs) - 1)
         rows.append(row)
     batches = OnlineBatches(docs, rows, target, target.head_rows(draft_to_target), args.q_len, args.batch,
-                            dtype, packed=True)
+                            dtype, packed=args.layout == "doc_ids")
+    if args.layout == "none":  # the rows are full: the same batches without a layout tensor
+        get = batches.get
+        batches.get = lambda i: get(i)._replace(seq_lens=None)
     trainer = Trainer(model, batches, TrainConfig(steps=args.warmup_steps + args.steps, lr=1e-4,
                                                   compiler=args.compiler), sync_timing=True)
     n_params = sum(p.numel() for p in trainer.params)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"target: random {args.target} ({target.num_layers} layers, hidden {target.hidden_size}, vocab "
           f"{target.vocab_size}), draft: {n_params / 1e6:.0f}M trainable, draft vocab {args.draft_vocab}; "
-          f"Q_LEN {args.q_len} x batch {args.batch} ({args.docs_per_row} document(s) per row), "
+          f"Q_LEN {args.q_len} x batch {args.batch} ({args.docs_per_row} document(s) per row, layout "
+          f"{args.layout}), "
           f"{args.ttt_steps} TTT steps, backend {args.backend!r}, compiler {args.compiler!r}, "
           f"{str(dtype).removeprefix('torch.')}, {card}, torch {torch.__version__}; built in "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
