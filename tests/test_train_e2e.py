@@ -172,3 +172,8 @@ def test_malformed_data_names_file_and_line(tiny, tmp_path):
     assert code == 0, err[-2000:]
     assert re.search(r"^data: .*bad.jsonl: 6 conversations \(7 lines; skipped 1 malformed \(not valid JSON: "
                      r"1\)\); 0 held out for evaluation$", out, re.M), out
+    # a directory that is not a model: one line, no traceback
+    code, out, err = _train([*_with(tiny["flags"], target_model=tmp_path), "--output-dir", tmp_path / "o"])
+    assert code == 1 and err.strip() == (f"train.py: error: --target-model {tmp_path}: no config.json there; pass "
+                                         f"a local Hugging Face model directory (e.g. one saved by save_pretrained "
+                                         f"or `huggingface-cli download`).")

@@ -275,7 +275,7 @@ def train_real(args: argparse.Namespace) -> int:
         export_dtype=args.export_dtype)
     try:
         run(config)
-    except (DataError, CheckpointError, FileNotFoundError) as e:
+    except (DataError, CheckpointError, FileNotFoundError, ValueError, NotImplementedError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 1
     return 0

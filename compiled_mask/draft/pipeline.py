@@ -233,15 +233,14 @@ def run(config: RunConfig, say: Callable[..., None] = print) -> RunResult:
 
     model = Eagle3Model(draft, config.q_len, config.ttt_steps, attention_backend=config.backend)
     model.to(device, dtype)
-    head_weight = target.head_rows(draft_to_target)
     if config.offline:
         features = write_features(out / "features", target, docs, rows, draft_to_target, config.q_len,
                                   fingerprint=fingerprint, say=say)
         batches: Any = OfflineBatches(features, config.batch, dtype, device, seed=config.seed,
                                       packed=config.packed)
     else:
-        batches = OnlineBatches(docs, rows, target, head_weight, config.q_len, config.batch, dtype,
-                                seed=config.seed, packed=config.packed)
+        batches = OnlineBatches(docs, rows, target, target.head_rows(draft_to_target), config.q_len,
+                                config.batch, dtype, seed=config.seed, packed=config.packed)
     train_config = TrainConfig(steps=config.steps, lr=config.lr, warmup=config.warmup,
                                grad_clip=config.grad_clip, weight_decay=config.weight_decay,
                                accumulation=config.accumulation, compiler=config.compiler)
