@@ -300,18 +300,19 @@ def local_batch(batch: tuple[torch.Tensor, ...], q_len: int, world_size: int, ra
 
 def context_parallel_model(draft: Eagle3DraftModel, args: argparse.Namespace, device: torch.device,
                            dtype: torch.dtype, world_size: int) -> torch.nn.Module:
-    """The synthetic run's context-parallel wiring: Eagle3ContextParallelModel under FSDP2."""
+    """The synthetic run's context-parallel wiring: Eagle3Model with the ContextParallel sequence
+    strategy, under FSDP2."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from compiled_mask.draft.context_parallel import Eagle3ContextParallelModel
+    from compiled_mask.draft.context_parallel import ContextParallel
 
-    model = Eagle3ContextParallelModel(draft, args.q_len, args.ttt_steps, mode=args.context_parallel,
-                                       layout=args.layout, attention_backend=args.backend)
+    model = Eagle3Model(draft, args.q_len, args.ttt_steps, attention_backend=args.backend,
+                        sequence=ContextParallel(mode=args.context_parallel, layout=args.layout))
     model.to(device, dtype)
     # One FSDP unit: the draft's modules run once per TTT step, not once per forward as
     # per-module units assume, and the draft is a single layer. Gradients are averaged over the
-    # ranks (FSDP's default), which Eagle3ContextParallelModel's losses expect.
+    # ranks (FSDP's default), which the strategy's losses expect.
     fully_shard(model, mesh=init_device_mesh(device.type, (world_size,)))
     return model
 

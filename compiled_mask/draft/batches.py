@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from compiled_mask.draft.data import Document, row_layout
-from compiled_mask.draft.target import TargetModel, target_probs
+from compiled_mask.draft.loss import TargetHead
+from compiled_mask.draft.target import TargetModel
 from compiled_mask.draft.trainer import Batch
 
 __all__ = ["batch_rows", "make_batch", "OnlineBatches"]
@@ -51,14 +52,16 @@ def make_batch(input_ids: Tensor, hidden_states: Tensor, last_hidden: Tensor, lo
         input_ids, loss_mask, doc_ids: ``[B, T]`` (:func:`~compiled_mask.draft.data.row_layout`).
         hidden_states: ``[B, T, 3H]``; last_hidden: ``[B, T, H]`` (the target's, at t + 1).
         head_weight: ``[draft_vocab, H]`` the target's lm_head rows of the draft vocabulary.
-        dtype: the draft's parameter dtype (hidden states and probabilities are cast to it).
+        dtype: the draft's parameter dtype (the auxiliary hidden states are cast to it).
         packed: pass ``doc_ids`` (several documents per row); else every row holds one
             document from position 0 and ``seq_lens`` says where it ends.
     """
     device = head_weight.device
-    # Note: the one place the target distribution is built; with the compact target API this is
-    # ``target = TargetHead(last_hidden, head_weight)`` (compiled_mask.draft.loss).
-    target = target_probs(last_hidden.to(device), head_weight, dtype)  # [B, T, V]
+    # The one place the target distribution is given: its compact form, the target's last hidden
+    # state and lm_head rows; the loss computes softmax(last_hidden @ head_weight.T) per chunk of
+    # rows (as target_probs does whole), never holding [B, T, V].
+    last_hidden = last_hidden.to(device)
+    target = TargetHead(last_hidden, head_weight.to(last_hidden.dtype))  # [B, T, H], [V, H]
     doc_ids = doc_ids.to(device)
     extra = {"doc_ids": doc_ids} if packed else {"seq_lens": (doc_ids >= 0).sum(-1)}
     return Batch(input_ids.to(device), hidden_states.to(device, dtype), target, loss_mask.to(device),

@@ -50,7 +50,8 @@ class Batch(NamedTuple):
     Attributes:
         input_ids: ``[B, T]`` int64, the token after each position.
         hidden_states: ``[B, T, 3 * target_hidden]``, the target's auxiliary states.
-        target: ``[B, T, draft_vocab]`` probabilities (or ``[B, T]`` draft ids).
+        target: ``TargetHead`` (the target's last hidden state and lm_head rows), or
+            ``[B, T, draft_vocab]`` probabilities, or ``[B, T]`` draft ids (``Eagle3Model.forward``).
         loss_mask: ``[B, T]`` bool.
         doc_ids: ``[B, T]`` int64 document of each position, -1 unused; or None.
         seq_lens: ``[B]`` int64 valid length of each row (one document per row); or None.
@@ -58,7 +59,7 @@ class Batch(NamedTuple):
 
     input_ids: Tensor
     hidden_states: Tensor
-    target: Tensor
+    target: Any
     loss_mask: Tensor
     doc_ids: Tensor | None = None
     seq_lens: Tensor | None = None
