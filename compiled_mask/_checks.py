@@ -64,9 +64,11 @@ def _check_rounds(where: str, rounds: torch.Tensor | int, max_rounds: int, devic
         raise ValueError(f"{where}: rounds must be a 0-d int tensor or an int, got {rounds!r}.")
     if not isinstance(rounds, torch.Tensor):
         if torch.compiler.is_compiling():
+            # (No value in the message: inside torch.compile it may be a symbol, which an f-string
+            # cannot format there.)
             raise ValueError(
-                f"{where}: rounds={rounds} is a Python int inside torch.compile, which recompiles "
-                "at every new value. Pass a 0-d int tensor on the inputs' device, e.g. "
+                f"{where}: rounds is a Python int inside torch.compile, which recompiles at every "
+                "new value. Pass a 0-d int tensor on the inputs' device, e.g. "
                 "torch.tensor(r, device=q.device): one graph then serves every TTT step."
             )
         if not 1 <= rounds <= max_rounds:
@@ -182,7 +184,11 @@ def _check_doc_layout(
     return batch
 
 
-def _shape(t: torch.Tensor) -> tuple[int, ...]:
-    """``t``'s shape as plain ints, for error messages: inside torch.compile a dynamic size would
-    print as its symbol (``s85``), not its value."""
-    return tuple(int(d) for d in t.shape)
+def _shape(t: torch.Tensor) -> str:
+    """``t``'s shape for an error message. Inside torch.compile a size traced as dynamic has no
+    value, only a symbol (``s0``); the message then says so, and how to see the value."""
+    note = ""
+    if torch.compiler.is_compiling():
+        note = (" (inside torch.compile a size shown as s0, s1, ... is traced as a symbol; the same "
+                "call eagerly, e.g. under torch.compiler.set_stance('force_eager'), shows its value)")
+    return f"{tuple(t.shape)}{note}"

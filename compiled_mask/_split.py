@@ -4,11 +4,12 @@ The Eagle3 mask is causal over the first Q_LEN keys plus, for each later round s
 ``s * Q_LEN + q`` of query q. A block-sparse kernel pays a whole tile per q-block for each of those
 diagonals; here they cost one dot product per (query, round):
 
-    out_c, lse_c = causal part over k[:Q_LEN]              (_causal.py, or flex_attention)
-    out, lse     = suffix_merge(q, k[Q_LEN:], v[Q_LEN:], out_c, lse_c, rounds)   (_suffix.py)
+    out_s, lse_s = suffix_attention(q, k[Q_LEN:], v[Q_LEN:], rounds)        (_suffix.py)
+    out, lse     = causal_attention(q, k[:Q_LEN], v[:Q_LEN], part=(out_s, lse_s))   (_causal.py)
 
-Both parts are differentiable ops (each with its backward, written once); this file only composes
-them, and so does the context-parallel all-gather mode (``distributed.py``).
+Both are differentiable ops (each with its backward, written once; the suffix first: Note [the
+suffix first] in ``_causal.py``); this file only composes them, and so does the
+context-parallel all-gather mode (``distributed.py``).
 
 Note [documents in the split backend]
     Packed documents need a causal part that stops at each document's start. cuDNN and flash
@@ -27,9 +28,9 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 
-from compiled_mask._causal import causal_attention
+from compiled_mask._causal import _merge_reference, causal_attention
 from compiled_mask._flex import _qk_as_wide_as_v
-from compiled_mask._suffix import suffix_merge
+from compiled_mask._suffix import suffix_attention
 
 __all__: list[str] = []
 
@@ -50,12 +51,12 @@ def split_attention(q: Tensor, k: Tensor, v: Tensor, rounds: Tensor, *, q_len: i
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     k0, v0 = k[:, :, :q_len], v[:, :, :q_len]  # round 0: the causal keys
+    suffix = suffix_attention(q, k[:, :, q_len:], v[:, :, q_len:], rounds, scale)  # (out_s, lse_s)
     if document_mask is None:
-        out_c, lse_c = causal_attention(q, k0, v0, scale=scale, first_key=first_key)
-    else:  # Note [documents in the split backend]
-        q_c, k_c, _ = _qk_as_wide_as_v(q, k0, v0, scale)  # Note [flex tiles follow the q/k head dim]
-        out_c, aux = flex_attention(q_c, k_c, v0, block_mask=document_mask, scale=scale,
-                                    enable_gqa=q.size(1) != k.size(1), return_aux=AuxRequest(lse=True))
-        lse_c = aux.lse.clamp(min=torch.finfo(aux.lse.dtype).min)  # -inf on empty rows
-    out, _ = suffix_merge(q, k[:, :, q_len:], v[:, :, q_len:], out_c, lse_c, rounds, scale)
-    return out
+        return causal_attention(q, k0, v0, scale=scale, part=suffix, first_key=first_key)[0]
+    # Note [documents in the split backend]
+    q_c, k_c, _ = _qk_as_wide_as_v(q, k0, v0, scale)  # Note [flex tiles follow the q/k head dim]
+    out_c, aux = flex_attention(q_c, k_c, v0, block_mask=document_mask, scale=scale,
+                                enable_gqa=q.size(1) != k.size(1), return_aux=AuxRequest(lse=True))
+    lse_c = aux.lse.clamp(min=torch.finfo(aux.lse.dtype).min)  # -inf on empty rows
+    return _merge_reference(out_c, lse_c, *suffix, q.dtype)[0]

@@ -1,22 +1,24 @@
-"""The merge op's kernels on CUDA (``_suffix.py``): the suffix rounds folded in, and its backward.
+"""The split backend's Triton kernels (CUDA): the suffix part, and the log-sum-exp merge.
 
-Query i of round 0 sees exactly one key per live suffix round, row ``s * L + i`` of the suffix
-K/V (``[B, Hkv, S * L, D]``). So the merge is a handful of dot products per query, memory-bound:
-each kernel reads its tiles once and keeps the per-query softmax state in registers. They mirror
-``_suffix._merge_reference`` and ``_suffix._merge_backward_reference`` (held to them on CPU by
-``tests/test_triton_interpreter.py``). Imported only when a CUDA kernel runs.
+The suffix op (``_suffix.py``): query i of round 0 sees exactly one key per live suffix round,
+row ``s * L + i`` of the suffix K/V (``[B, Hkv, S * L, D]``). So the part is a handful of dot
+products per query, memory-bound: each kernel reads its tiles once and keeps the per-query
+softmax state in registers. The merge kernels fold such a part into the causal kernel's output
+inside the causal op (``_causal.py``). They mirror ``_suffix._suffix_reference``,
+``_suffix._suffix_backward_reference``, ``_causal._merge_reference`` and
+``_causal._merge_backward_reference`` (held to them on CPU by ``tests/test_triton_interpreter.py``).
+Imported only when a CUDA kernel runs.
 
-Two forms of each kernel; which runs is an argument (``variant``), defaulting to the grouped one
-wherever its tiles fit (Note [grouped suffix kernels]):
+Two forms of each suffix kernel; which runs is an argument (``variant``), defaulting to the grouped
+one wherever its tiles fit (Note [grouped suffix kernels]):
 
 - ``"grouped"`` (forward) / ``"fused"`` (backward): one program per (query block, batch x kv-head)
   holding the G q-heads that share a K/V head as ``[BLOCK, G, D]`` tiles; the backward is one
-  launch that writes dq, every row of the suffix K/V gradient (no atomics: each program owns its
-  query rows of every round; dead rounds get zeros) and the gradients of the causal part's output
-  and log-sum-exp.
+  launch that writes dq and every row of the suffix K/V gradient (no atomics: each program owns
+  its query rows of every round; dead rounds get zeros).
 - ``"heads"`` (forward) / ``"split"`` (backward): one program per (query block, batch x q-head);
-  the backward in two launches (dq, the row term and the causal part's gradients; then dk, dv
-  summed over the group). They run groups wider than ``_MAX_GROUP`` q-heads.
+  the backward in two launches (dq and the row term; then dk, dv summed over the group). They
+  run groups wider than ``_MAX_GROUP`` q-heads.
 
 Launch parameters of the grouped kernels are an argument too (``config``: rows per program, warps,
 pipeline stages); the defaults are the fastest measured (docs/benchmarks.md, "suffix kernels").
@@ -33,6 +35,7 @@ BLOCK_L = 32  # queries per program of the per-head kernels: 32 x 128 fp32 tiles
 PIPELINE = tl.constexpr(3)  # loads of the next round issued while this one computes
 GROUPED_FORWARD = dict(rows=16, num_warps=2, stages=3)  # rows = G heads x BLOCK queries per program
 FUSED_BACKWARD = dict(rows=16, num_warps=2, stages=3)
+_LOWEST = -3.4028234663852886e38  # float32's lowest: the lse of a part with no key
 
 # Note [grouped suffix kernels]
 #     The G q-heads of a GQA group read the same K/V rows. The grouped kernels hold a group's G
@@ -54,7 +57,8 @@ def _tile(ptr, row_stride, col_stride, rows, row_mask, cols, col_mask):
 
 @triton.jit
 def _live_suffix(ROUNDS, S):
-    """Suffix rounds 0 <= s < limit are live (round s + 1 of the buffer): s + 1 < rounds, s < S."""
+    """Suffix rounds 0 <= s < limit are live (round s + 1 of the buffer): s + 1 < rounds, s < S;
+    rounds is clamped to [1, S + 1] by the caller (``_checks._live_rounds``)."""
     return tl.minimum(tl.load(ROUNDS) - 1, S)
 
 
@@ -83,22 +87,21 @@ def _group_rows(Hq, Hkv, G, L, BLOCK: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _merge_forward_grouped_kernel(
-    Q, KS, VS, OUT_C, LSE_C, ROUNDS, OUT, LSE,
+def _suffix_forward_grouped_kernel(
+    Q, KS, VS, ROUNDS, OUT, LSE,
     s_qb, s_qh, s_ql, s_qd, s_kb, s_kh, s_kl, s_kd, s_vb, s_vh, s_vl, s_vd,
-    s_cb, s_ch, s_cl, s_cd, s_lcb, s_lch, s_lcl,
     Hq, Hkv, G, L, D, Dv, S, scale,
     BLOCK: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     STAGES: tl.constexpr,
 ):
-    """OUT, LSE: contiguous [B, Hq, L, Dv] / [B, Hq, L]. The causal part's normalised output is
-    the softmax state at max lse_c with weight 1; each live round is one online-softmax update."""
+    """OUT, LSE: contiguous [B, Hq, L, Dv] / [B, Hq, L], fp32. One online-softmax update per live
+    round, from the empty state; a row with none gets out 0 and the lowest float as lse."""
     b, hk, bh, h, i, ok, d, e = _group_rows(Hq, Hkv, G, L, BLOCK, BLOCK_G, BLOCK_D, BLOCK_DV)
     i_ok = i < L
     q = _tile3(Q + b * s_qb, s_ql, s_qh, s_qd, i, h, ok, d, d < D)  # [BLOCK, BLOCK_G, BLOCK_D]
-    acc = _tile3(OUT_C + b * s_cb, s_cl, s_ch, s_cd, i, h, ok, e, e < Dv)  # [BLOCK, BLOCK_G, BLOCK_DV]
-    m = tl.load(LSE_C + b * s_lcb + i[:, None] * s_lcl + h[None, :] * s_lch, mask=ok, other=0.0)  # [BLOCK, BLOCK_G]
-    l_sum = tl.full([BLOCK, BLOCK_G], 1.0, tl.float32)
+    acc = tl.zeros([BLOCK, BLOCK_G, BLOCK_DV], tl.float32)
+    m = tl.full([BLOCK, BLOCK_G], float("-inf"), tl.float32)
+    l_sum = tl.zeros([BLOCK, BLOCK_G], tl.float32)
     k_base = KS + b * s_kb + hk * s_kh
     v_base = VS + b * s_vb + hk * s_vh
     for s in tl.range(0, _live_suffix(ROUNDS, S), num_stages=STAGES):
@@ -111,24 +114,24 @@ def _merge_forward_grouped_kernel(
         acc = acc * alpha[:, :, None] + p[:, :, None] * v[:, None, :]
         l_sum = l_sum * alpha + p
         m = m_new
-    out = acc / l_sum[:, :, None]
+    live = l_sum > 0
+    out = acc / tl.where(live, l_sum, 1.0)[:, :, None]
     tl.store(OUT + i[:, None, None] * Dv + bh[None, :, None] * L * Dv + e[None, None, :],
-             out.to(OUT.dtype.element_ty), mask=ok[:, :, None] & (e < Dv)[None, None, :])
-    tl.store(LSE + i[:, None] + bh[None, :] * L, m + tl.log(l_sum), mask=ok)
+             out, mask=ok[:, :, None] & (e < Dv)[None, None, :])
+    tl.store(LSE + i[:, None] + bh[None, :] * L, tl.where(live, m + tl.log(tl.where(live, l_sum, 1.0)), _LOWEST), mask=ok)
 
 
 @triton.jit
-def _merge_backward_fused_kernel(
-    DOUT, DLSE, Q, KS, VS, OUT_C, LSE_C, OUT, LSE, ROUNDS, DQ, DKS, DVS, D_OUT_C, D_LSE_C,
+def _suffix_backward_fused_kernel(
+    DOUT, DLSE, Q, KS, VS, OUT, LSE, ROUNDS, DQ, DKS, DVS,
     s_qb, s_qh, s_ql, s_qd, s_kb, s_kh, s_kl, s_kd, s_vb, s_vh, s_vl, s_vd,
-    s_cb, s_ch, s_cl, s_cd, s_lcb, s_lch, s_lcl,
     Hq, Hkv, G, L, D, Dv, S, scale,
     HAS_DLSE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, STAGES: tl.constexpr,
 ):
-    """Every gradient in one pass (Note [grouped suffix kernels]). DOUT, OUT, DQ, D_OUT_C:
-    contiguous [B, Hq, L, *]; DLSE, LSE, D_LSE_C: contiguous [B, Hq, L]; DKS, DVS: contiguous
-    [B, Hkv, S * L, *], every row written (live rounds computed, dead ones zero)."""
+    """Every gradient in one pass (Note [grouped suffix kernels]). DOUT, OUT, DQ: contiguous
+    [B, Hq, L, *]; DLSE, LSE: contiguous [B, Hq, L]; DKS, DVS: contiguous [B, Hkv, S * L, *],
+    every row written (live rounds computed, dead ones zero)."""
     b, hk, bh, h, i, ok, d, e = _group_rows(Hq, Hkv, G, L, BLOCK, BLOCK_G, BLOCK_D, BLOCK_DV)
     i_ok = i < L
     d_ok, e_ok = d < D, e < Dv
@@ -164,13 +167,6 @@ def _merge_backward_fused_kernel(
         tl.store(DVS + row[:, None] * Dv + e[None, :], tl.zeros([BLOCK, BLOCK_DV], DVS.dtype.element_ty), mask=v_ok)
     tl.store(DQ + i[:, None, None] * D + bh[None, :, None] * L * D + d[None, None, :], dq.to(DQ.dtype.element_ty),
              mask=ok[:, :, None] & d_ok[None, None, :])
-    # The causal part's gradients: a = exp(lse_c - lse) of the merged softmax is its share.
-    lse_c = tl.load(LSE_C + b * s_lcb + i[:, None] * s_lcl + h[None, :] * s_lch, mask=ok, other=0.0)
-    a = tl.exp(lse_c - lse)  # [BLOCK, BLOCK_G]
-    out_c = _tile3(OUT_C + b * s_cb, s_cl, s_ch, s_cd, i, h, ok, e, e_ok)
-    tl.store(D_OUT_C + i[:, None, None] * Dv + bh[None, :, None] * L * Dv + e[None, None, :],
-             (a[:, :, None] * dout).to(D_OUT_C.dtype.element_ty), mask=ok[:, :, None] & e_ok[None, None, :])
-    tl.store(D_LSE_C + rows, a * (tl.sum(dout * out_c, axis=2) - delta), mask=ok)
 
 
 @triton.jit
@@ -184,19 +180,18 @@ def _query_block(Hq, G, L, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV:
 
 
 @triton.jit
-def _merge_forward_heads_kernel(
-    Q, KS, VS, OUT_C, LSE_C, ROUNDS, OUT, LSE,
+def _suffix_forward_heads_kernel(
+    Q, KS, VS, ROUNDS, OUT, LSE,
     s_qb, s_qh, s_ql, s_qd, s_kb, s_kh, s_kl, s_kd, s_vb, s_vh, s_vl, s_vd,
-    s_cb, s_ch, s_cl, s_cd, s_lcb, s_lch, s_lcl,
     Hq, G, L, D, Dv, S, scale,
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """:func:`_merge_forward_grouped_kernel` for one q-head per program."""
+    """:func:`_suffix_forward_grouped_kernel` for one q-head per program."""
     bh, b, h, hk, i, i_ok, d, e = _query_block(Hq, G, L, BLOCK, BLOCK_D, BLOCK_DV)
     q = _tile(Q + b * s_qb + h * s_qh, s_ql, s_qd, i, i_ok, d, d < D)
-    acc = _tile(OUT_C + b * s_cb + h * s_ch, s_cl, s_cd, i, i_ok, e, e < Dv)
-    m = tl.load(LSE_C + b * s_lcb + h * s_lch + i * s_lcl, mask=i_ok, other=0.0)
-    l_sum = tl.full([BLOCK], 1.0, tl.float32)
+    acc = tl.zeros([BLOCK, BLOCK_DV], tl.float32)
+    m = tl.full([BLOCK], float("-inf"), tl.float32)
+    l_sum = tl.zeros([BLOCK], tl.float32)
     k_base = KS + b * s_kb + hk * s_kh
     v_base = VS + b * s_vb + hk * s_vh
     for s in tl.range(0, _live_suffix(ROUNDS, S), num_stages=PIPELINE):
@@ -209,22 +204,21 @@ def _merge_forward_heads_kernel(
         acc = acc * alpha[:, None] + p[:, None] * v
         l_sum = l_sum * alpha + p
         m = m_new
-    tl.store(OUT + bh * L * Dv + i[:, None] * Dv + e[None, :], (acc / l_sum[:, None]).to(OUT.dtype.element_ty),
+    live = l_sum > 0
+    tl.store(OUT + bh * L * Dv + i[:, None] * Dv + e[None, :], acc / tl.where(live, l_sum, 1.0)[:, None],
              mask=i_ok[:, None] & (e < Dv)[None, :])
-    tl.store(LSE + bh * L + i, m + tl.log(l_sum), mask=i_ok)
+    tl.store(LSE + bh * L + i, tl.where(live, m + tl.log(tl.where(live, l_sum, 1.0)), _LOWEST), mask=i_ok)
 
 
 @triton.jit
-def _merge_dq_kernel(
-    DOUT, DLSE, Q, KS, VS, OUT_C, LSE_C, OUT, LSE, ROUNDS, DQ, DELTA, D_OUT_C, D_LSE_C,
+def _suffix_dq_kernel(
+    DOUT, DLSE, Q, KS, VS, OUT, LSE, ROUNDS, DQ, DELTA,
     s_qb, s_qh, s_ql, s_qd, s_kb, s_kh, s_kl, s_kd, s_vb, s_vh, s_vl, s_vd,
-    s_cb, s_ch, s_cl, s_cd, s_lcb, s_lch, s_lcl,
     Hq, G, L, D, Dv, S, scale,
     HAS_DLSE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """Pass 1 of the split backward: dq, the row term D (for pass 2) and the causal part's
-    gradients. DOUT, OUT, DQ, D_OUT_C: contiguous [B, Hq, L, *]; DLSE, LSE, DELTA, D_LSE_C:
-    contiguous [B, Hq, L]."""
+    """Pass 1 of the split backward: dq and the row term D (for pass 2). DOUT, OUT, DQ:
+    contiguous [B, Hq, L, *]; DLSE, LSE, DELTA: contiguous [B, Hq, L]."""
     bh, b, h, hk, i, i_ok, d, e = _query_block(Hq, G, L, BLOCK, BLOCK_D, BLOCK_DV)
     dout = _tile(DOUT + bh * L * Dv, Dv, 1, i, i_ok, e, e < Dv)
     delta = tl.sum(dout * _tile(OUT + bh * L * Dv, Dv, 1, i, i_ok, e, e < Dv), axis=1)
@@ -244,15 +238,10 @@ def _merge_dq_kernel(
         dq += ds[:, None] * k
     tl.store(DQ + bh * L * D + i[:, None] * D + d[None, :], dq.to(DQ.dtype.element_ty),
              mask=i_ok[:, None] & (d < D)[None, :])
-    a = tl.exp(tl.load(LSE_C + b * s_lcb + h * s_lch + i * s_lcl, mask=i_ok, other=0.0) - lse)
-    out_c = _tile(OUT_C + b * s_cb + h * s_ch, s_cl, s_cd, i, i_ok, e, e < Dv)
-    tl.store(D_OUT_C + bh * L * Dv + i[:, None] * Dv + e[None, :], (a[:, None] * dout).to(D_OUT_C.dtype.element_ty),
-             mask=i_ok[:, None] & (e < Dv)[None, :])
-    tl.store(D_LSE_C + bh * L + i, a * (tl.sum(dout * out_c, axis=1) - delta), mask=i_ok)
 
 
 @triton.jit
-def _merge_dkv_kernel(
+def _suffix_dkv_kernel(
     DOUT, Q, KS, VS, LSE, DELTA, ROUNDS, DKS, DVS,
     s_qb, s_qh, s_ql, s_qd, s_kb, s_kh, s_kl, s_kd, s_vb, s_vh, s_vl, s_vd,
     Hq, Hkv, G, L, D, Dv, S, scale,
@@ -288,6 +277,89 @@ def _merge_dkv_kernel(
     tl.store(DVS + row[:, None] * Dv + e[None, :], dv.to(DVS.dtype.element_ty), mask=i_ok[:, None] & (e < Dv)[None, :])
 
 
+# ----------------------------------------------------------------------------- the merge
+
+
+@triton.jit
+def _merge_forward_kernel(OUT_C, LSE_C, OUT_P, LSE_P, OUT, LSE, N, Dv,
+                          BLOCK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Rows r < N of the contiguous [N, Dv] / [N] tensors: the two parts merged by log-sum-exp."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    e = tl.arange(0, BLOCK_DV)
+    r_ok = r < N
+    ok = r_ok[:, None] & (e < Dv)[None, :]
+    lse_c = tl.load(LSE_C + r, mask=r_ok, other=0.0)
+    lse_p = tl.load(LSE_P + r, mask=r_ok, other=0.0)
+    m = tl.maximum(lse_c, lse_p)
+    lse = m + tl.log(tl.exp(lse_c - m) + tl.exp(lse_p - m))
+    a, b = tl.exp(lse_c - lse), tl.exp(lse_p - lse)
+    out = (a[:, None] * _tile(OUT_C, Dv, 1, r, r_ok, e, e < Dv)
+           + b[:, None] * _tile(OUT_P, Dv, 1, r, r_ok, e, e < Dv))
+    tl.store(OUT + r[:, None] * Dv + e[None, :], out.to(OUT.dtype.element_ty), mask=ok)
+    tl.store(LSE + r, lse, mask=r_ok)
+
+
+@triton.jit
+def _merge_backward_kernel(DOUT, DLSE, OUT, LSE, OUT_P, LSE_P, D_OUT_P, D_LSE_P, O_ROW, N, Dv,
+                           HAS_DLSE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Rows r < N: the part's gradients d out_p, d lse_p, and (with an lse gradient) the output
+    the kernel backward reads for its row term (Note [lse gradient through the row term])."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    e = tl.arange(0, BLOCK_DV)
+    r_ok = r < N
+    ok = r_ok[:, None] & (e < Dv)[None, :]
+    dout = _tile(DOUT, Dv, 1, r, r_ok, e, e < Dv)
+    out = _tile(OUT, Dv, 1, r, r_ok, e, e < Dv)
+    delta = tl.sum(dout * out, axis=1)
+    if HAS_DLSE:
+        dlse = tl.load(DLSE + r, mask=r_ok, other=0.0)
+        delta -= dlse
+        norm2 = tl.sum(dout * dout, axis=1)
+        coef = tl.where(norm2 > 0, dlse / tl.where(norm2 > 0, norm2, 1.0), 0.0)
+        tl.store(O_ROW + r[:, None] * Dv + e[None, :], (out - coef[:, None] * dout).to(O_ROW.dtype.element_ty),
+                 mask=ok)
+    b = tl.exp(tl.load(LSE_P + r, mask=r_ok, other=0.0) - tl.load(LSE + r, mask=r_ok, other=0.0))
+    out_p = _tile(OUT_P, Dv, 1, r, r_ok, e, e < Dv)
+    tl.store(D_OUT_P + r[:, None] * Dv + e[None, :], (b[:, None] * dout).to(D_OUT_P.dtype.element_ty), mask=ok)
+    tl.store(D_LSE_P + r, b * (tl.sum(dout * out_p, axis=1) - delta), mask=r_ok)
+
+
+def _merge_blocks(Dv: int) -> dict:
+    BLOCK_DV = triton.next_power_of_2(Dv)
+    return dict(BLOCK=max(1, 4096 // BLOCK_DV), BLOCK_DV=BLOCK_DV)
+
+
+def merge_forward_triton(out_c: Tensor, lse_c: Tensor, out_p: Tensor, lse_p: Tensor, dtype: torch.dtype
+                         ) -> tuple[Tensor, Tensor]:
+    """``_causal._merge_reference`` on CUDA: ``(out [B, H, L, Dv] in dtype, lse [B, H, L])``."""
+    out_c, lse_c, out_p, lse_p = (t.contiguous() for t in (out_c, lse_c, out_p, lse_p))
+    out = torch.empty(out_c.shape, dtype=dtype, device=out_c.device)
+    lse = torch.empty(lse_c.shape, dtype=torch.promote_types(lse_c.dtype, lse_p.dtype), device=lse_c.device)
+    N, Dv = lse_c.numel(), out_c.shape[-1]
+    blocks = _merge_blocks(Dv)
+    _merge_forward_kernel[(triton.cdiv(N, blocks["BLOCK"]),)](out_c, lse_c, out_p, lse_p, out, lse, N, Dv, **blocks)
+    return out, lse
+
+
+def merge_backward_triton(dout: Tensor, dlse: Tensor | None, out: Tensor, lse: Tensor, out_p: Tensor,
+                          lse_p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``_causal._merge_backward_reference`` on CUDA: ``(d_out_p, d_lse_p, out for the row term)``."""
+    dout, out, lse, out_p, lse_p = (t.contiguous() for t in (dout, out, lse, out_p, lse_p))
+    d_out_p = torch.empty(out_p.shape, dtype=out_p.dtype, device=out_p.device)
+    d_lse_p = torch.empty(lse_p.shape, dtype=lse_p.dtype, device=lse_p.device)
+    o_row = out if dlse is None else torch.empty_like(out)
+    N, Dv = lse.numel(), out.shape[-1]
+    blocks = _merge_blocks(Dv)
+    _merge_backward_kernel[(triton.cdiv(N, blocks["BLOCK"]),)](
+        dout, dout if dlse is None else dlse.contiguous(), out, lse, out_p, lse_p, d_out_p, d_lse_p, o_row, N, Dv,
+        HAS_DLSE=dlse is not None, **blocks,
+    )
+    return d_out_p, d_lse_p, o_row
+
+
+# ----------------------------------------------------------------------------- launches
+
+
 def _heads_blocks(D: int, Dv: int) -> dict:
     return dict(BLOCK=BLOCK_L, BLOCK_D=triton.next_power_of_2(D), BLOCK_DV=triton.next_power_of_2(Dv))
 
@@ -299,72 +371,63 @@ def _grouped_blocks(G: int, D: int, Dv: int, config: dict) -> dict:
                 BLOCK_DV=triton.next_power_of_2(Dv), STAGES=config["stages"], num_warps=config["num_warps"])
 
 
-def _strides(q: Tensor, ks: Tensor, vs: Tensor, out_c: Tensor, lse_c: Tensor) -> tuple[int, ...]:
-    return (*q.stride(), *ks.stride(), *vs.stride(), *out_c.stride(), *lse_c.stride())
-
-
-def merge_forward_triton(q: Tensor, ks: Tensor, vs: Tensor, out_c: Tensor, lse_c: Tensor, rounds: Tensor,
-                         scale: float, variant: str | None = None, config: dict | None = None
-                         ) -> tuple[Tensor, Tensor]:
-    """``_suffix._merge_reference`` on CUDA. ``variant``: "grouped" (the default where the group
+def suffix_forward_triton(q: Tensor, ks: Tensor, vs: Tensor, rounds: Tensor, scale: float,
+                          variant: str | None = None, config: dict | None = None) -> tuple[Tensor, Tensor]:
+    """``_suffix._suffix_reference`` on CUDA. ``variant``: "grouped" (the default where the group
     fits, ``_MAX_GROUP``) or "heads"; ``config``: the grouped kernel's launch parameters
     (default ``GROUPED_FORWARD``)."""
     B, Hq, L, D = q.shape
     Hkv, Dv = ks.shape[1], vs.shape[-1]
     S, G = ks.shape[2] // L, Hq // Hkv
-    out = q.new_empty(B, Hq, L, Dv)
-    lse = lse_c.new_empty(B, Hq, L)
-    strides = _strides(q, ks, vs, out_c, lse_c)
+    out = q.new_empty(B, Hq, L, Dv, dtype=torch.float32)
+    lse = q.new_empty(B, Hq, L, dtype=torch.float32)
+    strides = (*q.stride(), *ks.stride(), *vs.stride())
     if _variant(variant, "grouped", "heads", G) == "grouped":
         blocks = _grouped_blocks(G, D, Dv, config or GROUPED_FORWARD)
-        _merge_forward_grouped_kernel[(triton.cdiv(L, blocks["BLOCK"]), B * Hkv)](
-            q, ks, vs, out_c, lse_c, rounds, out, lse, *strides, Hq, Hkv, G, L, D, Dv, S, scale, **blocks,
+        _suffix_forward_grouped_kernel[(triton.cdiv(L, blocks["BLOCK"]), B * Hkv)](
+            q, ks, vs, rounds, out, lse, *strides, Hq, Hkv, G, L, D, Dv, S, scale, **blocks,
         )
     else:
-        _merge_forward_heads_kernel[(B * Hq, triton.cdiv(L, BLOCK_L))](
-            q, ks, vs, out_c, lse_c, rounds, out, lse, *strides, Hq, G, L, D, Dv, S, scale, **_heads_blocks(D, Dv),
+        _suffix_forward_heads_kernel[(B * Hq, triton.cdiv(L, BLOCK_L))](
+            q, ks, vs, rounds, out, lse, *strides, Hq, G, L, D, Dv, S, scale, **_heads_blocks(D, Dv),
         )
     return out, lse
 
 
-def merge_backward_triton(dout: Tensor, dlse: Tensor | None, q: Tensor, ks: Tensor, vs: Tensor, out_c: Tensor,
-                          lse_c: Tensor, out: Tensor, lse: Tensor, rounds: Tensor, scale: float,
-                          variant: str | None = None, config: dict | None = None
-                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``_suffix._merge_backward_reference`` on CUDA. ``variant``: "fused" (the default where the
+def suffix_backward_triton(dout: Tensor, dlse: Tensor | None, q: Tensor, ks: Tensor, vs: Tensor, out: Tensor,
+                           lse: Tensor, rounds: Tensor, scale: float, variant: str | None = None,
+                           config: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``_suffix._suffix_backward_reference`` on CUDA. ``variant``: "fused" (the default where the
     group fits) or "split"; ``config``: the fused kernel's launch parameters (default
     ``FUSED_BACKWARD``)."""
     B, Hq, L, D = q.shape
     Hkv, Dv = ks.shape[1], vs.shape[-1]
     S, G = ks.shape[2] // L, Hq // Hkv
     dout, out, lse = dout.contiguous(), out.contiguous(), lse.contiguous()
-    dlse = None if dlse is None else dlse.contiguous()
+    has_dlse = dlse is not None
+    dlse = lse if dlse is None else dlse.contiguous()  # not read without HAS_DLSE
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dks = ks.new_empty(ks.shape)
     dvs = vs.new_empty(vs.shape)
-    d_out_c = torch.empty_like(out_c, memory_format=torch.contiguous_format)
-    d_lse_c = lse_c.new_empty(lse_c.shape)
-    strides = _strides(q, ks, vs, out_c, lse_c)
-    has_dlse = dlse is not None
-    dlse = lse if dlse is None else dlse  # not read without HAS_DLSE
+    strides = (*q.stride(), *ks.stride(), *vs.stride())
     if _variant(variant, "fused", "split", G) == "fused":
         blocks = _grouped_blocks(G, D, Dv, config or FUSED_BACKWARD)
-        _merge_backward_fused_kernel[(triton.cdiv(L, blocks["BLOCK"]), B * Hkv)](
-            dout, dlse, q, ks, vs, out_c, lse_c, out, lse, rounds, dq, dks, dvs, d_out_c, d_lse_c,
-            *strides, Hq, Hkv, G, L, D, Dv, S, scale, HAS_DLSE=has_dlse, **blocks,
+        _suffix_backward_fused_kernel[(triton.cdiv(L, blocks["BLOCK"]), B * Hkv)](
+            dout, dlse, q, ks, vs, out, lse, rounds, dq, dks, dvs, *strides, Hq, Hkv, G, L, D, Dv, S, scale,
+            HAS_DLSE=has_dlse, **blocks,
         )
-        return dq, dks, dvs, d_out_c, d_lse_c
+        return dq, dks, dvs
     delta = torch.empty_like(lse)
-    _merge_dq_kernel[(B * Hq, triton.cdiv(L, BLOCK_L))](
-        dout, dlse, q, ks, vs, out_c, lse_c, out, lse, rounds, dq, delta, d_out_c, d_lse_c,
-        *strides, Hq, G, L, D, Dv, S, scale, HAS_DLSE=has_dlse, **_heads_blocks(D, Dv),
+    _suffix_dq_kernel[(B * Hq, triton.cdiv(L, BLOCK_L))](
+        dout, dlse, q, ks, vs, out, lse, rounds, dq, delta, *strides, Hq, G, L, D, Dv, S, scale,
+        HAS_DLSE=has_dlse, **_heads_blocks(D, Dv),
     )
     if S > 0:
-        _merge_dkv_kernel[(S, triton.cdiv(L, BLOCK_L), B * Hkv)](
-            dout, q, ks, vs, lse, delta, rounds, dks, dvs, *strides[:12],
-            Hq, Hkv, G, L, D, Dv, S, scale, **_heads_blocks(D, Dv),
+        _suffix_dkv_kernel[(S, triton.cdiv(L, BLOCK_L), B * Hkv)](
+            dout, q, ks, vs, lse, delta, rounds, dks, dvs, *strides, Hq, Hkv, G, L, D, Dv, S, scale,
+            **_heads_blocks(D, Dv),
         )
-    return dq, dks, dvs, d_out_c, d_lse_c
+    return dq, dks, dvs
 
 
 def _variant(variant: str | None, grouped: str, per_head: str, G: int) -> str:

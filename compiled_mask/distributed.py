@@ -43,15 +43,15 @@ Note [all-gather, not a ring]
     and the suffix need only local data. docs/context_parallel.md counts the bytes.
 
 Note [every rank's reduce-scatter depends on dO]
-    The gathered keys' gradient (``dk_full``) is reduce-scattered in backward, and every rank
-    must issue that collective in the same graph and order. A rank whose chunks have no prefix
-    (rank 0 of the contiguous layout) once filled it with zeros alone: a value that does not
-    depend on the output's gradient, so AOTAutograd's partitioner moved its reduce-scatter into
-    the forward graph on that rank only, and the ranks' collectives no longer matched (NCCL on
-    2 x H200 and gloo on CPU: both hung in the compiled step). So each chunk's diagonal-block
-    gradient goes into ``dk_full`` too, at the rank's own rows: the reduce-scatter returns it to
-    this rank (the sum over ranks is the same), and on every rank the collective's input depends
-    on dO.
+    The gathered keys' gradient is reduce-scattered in backward (the all-gather's autograd), and
+    every rank must issue that collective in the same graph and order. A rank whose chunks have
+    no prefix (rank 0 of the contiguous layout) would read no gathered key, so its gradient
+    would not depend on the output's gradient, and AOTAutograd's partitioner would move its
+    reduce-scatter into the forward graph on that rank only: the ranks' collectives no longer
+    match and the compiled step hangs (seen on NCCL and gloo). So each chunk's diagonal block
+    reads its keys from the gathered tensor too (the rank's own rows, equal to its local ones):
+    on every rank the collective's input depends on dO, and the reduce-scatter returns the
+    diagonal block's gradient to its rank.
 
 Note [cuDNN in the context-parallel split]
     On CUDA the all-gather mode's causal calls run cuDNN, as the one-GPU split backend does. For
@@ -81,7 +81,7 @@ from compiled_mask._causal import causal_attention
 from compiled_mask._checks import _check_positive, _check_rounds, _live_rounds, _shape
 from compiled_mask._inputs import Layout, normalize_layout
 from compiled_mask._layout import _valid_queries
-from compiled_mask._suffix import lse_merge, suffix_merge
+from compiled_mask._suffix import suffix_attention
 from compiled_mask.modules import Eagle3Attention, _check_qkv
 
 __all__ = ["Eagle3ContextParallelAttention", "shard_positions", "shard_sequence"]
@@ -406,22 +406,21 @@ class Eagle3ContextParallelAttention(nn.Module):
         kv_full = torch.stack(pieces, dim=3).view(2, B, Hkv, self.q_len, D)  # [2, B, Hkv, Q_LEN, D]
         k_full, v_full = kv_full[0], kv_full[1]  # [B, Hkv, Q_LEN, D]: round 0 of every rank
         scale = q.shape[-1] ** -0.5 if self.scale is None else self.scale
-        outs, lses = [], []
+        out_s, lse_s = suffix_attention(q, k[:, :, L:], v[:, :, L:], rounds, scale)  # the local suffix rounds
+        outs = []
         for i, g in enumerate(_rank_chunks(P, self.rank, self.layout)):
             # Local chunk i is global chunk g: its causal keys are the diagonal block (causal) and
-            # the prefix of every chunk before it (all attended), merged by log-sum-exp. Both read
-            # the gathered keys, the diagonal block too (Note [every rank's reduce-scatter
-            # depends on dO]).
-            q_i = q[:, :, i * C: (i + 1) * C]  # [B, Hq, C, D]
+            # the prefix of every chunk before it (all attended), merged by log-sum-exp with its
+            # suffix part; the prefix, the largest call, last, so its kernel sees dO itself (Note
+            # [the suffix first] in _causal.py). Both read the gathered keys, the diagonal block
+            # too (Note [every rank's reduce-scatter depends on dO]).
+            rows = slice(i * C, (i + 1) * C)
+            q_i = q[:, :, rows]  # [B, Hq, C, D]
             diag = slice(g * C, (g + 1) * C)
-            out_i, lse_i = causal_attention(q_i, k_full[:, :, diag], v_full[:, :, diag], scale=scale)
+            part = causal_attention(q_i, k_full[:, :, diag], v_full[:, :, diag], scale=scale,
+                                    part=(out_s[:, :, rows], lse_s[:, :, rows]))
             if g > 0:
-                out_p, lse_p = causal_attention(q_i, k_full[:, :, : g * C], v_full[:, :, : g * C], scale=scale,
-                                                causal=False)
-                out_i, lse_i = lse_merge(out_i, lse_i, out_p, lse_p)
-            outs.append(out_i)
-            lses.append(lse_i)
-        out_c = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]  # [B, Hq, L, Dv]
-        lse_c = torch.cat(lses, dim=2) if len(lses) > 1 else lses[0]  # [B, Hq, L]
-        out, _ = suffix_merge(q, k[:, :, L:], v[:, :, L:], out_c, lse_c, rounds, scale)
-        return out
+                part = causal_attention(q_i, k_full[:, :, : g * C], v_full[:, :, : g * C], scale=scale,
+                                        causal=False, part=part)
+            outs.append(part[0])
+        return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]  # [B, Hq, L, Dv]

@@ -47,12 +47,12 @@ def test_bench_flop_and_byte_counts():
     causal, suffix = 8192 * 8193 // 2, 8192 * 6
     assert bench.attention_tflop(1, 32, 8192, 7, 128, 128, True) * 1e12 == 32 * (causal + suffix) * 14 * 128
     assert bench.attention_tflop(1, 32, 8192, 7, 128, 128, False, suffix=False) * 1e12 == 32 * causal * 4 * 128
-    # Merge op, bf16: forward reads q, out_c, 6 rounds of K/V and writes out (+ lse twice, fp32);
-    # backward reads dO, O, q, out_c, lse, lse_c and 6 rounds, writes dq, d out_c, d lse_c and 6 rounds.
+    # Suffix op, bf16: forward reads q and 6 rounds of K/V, writes out_s and lse_s (fp32);
+    # backward reads dO_s, out_s (fp32), lse_s, q and 6 rounds, writes dq and 6 rounds.
     q_tensor, kv_round, lse = 8192 * 32 * 128 * 2, 8192 * 8 * 256 * 2, 8192 * 32 * 4
     fwd, bwd = bench.suffix_bytes(1, 32, 8, 8192, 7, 7, 128, 128)
-    assert fwd == 3 * q_tensor + 6 * kv_round + 2 * lse
-    assert bwd == 6 * q_tensor + 3 * lse + 6 * kv_round + 6 * kv_round
+    assert fwd == q_tensor + 6 * kv_round + 2 * q_tensor + lse
+    assert bwd == 4 * q_tensor + lse + 2 * q_tensor + 6 * kv_round + 6 * kv_round
     assert (round(fwd / 1e9, 2), round(bwd / 1e9, 2)) == (0.40, 0.81)
     assert bench.suffix_bytes(1, 32, 8, 8192, 7, 9, 128, 128) == (fwd, bwd)  # live clamped to max_rounds
 

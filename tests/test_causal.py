@@ -1,9 +1,11 @@
-"""The causal attention op (compiled_mask/_causal.py): fused kernels returning (out, lse),
-differentiable in both, with the layout table of packed documents on CPU.
+"""The causal attention op (compiled_mask/_causal.py): a fused kernel returning (out, lse),
+merged with another softmax part, differentiable in everything; the layout table of packed
+documents on CPU.
 
-CPU: opcheck, forward and gradients (of out and of lse) against float64 SDPA math, packed
-documents against a dense float64 reference; GPU (marked gpu): cuDNN and flash against float64,
-any layout of dO/out/lse, and misaligned inputs eagerly and compiled.
+CPU: opcheck, forward and gradients (of out and of lse, and of the part) against float64 math,
+packed documents against a dense float64 reference; GPU (marked gpu): cuDNN and flash against
+float64, the merge kernels against the torch merge, any layout of dO/out/lse, and misaligned
+inputs eagerly and compiled.
 """
 
 from __future__ import annotations
@@ -13,7 +15,13 @@ import torch
 from helpers import dense_reference_attention, rel_err
 
 from compiled_mask import _causal
-from compiled_mask._causal import _causal_attention, _causal_attention_backward, causal_attention
+from compiled_mask._causal import (
+    _causal_attention,
+    _causal_attention_backward,
+    _merge_backward_reference,
+    _merge_reference,
+    causal_attention,
+)
 from compiled_mask._op import _first_keys
 
 
@@ -31,15 +39,28 @@ def _qkv(B=2, Hq=4, Hkv=2, L=40, Lk=None, D=16, Dv=None, dtype=torch.float64, de
     return tuple(t.requires_grad_() for t in (make(Hq, L, D), make(Hkv, Lk, D), make(Hkv, Lk, Dv or D)))
 
 
-def _reference(q, k, v, allowed, scale):
-    """(out, lse) in float64 with dense math; allowed: [B or 1, 1, L, Lk] bool."""
+def _reference(q, k, v, allowed, scale, part=None):
+    """(out, lse) in float64 with dense math, merged with ``part``; allowed: [B or 1, 1, L, Lk] bool."""
     q, k, v = (t.double() for t in (q, k, v))
     G = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
     s = (q @ k.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
     lse = s.logsumexp(-1)
     p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)
-    return p @ v, lse
+    out = p @ v
+    if part is None:
+        return out, lse
+    out_p, lse_p = (t.double() for t in part)
+    merged = torch.logaddexp(lse, lse_p)
+    return torch.exp(lse - merged).unsqueeze(-1) * out + torch.exp(lse_p - merged).unsqueeze(-1) * out_p, merged
+
+
+def _part(B, Hq, L, Dv, dtype=torch.float64, seed=3, device="cpu"):
+    """A softmax part over other keys: out_p, lse_p (leaves)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    out_p = torch.randn(B, Hq, L, Dv, generator=g, device=device).to(dtype)
+    lse_p = torch.randn(B, Hq, L, generator=g, device=device).to(dtype) + 2
+    return out_p.requires_grad_(), lse_p.requires_grad_()
 
 
 def _doc_layout(B, L, seed=0):
@@ -59,34 +80,41 @@ def _allowed(L, Lk, causal, first_key=None):
     return allowed
 
 
+@pytest.mark.parametrize("with_part", [False, True])
 @pytest.mark.parametrize("causal, Lk", [(True, None), (False, 24)])
 @pytest.mark.parametrize("D, Dv", [(16, 16), (24, 16), (16, 24)])
-def test_out_and_lse_and_their_gradients_vs_float64(causal, Lk, D, Dv):
-    """out, lse and the gradients for a loss of both, GQA and MLA-style head dims."""
+def test_out_and_lse_and_their_gradients_vs_float64(causal, Lk, D, Dv, with_part):
+    """out, lse and the gradients (of q, k, v and the part) for a loss of both, GQA and MLA-style
+    head dims, with and without a part to merge."""
     q, k, v = _qkv(L=40, Lk=Lk, D=D, Dv=Dv)
+    part = _part(2, 4, 40, Dv) if with_part else None
     scale = 0.3
-    out, lse = causal_attention(q, k, v, scale=scale, causal=causal)
-    want_out, want_lse = _reference(q, k, v, _allowed(40, k.shape[2], causal), scale)
+    out, lse = causal_attention(q, k, v, scale=scale, causal=causal, part=part)
+    want_out, want_lse = _reference(q, k, v, _allowed(40, k.shape[2], causal), scale, part)
     torch.testing.assert_close(out, want_out, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(lse, want_lse, rtol=1e-12, atol=1e-12)
     g = torch.Generator().manual_seed(1)
     dout, dlse = torch.randn(out.shape, generator=g, dtype=out.dtype), torch.randn(lse.shape, generator=g, dtype=lse.dtype)
-    got = torch.autograd.grad((out * dout).sum() + (lse * dlse).sum(), (q, k, v))
-    want = torch.autograd.grad((want_out * dout).sum() + (want_lse * dlse).sum(), (q, k, v))
-    for name, x, w in zip("qkv", got, want):
+    leaves = (q, k, v, *(part or ()))
+    got = torch.autograd.grad((out * dout).sum() + (lse * dlse).sum(), leaves)
+    want = torch.autograd.grad((want_out * dout).sum() + (want_lse * dlse).sum(), leaves)
+    for name, x, w in zip(("q", "k", "v", "out_p", "lse_p"), got, want):
         torch.testing.assert_close(x, w, rtol=1e-10, atol=1e-10, msg=name)
 
 
 def test_lse_gradient_gradcheck():
-    """gradcheck of out and lse together, as a merge uses them: every row with an lse gradient
-    also has an output gradient (Note [lse gradient through the row term])."""
+    """gradcheck of out and lse together, as a further merge uses them: every row with an lse
+    gradient also has an output gradient (Note [lse gradient through the row term]); the part's
+    gradients too."""
     q, k, v = _qkv(B=1, Hq=2, Hkv=1, L=6, D=4)
+    out_p, lse_p = _part(1, 2, 6, 4)
 
-    def merged_like(q, k, v):
-        out, lse = causal_attention(q, k, v, scale=0.7)
+    def merged_like(q, k, v, out_p, lse_p):
+        out, lse = causal_attention(q, k, v, scale=0.7, part=(out_p, lse_p))
         return out * torch.sigmoid(lse).unsqueeze(-1)  # each element depends on its row's out and lse
 
-    assert torch.autograd.gradcheck(merged_like, (q, k, v))
+    assert torch.autograd.gradcheck(merged_like, (q, k, v, out_p, lse_p))
+    assert torch.autograd.gradcheck(lambda *a: causal_attention(*a, scale=0.7)[0], (q, k, v))
 
 
 def test_packed_documents_on_cpu_vs_float64():
@@ -117,13 +145,18 @@ def test_opcheck(documents, transposed):
     registered; inputs in a projection's layout too."""
     q, k, v = _qkv(B=2, L=20, D=16, dtype=torch.float32, transposed=transposed)
     first_key = _first_keys(20, None, _doc_layout(2, 20)) if documents else None
-    torch.library.opcheck(_causal_attention, (q, k, v, first_key, 0.25, True))
-    out, lse = _causal_attention(q, k, v, first_key, 0.25, True)
-    dout, dlse = torch.randn_like(out).transpose(1, 2).contiguous().transpose(1, 2), torch.randn_like(lse)
-    args = (dout, dlse, *(t.detach() for t in (q, k, v)), out.detach(), lse.detach(), first_key, 0.25, True)
-    torch.library.opcheck(_causal_attention_backward, args)
-    for grad in _causal_attention_backward(*args):
-        assert grad.is_contiguous()
+    for part in (None, _part(2, 4, 20, 16, dtype=torch.float32)):
+        out_p, lse_p = (None, None) if part is None else part
+        torch.library.opcheck(_causal_attention, (q, k, v, out_p, lse_p, first_key, 0.25, True))
+        out, lse = _causal_attention(q, k, v, out_p, lse_p, first_key, 0.25, True)
+        dout, dlse = torch.randn_like(out).transpose(1, 2).contiguous().transpose(1, 2), torch.randn_like(lse)
+        parts = () if part is None else (out_p.detach(), lse_p.detach())
+        for g_lse in (None, dlse):
+            args = (dout, g_lse, *(t.detach() for t in (q, k, v)), out.detach(), lse.detach(),
+                    *(parts or (None, None)), first_key, 0.25, True)
+            torch.library.opcheck(_causal_attention_backward, args)
+            for grad in _causal_attention_backward(*args):
+                assert grad.is_contiguous()
 
 
 def test_compiled_equals_eager():
@@ -159,20 +192,47 @@ def test_kernel_choice():
 @pytest.mark.parametrize("kernel", ["cudnn", "flash"])
 @pytest.mark.parametrize("causal", [True, False])
 def test_cuda_kernels_vs_float64(monkeypatch, kernel, causal):
-    """bf16 out, lse and gradients (of both) against float64, each kernel."""
+    """bf16 out, lse and gradients (of both) against float64, each kernel, merged with a part."""
     monkeypatch.setattr(_causal, "_causal_kernel", lambda q: kernel)
     q, k, v = _qkv(B=2, Hq=8, Hkv=2, L=300, Lk=None if causal else 200, D=64, dtype=torch.bfloat16,
                    device="cuda", transposed=True)
-    out, lse = causal_attention(q, k, v, scale=0.125, causal=causal)
-    want_out, want_lse = _reference(q, k, v, _allowed(300, k.shape[2], causal).cuda(), 0.125)
+    part = _part(2, 8, 300, 64, dtype=torch.float32, device="cuda")
+    out, lse = causal_attention(q, k, v, scale=0.125, causal=causal, part=part)
+    want_out, want_lse = _reference(q, k, v, _allowed(300, k.shape[2], causal).cuda(), 0.125, part)
     assert rel_err(out, want_out) < 1e-2 and rel_err(lse, want_lse) < 1e-3
     g = torch.Generator(device="cuda").manual_seed(1)
     dout = torch.randn(out.shape, generator=g, device="cuda").bfloat16()
     dlse = 0.1 * torch.randn(lse.shape, generator=g, device="cuda")
-    got = torch.autograd.grad((out.float() * dout).sum() + (lse * dlse).sum(), (q, k, v))
-    want = torch.autograd.grad((want_out * dout.double()).sum() + (want_lse * dlse.double()).sum(), (q, k, v))
-    for name, x, w in zip("qkv", got, want):
+    leaves = (q, k, v, *part)
+    got = torch.autograd.grad((out.float() * dout).sum() + (lse * dlse).sum(), leaves)
+    want = torch.autograd.grad((want_out * dout.double()).sum() + (want_lse * dlse.double()).sum(), leaves)
+    for name, x, w in zip(("q", "k", "v", "out_p", "lse_p"), got, want):
         assert rel_err(x, w) < 2e-2, (name, rel_err(x, w))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("with_dlse", [False, True])
+@pytest.mark.parametrize("Dv", [64, 100, 256])
+def test_merge_kernels_match_torch(Dv, with_dlse):
+    """The Triton merge (forward) and the part's gradients (backward) against the torch merge."""
+    from compiled_mask._triton_suffix import merge_backward_triton, merge_forward_triton
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    out_c = torch.randn(2, 8, 300, Dv, generator=g, device="cuda").bfloat16()
+    lse_c = torch.randn(2, 8, 300, generator=g, device="cuda")
+    out_p, lse_p = _part(2, 8, 300, Dv, dtype=torch.float32, device="cuda")
+    lse_p = lse_p.detach().clone()
+    lse_p[0, 0, :5] = torch.finfo(torch.float32).min  # empty parts
+    got = merge_forward_triton(out_c, lse_c, out_p.detach(), lse_p, torch.bfloat16)
+    want = _merge_reference(out_c, lse_c, out_p.detach(), lse_p, torch.bfloat16)
+    for x, w in zip(got, want):
+        torch.testing.assert_close(x, w)
+    dout = torch.randn(out_c.shape, generator=g, device="cuda").bfloat16()
+    dlse = torch.randn(lse_c.shape, generator=g, device="cuda") if with_dlse else None
+    args = (dout, dlse, *want, out_p.detach(), lse_p)
+    for name, x, w in zip(("d_out_p", "d_lse_p", "row output"), merge_backward_triton(*args),
+                          _merge_backward_reference(*args)):
+        torch.testing.assert_close(x, w, msg=name)
 
 
 @pytest.mark.gpu
@@ -183,7 +243,7 @@ def test_backward_any_layout_in_one_process(monkeypatch, kernel):
     monkeypatch.setattr(_causal, "_causal_kernel", lambda q: kernel)
     q, k, v = (t.detach() for t in _qkv(B=2, Hq=4, Hkv=2, L=64, D=32, dtype=torch.bfloat16, device="cuda",
                                         transposed=True))
-    out, lse = _causal_attention(q, k, v, None, 32**-0.5, True)
+    out, lse = _causal_attention(q, k, v, None, None, None, 32**-0.5, True)
     leaves = [t.double().requires_grad_() for t in (q, k, v)]
     want_out = torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=True, scale=32**-0.5,
                                                                 enable_gqa=True)
@@ -195,7 +255,7 @@ def test_backward_any_layout_in_one_process(monkeypatch, kernel):
             if layout == "transposed":
                 d, o = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (d, o))
                 s = s.transpose(1, 2).contiguous().transpose(1, 2)
-            got = _causal_attention_backward(d, None, q, k, v, o, s, None, 32**-0.5, True)
+            got = _causal_attention_backward(d, None, q, k, v, o, s, None, None, None, 32**-0.5, True)[:3]
             for name, x, w in zip("qkv", got, want):
                 assert rel_err(x, w) < 2e-2, (order, layout, name, rel_err(x, w))
 

@@ -28,7 +28,8 @@ import torch
 import triton  # noqa: F401  (the test extra installs it; a missing triton must fail, not skip)
 from helpers import load_tool
 
-from compiled_mask._suffix import _merge_backward_reference, _merge_reference
+from compiled_mask._causal import _merge_backward_reference, _merge_reference
+from compiled_mask._suffix import _suffix_backward_reference, _suffix_reference
 from compiled_mask._blocks import eagle3_block_tensors
 from compiled_mask._checks import _live_rounds
 from compiled_mask._op import _first_keys, _live_kv_len
@@ -200,7 +201,7 @@ SUFFIX_VARIANTS = [("heads", "split"), ("grouped", "fused")]
 
 
 def _suffix_inputs(B, Hq, Hkv, q_len, max_rounds, D, Dv, dtype, strided, seed=0):
-    """q, the suffix rounds ks/vs, and a causal part's out_c/lse_c."""
+    """q and the suffix rounds ks/vs."""
     g = torch.Generator().manual_seed(seed)
     make = lambda *shape: torch.randn(*shape, generator=g).to(dtype)  # noqa: E731
     kv = q_len * (max_rounds - 1)
@@ -209,8 +210,7 @@ def _suffix_inputs(B, Hq, Hkv, q_len, max_rounds, D, Dv, dtype, strided, seed=0)
         ks, vs = make(B, kv, Hkv, D).transpose(1, 2), make(B, kv, Hkv, Dv).transpose(1, 2)
     else:
         q, ks, vs = make(B, Hq, q_len, D), make(B, Hkv, kv, D), make(B, Hkv, kv, Dv)
-    out_c, lse_c = make(B, Hq, q_len, Dv), torch.randn(B, Hq, q_len, generator=g)
-    return q, ks, vs, out_c, lse_c
+    return q, ks, vs
 
 
 @in_interpreter
@@ -218,8 +218,8 @@ def _suffix_inputs(B, Hq, Hkv, q_len, max_rounds, D, Dv, dtype, strided, seed=0)
 @pytest.mark.parametrize("case", SUFFIX_CASES)
 @pytest.mark.parametrize("dtype, strided", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)])
 def test_suffix_kernels_match_torch(suffix, case, dtype, strided, variants):
-    """Forward merge and backward (dq, dks, dvs and the causal part's d out_c, d lse_c, with and
-    without an lse gradient) of the interpreted kernels == the torch math."""
+    """Forward (out_s, lse_s) and backward (dq, dks, dvs, with and without an lse gradient) of
+    the interpreted kernels == the torch math."""
     _assert_suffix_kernels_match(suffix, case, dtype, strided, variants)
 
 
@@ -241,22 +241,46 @@ def test_grouped_suffix_kernels_wide_group(suffix):
 def _assert_suffix_kernels_match(suffix, case, dtype, strided, variants, config=None):
     fwd, bwd = variants
     B, Hq, Hkv, q_len, max_rounds, live, D, Dv = case
-    q, ks, vs, out_c, lse_c = _suffix_inputs(B, Hq, Hkv, q_len, max_rounds, D, Dv, dtype, strided)
+    q, ks, vs = _suffix_inputs(B, Hq, Hkv, q_len, max_rounds, D, Dv, dtype, strided)
     rounds, scale = _live_rounds(torch.tensor(live), max_rounds, CPU), D**-0.5
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
 
-    out, lse = suffix.merge_forward_triton(q, ks, vs, out_c, lse_c, rounds, scale, fwd, config)
-    want_out, want_lse = _merge_reference(q, ks, vs, out_c, lse_c, rounds, scale)
-    torch.testing.assert_close(out, want_out, **tol)
+    out, lse = suffix.suffix_forward_triton(q, ks, vs, rounds, scale, fwd, config)
+    want_out, want_lse = _suffix_reference(q, ks, vs, rounds, scale)
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
 
     g = torch.Generator().manual_seed(1)
-    dout = torch.randn(out.shape, generator=g).to(dtype)
+    dout = torch.randn(out.shape, generator=g)
     for dlse in (None, torch.randn(lse.shape, generator=g)):
-        args = (dout, dlse, q, ks, vs, out_c, lse_c, want_out, want_lse, rounds, scale)
-        got = suffix.merge_backward_triton(*args, bwd, config)
-        want = _merge_backward_reference(*args)
-        for name, x, y in zip(("dq", "dks", "dvs", "d_out_c", "d_lse_c"), got, want):
+        args = (dout, dlse, q, ks, vs, want_out, want_lse, rounds, scale)
+        got = suffix.suffix_backward_triton(*args, bwd, config)
+        want = _suffix_backward_reference(*args)
+        for name, x, y in zip(("dq", "dks", "dvs"), got, want):
+            torch.testing.assert_close(x, y, **tol, msg=lambda m: f"{name}: {m}")
+
+
+@in_interpreter
+@pytest.mark.parametrize("Dv, dtype", [(8, torch.float32), (24, torch.bfloat16)])
+def test_merge_kernels_match_torch(suffix, Dv, dtype):
+    """The causal op's merge with a part (forward) and the part's gradients (backward, with and
+    without an lse gradient), including empty parts, == the torch merge."""
+    g = torch.Generator().manual_seed(2)
+    B, H, L = 2, 3, 37
+    out_c = torch.randn(B, H, L, Dv, generator=g).to(dtype)
+    lse_c = torch.randn(B, H, L, generator=g)
+    out_p, lse_p = torch.randn(B, H, L, Dv, generator=g), torch.randn(B, H, L, generator=g) + 1
+    lse_p[0, 0, :4] = torch.finfo(torch.float32).min
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    got = suffix.merge_forward_triton(out_c, lse_c, out_p, lse_p, dtype)
+    want = _merge_reference(out_c, lse_c, out_p, lse_p, dtype)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, **tol)
+    dout = torch.randn(out_c.shape, generator=g).to(dtype)
+    for dlse in (None, torch.randn(lse_c.shape, generator=g)):
+        args = (dout, dlse, *want, out_p, lse_p)
+        for name, x, y in zip(("d_out_p", "d_lse_p", "row output"), suffix.merge_backward_triton(*args),
+                              _merge_backward_reference(*args)):
             torch.testing.assert_close(x, y, **tol, msg=lambda m: f"{name}: {m}")
 
 
@@ -279,12 +303,12 @@ def test_bench_suffix_table(suffix, monkeypatch):
     fwd, bwd = bench.suffix_bytes(1, 4, 2, 10, 3, 3, 8, 8, 4)
     assert [r["MB"] for r in rows[:4]] == [float(f"{n / 1e6:.4g}") for n in (fwd, fwd, bwd, bwd)]
 
-    real = suffix.merge_backward_triton
+    real = suffix.suffix_backward_triton
 
     def off_by_a_little(*args):  # the fused variant's dq, 1e-3 off
         dq, *rest = real(*args)
         return (dq + 1e-3 if args[-2] == "fused" else dq), *rest
 
-    monkeypatch.setattr(suffix, "merge_backward_triton", off_by_a_little)
+    monkeypatch.setattr(suffix, "suffix_backward_triton", off_by_a_little)
     rows, failed = bench.suffix_rows(*args, sweep=False)
     assert failed == 1 and [r["check"][:8] for r in rows] == ["ok", "ok", "ok", "MISMATCH"], rows

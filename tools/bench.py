@@ -467,21 +467,20 @@ def document_rows(device, dtype, q_len, rounds, heads, D, batch, backends, reps)
 
 def suffix_bytes(B: int, Hq: int, Hkv: int, q_len: int, max_rounds: int, live: int, D: int, Dv: int,
                  itemsize: int = 2) -> tuple[int, int]:
-    """(forward, backward) bytes the merge op must move: every tensor it reads or writes, once
+    """(forward, backward) bytes the suffix op must move: every tensor it reads or writes, once
     (``_triton_suffix.py``); ``live`` is clamped to [1, max_rounds] as the callers clamp it.
 
-    Forward: reads q, the causal part's out_c and lse_c, and the K/V rows of the live suffix
-    rounds; writes out and lse. Backward: reads dO, O, q, out_c, lse, lse_c and the live suffix
-    rounds' K/V; writes dq, the causal part's d out_c and d lse_c, and every row of the suffix
-    K/V gradient (the live rounds', the dead rounds' zeros). lse's are fp32; the rest
-    ``itemsize`` bytes.
+    Forward: reads q and the K/V rows of the live suffix rounds; writes the part out_s and lse_s
+    (float32). Backward: reads dO_s and out_s (float32), lse_s, q and the live rounds' K/V;
+    writes dq and every row of the suffix K/V gradient (the live rounds', the dead rounds'
+    zeros). q, K/V and their gradients are ``itemsize`` bytes.
     """
     live = min(max(live, 1), max_rounds)
     q_rows, kv_rows = B * Hq * q_len, B * Hkv * q_len  # query rows; K/V rows of one round
     lse = 4 * q_rows
     kv_round = kv_rows * (D + Dv) * itemsize  # K and V rows of one round
-    forward = q_rows * (D + 2 * Dv) * itemsize + 2 * lse + (live - 1) * kv_round
-    backward = (q_rows * (4 * Dv + 2 * D) * itemsize + 3 * lse  # dO, O, q, out_c read; dq, d out_c written
+    forward = q_rows * D * itemsize + (live - 1) * kv_round + q_rows * Dv * 4 + lse
+    backward = (q_rows * 2 * Dv * 4 + lse + 2 * q_rows * D * itemsize  # dO_s, out_s, lse_s, q read; dq written
                 + (live - 1) * kv_round + (max_rounds - 1) * kv_round)  # K/V read, dK/dV written
     return forward, backward
 
@@ -492,17 +491,16 @@ SUFFIX_SWEEP = [dict(rows=r, num_warps=w, stages=s) for r in (16, 32, 64) for w 
 
 
 def suffix_rows(device, dtype, q_len, rounds_list, heads, D, reps, peaks, sweep=False) -> tuple[list[dict], int]:
-    """The merge op alone, every kernel form, on the causal part's real outputs: time, bytes
-    moved (``suffix_bytes``) and GB/s; each form's result checked against the torch reference
-    and against the first form (``torch.testing.assert_close``). The byte count is what the op
-    must move, the same for every form: a form that reads a tensor twice gets an effective rate.
-    Returns (rows, number of failed checks).
+    """The suffix op alone, every kernel form: time, bytes moved (``suffix_bytes``) and GB/s;
+    each form's result checked against the torch reference and against the first form
+    (``torch.testing.assert_close``). The byte count is what the op must move, the same for every
+    form: a form that reads a tensor twice gets an effective rate. Returns (rows, number of
+    failed checks).
 
     On CPU the op's CPU implementation (the torch reference itself) is timed, unchecked; in
     the Triton interpreter (TRITON_INTERPRET=1, a test) the kernels run on CPU tensors.
     """
-    from compiled_mask._causal import _causal_attention
-    from compiled_mask._suffix import _merge_backward_reference, _merge_reference
+    from compiled_mask._suffix import _suffix_backward_reference, _suffix_reference
 
     Hq, Hkv = heads
     scale = D**-0.5
@@ -512,11 +510,10 @@ def suffix_rows(device, dtype, q_len, rounds_list, heads, D, reps, peaks, sweep=
         q = torch.randn(1, Hq, q_len, D, device=device, dtype=dtype, generator=g)
         k, v = (torch.randn(1, Hkv, q_len * rounds, D, device=device, dtype=dtype, generator=g) for _ in "kv")
         live = torch.tensor(rounds, device=device)
-        out_c, lse_c = _causal_attention(q, k[:, :, :q_len], v[:, :, :q_len], None, scale, True)
-        fwd_args = (q, k[:, :, q_len:], v[:, :, q_len:], out_c, lse_c, live, scale)
-        out, lse = _merge_reference(*fwd_args)
-        dout = torch.randn(out.shape, device=device, dtype=dtype, generator=g)
-        bwd_args = (dout, None, q, k[:, :, q_len:], v[:, :, q_len:], out_c, lse_c, out, lse, live, scale)
+        fwd_args = (q, k[:, :, q_len:], v[:, :, q_len:], live, scale)
+        out, lse = _suffix_reference(*fwd_args)
+        dout = torch.randn(out.shape, device=device, generator=g)  # the part's gradient: float32
+        bwd_args = (dout, None, q, k[:, :, q_len:], v[:, :, q_len:], out, lse, live, scale)
         args = {"forward": fwd_args, "backward": bwd_args}
         nbytes = dict(zip(("forward", "backward"), suffix_bytes(1, Hq, Hkv, q_len, rounds, rounds, D, D,
                                                                 q.element_size())))
@@ -524,15 +521,15 @@ def suffix_rows(device, dtype, q_len, rounds_list, heads, D, reps, peaks, sweep=
         if kernels:
             from compiled_mask import _triton_suffix as ts
 
-            ops = {"forward": ts.merge_forward_triton, "backward": ts.merge_backward_triton}
+            ops = {"forward": ts.suffix_forward_triton, "backward": ts.suffix_backward_triton}
             variants = [("forward", "heads", None), ("forward", "grouped", None),
                         ("backward", "split", None), ("backward", "fused", None)]
             if sweep and rounds == max(rounds_list):
                 variants += [(op, name, c) for op, name in (("forward", "grouped"), ("backward", "fused"))
                              for c in SUFFIX_SWEEP]
-            want = {"forward": (out, lse), "backward": _merge_backward_reference(*bwd_args)}
+            want = {"forward": (out, lse), "backward": _suffix_backward_reference(*bwd_args)}
         else:
-            ops = {"forward": _merge_reference, "backward": _merge_backward_reference}
+            ops = {"forward": _suffix_reference, "backward": _suffix_backward_reference}
             variants = [("forward", "torch (CPU)", None), ("backward", "torch (CPU)", None)]
         first = {}  # each op's first variant, which the others are checked against too
         for op, variant, config in variants:
@@ -552,7 +549,7 @@ def suffix_rows(device, dtype, q_len, rounds_list, heads, D, reps, peaks, sweep=
                 row["pct_bw"] = float(f"{100 * row['GB/s'] / (1e3 * peaks['TB/s']):.3g}")
             if kernels:
                 try:
-                    names = ("out", "lse") if op == "forward" else ("dq", "dks", "dvs", "d_out_c", "d_lse_c")
+                    names = ("out_s", "lse_s") if op == "forward" else ("dq", "dks", "dvs")
                     for name, x, w, y in zip(names, got, want[op], first.setdefault(op, got)):
                         torch.testing.assert_close(x, w, msg=lambda m, name=name: f"{name} vs the reference: {m}")
                         torch.testing.assert_close(x, y, msg=lambda m, name=name: f"{name} vs the first variant: {m}")
@@ -562,7 +559,7 @@ def suffix_rows(device, dtype, q_len, rounds_list, heads, D, reps, peaks, sweep=
                     failed += 1
             rows.append(row)
             print(_fmt_row(row), flush=True)
-        del q, k, v, out_c, lse_c, out, lse, dout, args, got, first
+        del q, k, v, out, lse, dout, args, got, first
         if kernels:
             del want
     return rows, failed
@@ -630,29 +627,41 @@ SMOKE_DRAFT = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
 TODAY = "today: create_block_mask(_compile=True) per TTT step + compiled flex_attention, model eager"
 
 
-class TodayEagle3Model(Eagle3Model):
-    """The TTT step as open-source Eagle3 trainers run it: the model eager, K/V caches that grow
-    by one round per TTT step (``torch.cat``), a new ``create_block_mask(..., _compile=True)``
-    per step over the grown length, and ``torch.compile(flex_attention)``. Same parameters and
-    loss as :class:`Eagle3Model`; only the attention differs."""
+class TodayEagle3Step(torch.nn.Module):
+    """The TTT step as open-source Eagle3 trainers run it, on the same draft and the same loss:
+    the model eager, K/V caches that grow by one round per TTT step (``torch.cat``), a new
+    ``create_block_mask(..., _compile=True)`` per step over the grown length,
+    ``torch.compile(flex_attention)``, and the unfused LM head and log-softmax over ``[T, V]``
+    (float32 probabilities as the target). Returns the weighted loss."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, attention_backend="flex", **kwargs)
+    def __init__(self, draft: Eagle3DraftModel, q_len: int, length: int) -> None:
+        super().__init__()
+        self.draft, self.q_len, self.length = draft, q_len, length
         self.flex = torch.compile(flex_attention)
 
-    def _layer(self, embeds, hidden, cos, sin, s, k_rounds, v_rounds, seq_lens, doc_ids):
-        layer = self.draft_model.midlayer
-        B, T, _ = hidden.shape
-        x = torch.cat((layer.input_layernorm(embeds), layer.hidden_norm(hidden)), dim=-1)
-        q, k, v = layer.self_attn.project(x, cos, sin)
-        k_rounds.append(k)
-        v_rounds.append(v)
-        k_cache, v_cache = torch.cat(k_rounds, dim=2), torch.cat(v_rounds, dim=2)  # [B, Hkv, T * (s + 1), D]
-        block_mask = create_block_mask(eagle3_mask_mod(T), 1, 1, T, T * (s + 1), device=q.device,
-                                       _compile=True)
-        out = self.flex(q, k_cache, v_cache, block_mask=block_mask, enable_gqa=True)
-        hidden = hidden + layer.self_attn.o_proj(out.transpose(1, 2).reshape(B, T, -1))
-        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    def forward(self, input_ids, hidden_states, target, loss_mask):
+        draft, T = self.draft, self.q_len
+        layer, attn = draft.midlayer, draft.midlayer.self_attn
+        hidden = draft.project_hidden_states(hidden_states)
+        B = hidden.shape[0]
+        cos_all, sin_all = draft.rope_cos_sin(torch.arange(T + self.length, device=hidden.device), hidden.dtype)
+        ks, vs, loss = [], [], 0.0
+        for s in range(self.length):
+            ids = torch.cat([input_ids[:, s:], input_ids.new_zeros(B, s)], dim=1)
+            embeds = draft.embed_input_ids(ids).to(hidden.dtype)
+            x = torch.cat((layer.input_layernorm(embeds), layer.hidden_norm(hidden)), dim=-1)
+            q, k, v = attn.project(x, cos_all[s: s + T], sin_all[s: s + T])
+            ks.append(k)
+            vs.append(v)
+            block_mask = create_block_mask(eagle3_mask_mod(T), 1, 1, T, T * (s + 1), device=q.device, _compile=True)
+            out = self.flex(q, torch.cat(ks, dim=2), torch.cat(vs, dim=2), block_mask=block_mask, enable_gqa=True)
+            h = hidden + attn.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+            hidden = h + layer.mlp(layer.post_attention_layernorm(h))
+            logp = torch.log_softmax(draft.compute_logits(hidden).float(), -1)  # [B, T, V]
+            mask = loss_mask[:, s:].float()
+            nll = -(target[:, s:] * logp[:, : T - s]).sum(-1)  # [B, T - s]
+            loss = loss + 0.8**s * (nll * mask).sum() / mask.sum().clamp(min=1)
+        return loss
 
 
 def draft_step_tflop(cfg: Eagle3DraftConfig, q_len: int, length: int, batch: int = 1) -> tuple[float, float]:
@@ -672,6 +681,25 @@ def draft_step_tflop(cfg: Eagle3DraftConfig, q_len: int, length: int, batch: int
     return matmul / 1e12, attention / 1e12
 
 
+# Draft-table methods: "today" (TodayEagle3Step), or "BACKEND:MEMORY:TARGET" for Eagle3Model with
+# attention_backend BACKEND, memory policy MEMORY (Note [memory policies] in draft/unroll.py) and a
+# target of the form TARGET: "probs", float32 [T, V] probabilities (what today's trainers pass), or
+# "head", TargetHead (a [T, H] bf16 last hidden state of the target and its [V, H] lm_head rows).
+DRAFT_METHODS = ["today", "split:auto:probs", "split:auto:head"]
+
+
+def _draft_method(spec: str) -> str:
+    if spec == "today":
+        return spec
+    backend, _, rest = spec.partition(":")
+    memory, _, target = rest.partition(":")
+    if backend not in ("split", "flex", "fa4") or target not in ("probs", "head") or not memory:
+        raise argparse.ArgumentTypeError(
+            f"got {spec!r}: expected 'today' or BACKEND:MEMORY:TARGET, e.g. split:recompute:head "
+            "(BACKEND split|flex|fa4, MEMORY auto|save|recompute|recompute_tiled, TARGET probs|head)")
+    return spec
+
+
 def draft_rows(device, q_lens, methods, length, smoke, reps, profiles: list[str] | None = None) -> list[dict]:
     """One fresh Python process per (method, Q_LEN): cold compile, then step time and peak memory;
     with ``profiles`` (a list to append to), also the kernel table of one step per row."""
@@ -681,7 +709,7 @@ def draft_rows(device, q_lens, methods, length, smoke, reps, profiles: list[str]
             spec = dict(device=str(device), method=method, q_len=q_len, length=length, smoke=smoke,
                         reps=reps, profile=profiles is not None)
             row = dict(table="draft", method=_draft_method_name(method), Q_LEN=q_len, ttt_steps=length)
-            if device.type == "cpu" and method != "split":
+            if device.type == "cpu" and not method.startswith("split:"):
                 row["skipped"] = "needs CUDA (flex_attention has no CPU backward)"
             else:
                 run = subprocess.run([sys.executable, __file__, "--draft-row", json.dumps(spec)],
@@ -702,11 +730,16 @@ def draft_rows(device, q_lens, methods, length, smoke, reps, profiles: list[str]
 
 
 def _draft_method_name(method: str) -> str:
-    return TODAY if method == "today" else f"Eagle3Model({method!r}), one graph"
+    if method == "today":
+        return TODAY
+    backend, memory, target = method.split(":")
+    return f"Eagle3Model({backend!r}, memory={memory!r}), target {target}, one graph"
 
 
 def draft_row(spec: dict) -> dict:
     """One row of the draft table, in this (fresh) process."""
+    from compiled_mask.draft import TargetHead
+
     device = torch.device(spec["device"])
     q_len, length, method = spec["q_len"], spec["length"], spec["method"]
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -716,27 +749,36 @@ def draft_row(spec: dict) -> dict:
     torch.manual_seed(0)
     draft = Eagle3DraftModel(cfg)
     draft.freeze_embedding()
-    if method == "today":
-        model = TodayEagle3Model(draft, q_len, length)
-    else:
-        model = Eagle3Model(draft, q_len, length, attention_backend=method)
-    model.to(device, dtype)
     g = torch.Generator(device=device).manual_seed(0)
-    inputs = (torch.randint(0, cfg.vocab_size, (1, q_len), device=device, generator=g),
-              torch.randn(1, q_len, 3 * cfg.hidden_size, device=device, dtype=dtype, generator=g),
-              torch.randn(1, q_len, cfg.draft_vocab_size, device=device, generator=g).softmax(-1),
-              torch.ones(1, q_len, dtype=torch.bool, device=device))
-    params = [p for p in model.parameters() if p.requires_grad]
-    step = model if method == "today" else torch.compile(model, fullgraph=True)
-
-    def train_step():
-        out = step(*inputs)
-        out.loss.backward()
-        for p in params:
-            p.grad = None
-        return out
-
+    input_ids = torch.randint(0, cfg.vocab_size, (1, q_len), device=device, generator=g)
+    hidden = torch.randn(1, q_len, 3 * cfg.hidden_size, device=device, dtype=dtype, generator=g)
+    loss_mask = torch.ones(1, q_len, dtype=torch.bool, device=device)
     try:
+        target_form = "probs" if method == "today" else method.split(":")[2]
+        if target_form == "probs":
+            target = torch.randn(1, q_len, cfg.draft_vocab_size, device=device, generator=g).softmax(-1)
+        else:
+            target = TargetHead(torch.randn(1, q_len, cfg.hidden_size, device=device, dtype=dtype, generator=g),
+                                torch.randn(cfg.draft_vocab_size, cfg.hidden_size, device=device, dtype=dtype,
+                                            generator=g) / cfg.hidden_size**0.5)
+        if method == "today":
+            model = TodayEagle3Step(draft, q_len, length).to(device, dtype)
+            step = model
+        else:
+            backend, memory, _ = method.split(":")
+            model = Eagle3Model(draft, q_len, length, attention_backend=backend, memory=memory).to(device, dtype)
+            row["memory"] = model.memory
+            step = torch.compile(model, fullgraph=True)
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def train_step():
+            out = step(input_ids, hidden, target, loss_mask)
+            loss = out if method == "today" else out.loss
+            loss.backward()
+            for p in params:
+                p.grad = None
+            return loss
+
         with torch._inductor.utils.fresh_cache():
             t0 = time.perf_counter()
             train_step()
@@ -837,7 +879,7 @@ TABLES = {
                   "x_one_document", "skipped"],
     "compile": ["method", "Q_LEN", "rounds", "pass_", "cold_s", "later_steps_ms", "graphs",
                 "skipped"],
-    "draft": ["method", "Q_LEN", "ttt_steps", "step_ms", "TFLOP", "TFLOP/s", "peak_GiB", "cold_s",
+    "draft": ["method", "Q_LEN", "ttt_steps", "memory", "step_ms", "TFLOP", "TFLOP/s", "peak_GiB", "cold_s",
               "graphs", "skipped"],
 }
 DEFAULT_TABLES = [t for t in TABLES if t != "draft"]  # the draft step runs only when asked for
@@ -933,6 +975,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draft-row", help=argparse.SUPPRESS)  # internal: one draft-step row
     parser.add_argument("--draft-q-lens", type=int, nargs="+",
                         help="Q_LEN values of the draft table (default: 8192 32768; --smoke: 64)")
+    parser.add_argument("--draft-methods", nargs="+", type=_draft_method, default=None,
+                        help="draft-table rows: 'today' or BACKEND:MEMORY:TARGET, e.g. split:recompute:head "
+                             f"(default: {' '.join(DRAFT_METHODS)}; --smoke: split:auto:probs split:auto:head)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     args = parser.parse_args(argv)
@@ -1001,7 +1046,8 @@ def main(argv: list[str] | None = None) -> int:
     draft_profiles = [] if args.profile else None
     if "draft" in args.only:
         q_lens_draft = args.draft_q_lens or ([64] if args.smoke else [8192, 32768])
-        rows += draft_rows(device, q_lens_draft, backends + ["today"], length=3 if args.smoke else 7,
+        methods = args.draft_methods or (DRAFT_METHODS[1:] if args.smoke else DRAFT_METHODS)
+        rows += draft_rows(device, q_lens_draft, methods, length=3 if args.smoke else 7,
                            smoke=args.smoke, reps=2 if args.smoke else 5, profiles=draft_profiles)
 
     args.out.mkdir(parents=True, exist_ok=True)
