@@ -221,7 +221,7 @@ class Eagle3Attention(nn.Module):
         if q.numel() == 0 or v.size(-1) == 0:  # B or Hq of 0: nothing to attend
             return q.new_zeros(*q.shape[:3], v.size(-1))
         if layout.first_key is not None and not finite_padding:
-            k, v = _zero_padding_keys(k, v, layout, self.q_len, whole_buffer=self.backend != "split")
+            k, v = _zero_padding_keys(k, v, layout, self.q_len)
         out = backend.run(self, q, k, v, rounds, layout)
         if layout.first_key is None or not backend.zero_padding_rows:
             return out
@@ -367,28 +367,21 @@ def _zero_padding_rows(out: Tensor, first_key: Tensor) -> Tensor:
     return torch.where(valid[:, None, :, None], out, 0.0)  # [B, Hq, Q_LEN, Dv]
 
 
-def _zero_padding_keys(k: Tensor, v: Tensor, layout: Layout, q_len: int, whole_buffer: bool
-                       ) -> tuple[Tensor, Tensor]:
+def _zero_padding_keys(k: Tensor, v: Tensor, layout: Layout, q_len: int) -> tuple[Tensor, Tensor]:
     """k and v with zeros at the layout's padding positions (Note [padding is garbage]).
 
     Note [padding is garbage]
         Real pipelines leave anything at padding positions, NaN included. A kernel that reads a
         padding key with zero weight still computes ``0 * v`` (NaN for a NaN v) inside its tile
         product, and a masked NaN score can survive an additive mask; either would reach valid
-        rows. So the keys and values of padding positions are zeroed before any kernel reads
-        them: round 0 for split (its suffix kernels read only a valid query's own diagonal key),
-        every round for the block-sparse kernels (a suffix tile holds other positions' keys).
-        A caller that knows its padding is finite (``Eagle3Model`` zeroes its inputs there) skips it.
+        rows, and NaN at a padding query's own keys turns its gradients NaN, which would flow on
+        into whatever produced q. So the keys and values of padding positions, in every round,
+        are zeroed before any kernel reads them. A caller that knows its padding is finite
+        (``Eagle3Model`` zeroes its inputs there) skips it.
     """
     valid = _valid_queries(q_len, layout.first_key, k.device)  # [B, Q_LEN]: valid positions
-    if whole_buffer:
-        rounds = k.size(2) // q_len
-        valid = valid.repeat(1, rounds)  # [B, Q_LEN * rounds]
-        return (torch.where(valid[:, None, :, None], k, 0.0), torch.where(valid[:, None, :, None], v, 0.0))
-    keep = valid[:, None, :, None]  # [B, 1, Q_LEN, 1]
-    k0 = torch.where(keep, k[:, :, :q_len], 0.0)
-    v0 = torch.where(keep, v[:, :, :q_len], 0.0)
-    return torch.cat([k0, k[:, :, q_len:]], dim=2), torch.cat([v0, v[:, :, q_len:]], dim=2)
+    keep = valid.repeat(1, k.size(2) // q_len)[:, None, :, None]  # [B, 1, Q_LEN * rounds, 1]
+    return torch.where(keep, k, 0.0), torch.where(keep, v, 0.0)
 
 
 def _check_qkv(where: str, q: Tensor, k: Tensor, v: Tensor, q_len: int, kv_len: int) -> None:

@@ -258,8 +258,8 @@ class Eagle3Model(nn.Module):
                                   name="input_ids")  # Note [one layout table]: once per training step
         mask = loss_mask.bool()  # [B, T]
         ids_target = isinstance(target, Tensor) and not target.dtype.is_floating_point
-        if ids_target:
-            mask = mask & (target >= 0)
+        if ids_target:  # ids outside the draft vocabulary (-1 for a token it lacks) count nothing
+            mask = mask & (target >= 0) & (target < draft.config.draft_vocab_size)
         if layout.first_key is not None:
             valid = _valid_queries(T, layout.first_key, input_ids.device)  # [B, T]: not padding
             mask = mask & valid
