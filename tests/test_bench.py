@@ -45,21 +45,22 @@ def test_bench_flop_and_byte_counts():
     bench = _load_bench()
     # One step at Q_LEN 8192 x 7 rounds, 32 heads, d128: 4 D FLOPs per allowed pair forward, 14 D fwd+bwd.
     causal, suffix = 8192 * 8193 // 2, 8192 * 6
-    assert bench.attention_tflop(1, 32, 8192, 7, 128, 128, True) * 1e12 == 32 * (causal + suffix) * 14 * 128
-    assert bench.attention_tflop(1, 32, 8192, 7, 128, 128, False, suffix=False) * 1e12 == 32 * causal * 4 * 128
+    assert bench.attention.attention_tflop(1, 32, 8192, 7, 128, 128, True) * 1e12 == 32 * (causal + suffix) * 14 * 128
+    floor_tflop = bench.attention.attention_tflop(1, 32, 8192, 7, 128, 128, False, suffix=False)
+    assert floor_tflop * 1e12 == 32 * causal * 4 * 128
     # Suffix op, bf16: forward reads q and 6 rounds of K/V, writes out_s and lse_s (fp32);
     # backward reads dO_s, out_s (fp32), lse_s, q and 6 rounds, writes dq and 6 rounds.
     q_tensor, kv_round, lse = 8192 * 32 * 128 * 2, 8192 * 8 * 256 * 2, 8192 * 32 * 4
-    fwd, bwd = bench.suffix_bytes(1, 32, 8, 8192, 7, 7, 128, 128)
+    fwd, bwd = bench.suffix.suffix_bytes(1, 32, 8, 8192, 7, 7, 128, 128)
     assert fwd == q_tensor + 6 * kv_round + 2 * q_tensor + lse
     assert bwd == 4 * q_tensor + lse + 2 * q_tensor + 6 * kv_round + 6 * kv_round
     assert (round(fwd / 1e9, 2), round(bwd / 1e9, 2)) == (0.40, 0.81)
-    assert bench.suffix_bytes(1, 32, 8, 8192, 7, 9, 128, 128) == (fwd, bwd)  # live clamped to max_rounds
+    assert bench.suffix.suffix_bytes(1, 32, 8, 8192, 7, 9, 128, 128) == (fwd, bwd)  # live clamped to max_rounds
 
 
 def test_kernel_table_of_a_step():
     """--profile's per-row table (the draft table's breakdown): the ops one call of the step ran."""
     bench = _load_bench()
     x = torch.randn(8, 8)
-    table = bench._kernel_table(lambda: (x @ x).relu(), torch.device("cpu"), steps=2)
+    table = bench.common._kernel_table(lambda: (x @ x).relu(), torch.device("cpu"), steps=2)
     assert "aten::mm" in table and "aten::relu" in table, table

@@ -292,15 +292,15 @@ def _load_bench():
 def test_bench_suffix_table(suffix, monkeypatch):
     """``tools/bench.py --only suffix`` on the GPU path (the kernels, interpreted): every variant
     and a sweep entry pass their checks; a wrong backward is reported, and counted, as a mismatch."""
-    bench = _load_bench()
-    monkeypatch.setattr(bench, "SUFFIX_SWEEP", bench.SUFFIX_SWEEP[:1])
+    table = _load_bench().suffix  # tools/benchmarks/suffix.py, where suffix_rows reads SUFFIX_SWEEP
+    monkeypatch.setattr(table, "SUFFIX_SWEEP", table.SUFFIX_SWEEP[:1])
     args = (CPU, torch.float32, 10, [3], (4, 2), 8, 1, {"TB/s": 1.0})
-    rows, failed = bench.suffix_rows(*args, sweep=True)
+    rows, failed = table.suffix_rows(*args, sweep=True)
     assert [(r["op"], r["variant"].split()[0]) for r in rows] == [
         ("forward", "heads"), ("forward", "grouped"), ("backward", "split"), ("backward", "fused"),
         ("forward", "grouped"), ("backward", "fused")]
     assert failed == 0 and all(r["check"] == "ok" for r in rows), rows
-    fwd, bwd = bench.suffix_bytes(1, 4, 2, 10, 3, 3, 8, 8, 4)
+    fwd, bwd = table.suffix_bytes(1, 4, 2, 10, 3, 3, 8, 8, 4)
     assert [r["MB"] for r in rows[:4]] == [float(f"{n / 1e6:.4g}") for n in (fwd, fwd, bwd, bwd)]
 
     real = suffix.suffix_backward_triton
@@ -310,5 +310,5 @@ def test_bench_suffix_table(suffix, monkeypatch):
         return (dq + 1e-3 if args[-2] == "fused" else dq), *rest
 
     monkeypatch.setattr(suffix, "suffix_backward_triton", off_by_a_little)
-    rows, failed = bench.suffix_rows(*args, sweep=False)
+    rows, failed = table.suffix_rows(*args, sweep=False)
     assert failed == 1 and [r["check"][:8] for r in rows] == ["ok", "ok", "ok", "MISMATCH"], rows
