@@ -54,20 +54,11 @@ Note [every rank's reduce-scatter depends on dO]
     diagonal block's gradient to its rank.
 
 Note [cuDNN in the context-parallel split]
-    On CUDA the all-gather mode's causal calls run cuDNN, as the one-GPU split backend does. For
-    a while they ran aten's flash kernel instead: with cuDNN, the compiled (Inductor) draft step
-    (tests/test_distributed.py::test_two_gpus_draft_step_fsdp_compiled_bf16, 2 x H200, torch
-    2.11.0+cu130, cuDNN 9.19.0, bf16) returned the right loss and q_proj/k_proj gradients 23-63%
-    off against float64, with no error. The likely cause: cuDNN's backward graph cache, keyed by
-    the layouts of q, k and v only, meeting the row slices of out/dO/lse taken here, whose
-    ``.contiguous()`` Inductor need not honour. The kernels' backward is now a custom op that
-    makes those contiguous inside (Note [cuDNN backward layouts] in _split.py), and that alone
-    fixed it. Checked on one H200 with one NCCL rank, where zigzag puts a chunk with
-    a prefix and one without on the rank (test_one_gpu_allgather_draft_step_compiled_bf16): the
-    tree before the op, with cuDNN here, gave k_proj's gradient 0.40 off; with the op, 1.4e-2
-    (bf16 rounding, the same as flash). Flash made the step slower: one rank's fwd+bwd at
-    Q_LEN 65536 x 7 rounds took 387.9 ms with flash and 228.5 ms with cuDNN (one GPU's split
-    backend: 223.4 ms; docs/benchmarks.md).
+    The all-gather mode's causal calls are the causal op's (``_causal.py``), on cuDNN as on one
+    GPU. Its backward makes the row slices of dO, out and lse it is handed dense inside the op
+    (Note [cuDNN backward layouts] in ``_causal.py``): without that, cuDNN's graph cache returned
+    wrong gradients here under Inductor. The history and the cuDNN/flash timings are in
+    docs/context_parallel.md ("One rank on one H200: the all-gather mode's compute").
 """
 
 from __future__ import annotations

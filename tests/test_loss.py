@@ -310,12 +310,12 @@ def test_computes_only_the_gradients_needed():
 
 
 def test_default_chunk_rows():
-    assert _default_chunk_rows(32000) == 256  # 256 x 32000 float32: 31 MiB per buffer
-    for V in (1, 50, 300, 32000, 128256, 2**23, 2**24):
+    assert _default_chunk_rows(32000) == 2048  # 2048 x 32000 float32: 250 MiB per buffer
+    for V in (1, 50, 300, 32000, 128256, 2**26, 2**27):
         rows = _default_chunk_rows(V)
         assert rows >= 1 and rows & (rows - 1) == 0
-        assert rows * V <= 2**23 or rows == 1
-        assert rows == 1 or 2 * rows * V > 2**23  # the largest such power of two
+        assert rows * V <= 2**26 or rows == 1
+        assert rows == 1 or 2 * rows * V > 2**26  # the largest such power of two
 
 
 def test_docstring_example_runs():

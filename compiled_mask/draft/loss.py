@@ -66,17 +66,25 @@ class TargetHead(NamedTuple):
 
 
 # Note [chunk size]
-#     One chunk of ``rows`` rows holds a few ``[rows, V]`` buffers at once: the draft logits, their
-#     log-probabilities (float32), the target's probabilities (float32) and their product or the
-#     logits' gradient (float32), about three float32 buffers at the peak. The default takes the
-#     largest power of two of rows with ``rows * V <= 2**23`` elements, 32 MiB per float32
-#     buffer, ~100 MiB for the chunk (V = 32000: 256 rows, 31 MiB each). Small next to the
-#     ``[R, V]`` it replaces (16K rows: 2 GiB per float32 buffer), and the chunk's matmuls
-#     (``[rows, H] x [H, V]``, three per chunk) stay large enough that a GPU is busy with them
-#     rather than waiting for launches; a power of two keeps the rows a multiple of the tensor
-#     core tiles. It depends on V only (not on R), so a compiled caller gets no guard on R; the
-#     op clamps it to R.
-_CHUNK_ELEMENTS = 2**23
+#     One chunk of ``rows`` rows holds a few ``[rows, V]`` buffers at once: the draft logits (the
+#     parameter dtype), the same in float32, which becomes the softmax and then the logits'
+#     gradient in place, and the target's probabilities (float32): about three float32 buffers at
+#     the peak. The default takes the largest power of two of rows with ``rows * V <= 2**26``
+#     elements, 256 MiB per float32 buffer, ~0.8 GiB for the chunk (V = 32000: 2048 rows). Small
+#     next to the ``[R, V]`` it replaces at long context (128K rows: 16 GiB per float32 buffer),
+#     and large enough that the chunk's ~20 kernels are few per step: with 256-row chunks an
+#     H100 spent ~400 ms per 8192-token training step in this op, stalled on launches
+#     (docs/benchmarks.md). A power of two keeps the rows a multiple of the tensor core tiles. It
+#     depends on V only (not on R), so a compiled caller gets no guard on R; the op clamps it
+#     to R.
+#
+# Note [few passes over a chunk]
+#     Each chunk's ``[rows, V]`` work is memory-bound, so the loop reads and writes those buffers
+#     as few times as it can: the float32 copy of the logits is turned in place into the softmax
+#     and then the gradient, the soft cross entropy is ``lse * sum(p) - p . z`` (one reduction and
+#     one batched dot product, no log-probability buffer), and the logits are read once more only
+#     for the argmax.
+_CHUNK_ELEMENTS = 2**26
 
 
 def _default_chunk_rows(V: int) -> int:
@@ -169,21 +177,25 @@ def _head_loss_chunks(hidden: Tensor, norm_weight: Tensor, head_weight: Tensor, 
             normed = norm_weight * xhat  # [n, H], the parameter dtype
             logits = F.linear(normed, head_weight)  # [n, V]
             hit_sum += ((logits.argmax(-1) == target_id) & c).sum().to(loss_dtype)
-            logp = torch.log_softmax(logits.to(_f32_or_wider(param_dtype)), -1)  # [n, V]
+            # Note [few passes over a chunk]
+            z_dtype = _f32_or_wider(param_dtype) if p is None else torch.promote_types(_f32_or_wider(param_dtype), p.dtype)
+            z = logits.to(z_dtype)  # [n, V]; logits are not read again
             del logits
+            lse = torch.logsumexp(z, -1)  # [n]
             if p is None:
-                nll = -logp.gather(-1, target_id[:, None]).squeeze(-1)  # [n]
-            else:
-                nll = -(p * logp).sum(-1)  # [n]
-            nll_sum += torch.where(c, nll, 0).sum()
+                nll = lse - z.gather(-1, target_id[:, None]).squeeze(-1)  # [n]
+            else:  # -(p . log_softmax(z)) = lse * sum(p) - p . z
+                p_sum = p.sum(-1)  # [n]
+                nll = lse * p_sum - torch.bmm(p.to(z_dtype).unsqueeze(1), z.unsqueeze(2)).view(-1)
+            nll_sum += torch.where(c, nll, 0).sum().to(loss_dtype)
             if not (grad_normed or grad_head_weight):
                 continue
-            # d nll / d logits: softmax * sum(p) - p (soft), softmax - onehot (ids).
-            d_logits = logp.exp_()  # [n, V], softmax, in place of logp
+            # d nll / d logits: softmax * sum(p) - p (soft), softmax - onehot (ids); in place in z.
+            d_logits = z.sub_(lse[:, None]).exp_()  # [n, V], the softmax
             if p is None:
                 d_logits.scatter_add_(-1, target_id[:, None], d_logits.new_full((r1 - r0, 1), -1.0))
             else:
-                d_logits.mul_(p.sum(-1, keepdim=True)).sub_(p)
+                d_logits.mul_(p_sum[:, None]).sub_(p)
             del p
             # Rows that do not count need no mask here: their xhat (and normed) rows are zeros,
             # so they add nothing to d_head_weight or d_norm_weight; d_hidden is masked below.
