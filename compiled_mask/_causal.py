@@ -62,7 +62,7 @@ def _causal_kernel(q: Tensor) -> str:
     return "cudnn" if torch.backends.cudnn.is_available() and D <= 128 and D % 8 == 0 and L > 1 else "flash"
 
 
-def _kernel_layout(t: Tensor) -> Tensor:
+def _kernel_strides(t: Tensor) -> Tensor:
     """``t`` as the fused kernels read it: unit stride in the head dim, and on CUDA every other
     stride and the data pointer a multiple of 16 bytes; a copy only where it is not.
 
@@ -186,7 +186,7 @@ def _causal_attention(q: Tensor, k: Tensor, v: Tensor, out_p: Tensor | None, lse
     Dv = v.shape[-1]
     kernel = _causal_kernel(q)
     q, scale = _positive_scale(q, scale)  # Note [a scale of 0 or below]
-    q, k, v = (_kernel_layout(t) for t in _equal_head_dims(q, k, v))  # Note [value head dim]
+    q, k, v = (_kernel_strides(t) for t in _equal_head_dims(q, k, v))  # Note [value head dim]
     if kernel == "cudnn":
         out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
             q, k, v, None, True, 0.0, causal, False, scale=scale)[:2]
@@ -226,7 +226,7 @@ def _causal_attention_backward(dout: Tensor, dlse: Tensor | None, q: Tensor, k: 
     first], Note [lse gradient through the row term]): ``(dq, dk, dv, d_out_p, d_lse_p)``,
     contiguous, the last two empty ``[0]`` tensors without a part.
 
-    Note [cuDNN backward layouts]
+    Note [cuDNN backward strides]
         aten's fused attention backward ops, called directly as here, returned wrong gradients
         with no error when dO, out and lse were not contiguous (cuDNN's graph cache is keyed by
         the layouts of q, k and v only, with the first call's other strides built in; flash
@@ -254,7 +254,7 @@ def _causal_attention_backward(dout: Tensor, dlse: Tensor | None, q: Tensor, k: 
     if width > Dv:
         dout, o_row = F.pad(dout, (0, width - Dv)), F.pad(o_row, (0, width - Dv))  # [B, Hq, L, width]
     dout, o_row, lse = dout.contiguous(), o_row.contiguous(), lse.contiguous()
-    dout, q_p, k_p, v_p, o_row = (_kernel_layout(t) for t in (dout, q_p, k_p, v_p, o_row))  # Note [aligned kernel inputs]
+    dout, q_p, k_p, v_p, o_row = (_kernel_strides(t) for t in (dout, q_p, k_p, v_p, o_row))  # Note [aligned kernel inputs]
     L, Lk = q.shape[2], k.shape[2]
     lse_k = lse.to(_lse_dtype(q))  # the kernels read their own lse dtype
     if kernel == "cudnn":

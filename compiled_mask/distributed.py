@@ -19,7 +19,7 @@ the step's graph (forward and backward), so a compiled TTT step is still one gra
 value of ``rounds``. On CPU with gloo (torch 2.13) they trace under ``aot_eager``
 (``tests/test_distributed.py``) and compile with Inductor (docs/context_parallel.md, "Compiles").
 
-Note [shard layout]
+Note [shard order]
     Q_LEN is cut into ``n`` equal chunks of ``C`` positions: ``n = 2P`` for ``"zigzag"``, where
     rank r holds chunks r and 2P-1-r (rank 0 the first and the last chunk): under a causal mask
     every rank then has the same work (chunk c attends c*C + (C+1)/2 keys on average, and
@@ -45,7 +45,7 @@ Note [all-gather, not a ring]
 Note [every rank's reduce-scatter depends on dO]
     The gathered keys' gradient is reduce-scattered in backward (the all-gather's autograd), and
     every rank must issue that collective in the same graph and order. A rank whose chunks have
-    no prefix (rank 0 of the contiguous layout) would read no gathered key, so its gradient
+    no prefix (rank 0 of the contiguous shard order) would read no gathered key, so its gradient
     would not depend on the output's gradient, and AOTAutograd's partitioner would move its
     reduce-scatter into the forward graph on that rank only: the ranks' collectives no longer
     match and the compiled step hangs (seen on NCCL and gloo). So each chunk's diagonal block
@@ -56,7 +56,7 @@ Note [every rank's reduce-scatter depends on dO]
 Note [cuDNN in the context-parallel split]
     The all-gather mode's causal calls are the causal op's (``_causal.py``), on cuDNN as on one
     GPU. Its backward makes the row slices of dO, out and lse it is handed dense inside the op
-    (Note [cuDNN backward layouts] in ``_causal.py``): without that, cuDNN's graph cache returned
+    (Note [cuDNN backward strides] in ``_causal.py``): without that, cuDNN's graph cache returned
     wrong gradients here under Inductor. The history and the cuDNN/flash timings are in
     docs/context_parallel.md ("One rank on one H200: the all-gather mode's compute").
 """
@@ -78,7 +78,7 @@ from compiled_mask.modules import Eagle3Attention, _check_qkv
 __all__ = ["Eagle3ContextParallelAttention", "shard_positions", "shard_sequence"]
 
 _MODES = ("ulysses", "allgather")
-_LAYOUTS = ("zigzag", "contiguous")
+_SHARD_ORDERS = ("zigzag", "contiguous")
 
 # torch 2.13 names them all_gather_single(_autograd) and deprecates all_gather_tensor(_autograd),
 # the names torch 2.11 has.
@@ -86,41 +86,41 @@ _all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or fu
 _all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
 
 
-def _check_layout(where: str, q_len: int, world_size: int, layout: str) -> None:
-    if layout not in _LAYOUTS:
-        raise ValueError(f"{where}: unknown layout={layout!r}; choose one of {list(_LAYOUTS)}.")
-    chunks = _num_chunks(world_size, layout)
+def _check_shard_order(where: str, q_len: int, world_size: int, shard_order: str) -> None:
+    if shard_order not in _SHARD_ORDERS:
+        raise ValueError(f"{where}: unknown shard_order={shard_order!r}; choose one of {list(_SHARD_ORDERS)}.")
+    chunks = _num_chunks(world_size, shard_order)
     if q_len % chunks != 0:
         raise ValueError(
-            f"{where}: layout={layout!r} cuts Q_LEN into {chunks} equal chunks over "
+            f"{where}: shard_order={shard_order!r} cuts Q_LEN into {chunks} equal chunks over "
             f"world_size={world_size} ranks, got q_len={q_len} (not a multiple of {chunks}). "
             f"Pad the sequence to a multiple of {chunks} (and mark the padding with seq_lens)."
         )
 
 
-def _num_chunks(world_size: int, layout: str) -> int:
-    return 2 * world_size if layout == "zigzag" else world_size
+def _num_chunks(world_size: int, shard_order: str) -> int:
+    return 2 * world_size if shard_order == "zigzag" else world_size
 
 
-def _rank_chunks(world_size: int, rank: int, layout: str) -> tuple[int, ...]:
-    """The global chunk indices rank ``rank`` holds, in its local order (Note [shard layout])."""
-    return (rank, 2 * world_size - 1 - rank) if layout == "zigzag" else (rank,)
+def _rank_chunks(world_size: int, rank: int, shard_order: str) -> tuple[int, ...]:
+    """The global chunk indices rank ``rank`` holds, in its local order (Note [shard order])."""
+    return (rank, 2 * world_size - 1 - rank) if shard_order == "zigzag" else (rank,)
 
 
-def _global_order(world_size: int, layout: str) -> list[tuple[int, int]]:
+def _global_order(world_size: int, shard_order: str) -> list[tuple[int, int]]:
     """``(rank, local chunk)`` of each global chunk 0, 1, ..., in order."""
-    where = {c: (p, j) for p in range(world_size) for j, c in enumerate(_rank_chunks(world_size, p, layout))}
-    return [where[c] for c in range(_num_chunks(world_size, layout))]
+    where = {c: (p, j) for p in range(world_size) for j, c in enumerate(_rank_chunks(world_size, p, shard_order))}
+    return [where[c] for c in range(_num_chunks(world_size, shard_order))]
 
 
-def shard_positions(q_len: int, world_size: int, rank: int, layout: str = "zigzag", *,
+def shard_positions(q_len: int, world_size: int, rank: int, shard_order: str = "zigzag", *,
                     device: torch.device | str | None = None) -> Tensor:
-    """The global positions a rank holds, in its local order (Note [shard layout]).
+    """The global positions a rank holds, in its local order (Note [shard order]).
 
     Args:
         q_len: the global Q_LEN.
         world_size, rank: the group's size and this rank in it.
-        layout: ``"zigzag"`` (rank r holds chunks r and 2P-1-r of 2P: balanced causal work) or
+        shard_order: ``"zigzag"`` (rank r holds chunks r and 2P-1-r of 2P: balanced causal work) or
             ``"contiguous"`` (chunk r of P).
         device: where to put the result (default CPU).
 
@@ -140,21 +140,21 @@ def shard_positions(q_len: int, world_size: int, rank: int, layout: str = "zigza
     _check_positive(where, q_len=q_len, world_size=world_size)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
         raise ValueError(f"{where}: rank must be an int in [0, world_size={world_size}), got rank={rank!r}.")
-    _check_layout(where, q_len, world_size, layout)
-    C = q_len // _num_chunks(world_size, layout)
+    _check_shard_order(where, q_len, world_size, shard_order)
+    C = q_len // _num_chunks(world_size, shard_order)
     return torch.cat([torch.arange(c * C, (c + 1) * C, device=device)
-                      for c in _rank_chunks(world_size, rank, layout)])
+                      for c in _rank_chunks(world_size, rank, shard_order)])
 
 
-def shard_sequence(x: Tensor, q_len: int, world_size: int, rank: int, layout: str = "zigzag", *,
+def shard_sequence(x: Tensor, q_len: int, world_size: int, rank: int, shard_order: str = "zigzag", *,
                    dim: int = 2) -> Tensor:
-    """A rank's shard of every round of a sequence tensor (Note [shard layout]).
+    """A rank's shard of every round of a sequence tensor (Note [shard order]).
 
     Args:
         x: a tensor whose ``dim`` holds ``R * q_len`` positions, R >= 1 rounds of q_len: q
             ``[B, H, Q_LEN, D]`` (R = 1), the K/V buffer ``[B, Hkv, Q_LEN * max_rounds, D]``,
             hidden states ``[B, Q_LEN, E]`` (``dim=1``), ...
-        q_len, world_size, rank, layout: as :func:`shard_positions`.
+        q_len, world_size, rank, shard_order: as :func:`shard_positions`.
         dim: the sequence dim.
 
     Returns:
@@ -163,7 +163,7 @@ def shard_sequence(x: Tensor, q_len: int, world_size: int, rank: int, layout: st
     """
     where = "shard_sequence"
     dim = dim % x.dim()
-    positions = shard_positions(q_len, world_size, rank, layout, device=x.device)
+    positions = shard_positions(q_len, world_size, rank, shard_order, device=x.device)
     if x.size(dim) % q_len != 0:
         raise ValueError(
             f"{where}: dim {dim} of x must hold whole rounds of q_len={q_len} positions, got "
@@ -178,7 +178,7 @@ class Eagle3ContextParallelAttention(nn.Module):
     """Eagle3 TTT attention with the sequence sharded over a process group (module docstring).
 
     A drop-in for :class:`~compiled_mask.Eagle3Attention` on each rank: the same ``forward``,
-    with each tensor replaced by the rank's shard (Note [shard layout]). ``q_len`` stays the
+    with each tensor replaced by the rank's shard (Note [shard order]). ``q_len`` stays the
     global Q_LEN; ``rounds`` stays a 0-d tensor, so a compiled step is one graph for every TTT
     step, collectives included.
 
@@ -189,7 +189,7 @@ class Eagle3ContextParallelAttention(nn.Module):
         mode: ``"ulysses"`` (all-to-all to head shards; needs Hq and Hkv divisible by the group
             size) or ``"allgather"`` (round-0 K/V gathered, the causal part per query chunk, the
             suffix local). See docs/context_parallel.md for which to pick.
-        layout: ``"zigzag"`` or ``"contiguous"`` (:func:`shard_positions`). Q_LEN must be a
+        shard_order: ``"zigzag"`` or ``"contiguous"`` (:func:`shard_positions`). Q_LEN must be a
             multiple of 2P (zigzag) or P (contiguous).
         backend: the attention backend. ``"ulysses"`` runs ``Eagle3Attention(backend=...)`` on
             the gathered sequence, so any of ``"flex"``, ``"fa4"``, ``"split"``; ``"allgather"``
@@ -227,7 +227,7 @@ class Eagle3ContextParallelAttention(nn.Module):
         *,
         group: dist.ProcessGroup | None = None,
         mode: str = "allgather",
-        layout: str = "zigzag",
+        shard_order: str = "zigzag",
         backend: str = "split",
         scale: float | None = None,
         block_size: int | tuple[int, int] | None = None,
@@ -246,7 +246,7 @@ class Eagle3ContextParallelAttention(nn.Module):
         group = dist.group.WORLD if group is None else group
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        _check_layout(where, q_len, self.world_size, layout)
+        _check_shard_order(where, q_len, self.world_size, shard_order)
         if mode == "allgather" and (backend != "split" or block_size is not None or kernel_options is not None):
             raise ValueError(
                 f"{where}: mode='allgather' runs the split backend's kernels (a fused causal kernel "
@@ -258,12 +258,12 @@ class Eagle3ContextParallelAttention(nn.Module):
         self.q_len = q_len
         self.max_rounds = max_rounds
         self.mode = mode
-        self.layout = layout
+        self.shard_order = shard_order
         self.backend = backend
         self.scale = scale
         self.local_len = q_len // self.world_size
         self.kv_len = self.local_len * max_rounds  # the local K/V buffer (Eagle3Attention.kv_len)
-        self.register_buffer("positions", shard_positions(q_len, self.world_size, self.rank, layout),
+        self.register_buffer("positions", shard_positions(q_len, self.world_size, self.rank, shard_order),
                              persistent=False)
         # The single-GPU attention the Ulysses mode runs on the full sequence of its head shard.
         self.local = (
@@ -282,7 +282,7 @@ class Eagle3ContextParallelAttention(nn.Module):
         seq_lens: Tensor | None = None,
         doc_ids: Tensor | None = None,
     ) -> Tensor:
-        """Attention of this rank's queries over the live rounds (Note [shard layout]).
+        """Attention of this rank's queries over the live rounds (Note [shard order]).
 
         Args:
             q: ``[B, Hq, L, D]``, this rank's queries (L = Q_LEN / P, positions
@@ -304,7 +304,7 @@ class Eagle3ContextParallelAttention(nn.Module):
                     f"{where}: {name} must be this rank's shard of Q_LEN / world_size = {L} positions "
                     f"{'per round ' if name != 'q' else ''}({n} in dim 2), got {name}.shape="
                     f"{_shape(t)}. Shard the global tensors with shard_sequence(x, "
-                    f"{self.q_len}, {P}, rank={self.rank}, layout={self.layout!r})."
+                    f"{self.q_len}, {P}, rank={self.rank}, shard_order={self.shard_order!r})."
                 )
         _check_qkv(where, q, k, v, L, L * self.max_rounds)
         _check_rounds(where, rounds, self.max_rounds, q.device)
@@ -315,7 +315,7 @@ class Eagle3ContextParallelAttention(nn.Module):
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, rounds: Tensor, layout: Layout, *,
                 finite_padding: bool = False) -> Tensor:
         """The attention from checked, normalised inputs (``Eagle3Attention._attend``'s contract;
-        ``layout`` is the global one)."""
+        ``layout`` is the global batch layout)."""
         where = type(self).__name__
         P = self.world_size
         if self.mode == "ulysses":
@@ -367,18 +367,18 @@ class Eagle3ContextParallelAttention(nn.Module):
         B, H, _, D = x.shape
         send = x.reshape(B, P, H // P, rounds, L, D).transpose(0, 1).contiguous()  # [P, B, H/P, R, L, D]
         recv = funcol.all_to_all_single_autograd(send, None, None, self.group)  # [P(src), B, H/P, R, L, D]
-        n_local = len(_rank_chunks(P, 0, self.layout))
+        n_local = len(_rank_chunks(P, 0, self.shard_order))
         recv = recv.view(P, B, H // P, rounds, n_local, L // n_local, D)  # [P, B, H/P, R, nl, C, D]
-        pieces = [recv[p, :, :, :, j] for p, j in _global_order(P, self.layout)]  # each [B, H/P, R, C, D]
+        pieces = [recv[p, :, :, :, j] for p, j in _global_order(P, self.shard_order)]  # each [B, H/P, R, C, D]
         return torch.stack(pieces, dim=3).reshape(B, H // P, rounds * self.q_len, D)  # [B, H/P, R * Q_LEN, D]
 
     def _heads_to_seq(self, x: Tensor) -> Tensor:
         """``[B, H / P, Q_LEN, D]`` head shard (global order) -> ``[B, H, L, D]`` sequence shard."""
         P, L = self.world_size, self.local_len
         B, Hp, _, D = x.shape
-        n_local = len(_rank_chunks(P, 0, self.layout))
-        chunks = x.view(B, Hp, _num_chunks(P, self.layout), L // n_local, D)  # [B, H/P, n, C, D]
-        pieces = [chunks[:, :, c] for p in range(P) for c in _rank_chunks(P, p, self.layout)]
+        n_local = len(_rank_chunks(P, 0, self.shard_order))
+        chunks = x.view(B, Hp, _num_chunks(P, self.shard_order), L // n_local, D)  # [B, H/P, n, C, D]
+        pieces = [chunks[:, :, c] for p in range(P) for c in _rank_chunks(P, p, self.shard_order)]
         send = torch.stack(pieces).view(P, n_local, B, Hp, L // n_local, D)  # [P(dst), nl, B, H/P, C, D]
         recv = funcol.all_to_all_single_autograd(send, None, None, self.group)  # [P(src), nl, B, H/P, C, D]
         return recv.permute(2, 0, 3, 1, 4, 5).reshape(B, P * Hp, L, D)  # [B, H, L, D]
@@ -388,18 +388,18 @@ class Eagle3ContextParallelAttention(nn.Module):
     def _allgather(self, q: Tensor, k: Tensor, v: Tensor, rounds: Tensor) -> Tensor:
         P, L = self.world_size, self.local_len
         B, Hkv, _, D = k.shape
-        n_local = len(_rank_chunks(P, 0, self.layout))
+        n_local = len(_rank_chunks(P, 0, self.shard_order))
         C = L // n_local
         kv0 = torch.stack([k[:, :, :L], v[:, :, :L]])  # round 0: [2, B, Hkv, L, D]
         gathered = _all_gather_autograd(kv0, 0, self.group)  # [P * 2, B, Hkv, L, D]
         gathered = gathered.view(P, 2, B, Hkv, n_local, C, D)  # [P, 2, B, Hkv, nl, C, D]
-        pieces = [gathered[p, :, :, :, j] for p, j in _global_order(P, self.layout)]  # each [2, B, Hkv, C, D]
+        pieces = [gathered[p, :, :, :, j] for p, j in _global_order(P, self.shard_order)]  # each [2, B, Hkv, C, D]
         kv_full = torch.stack(pieces, dim=3).view(2, B, Hkv, self.q_len, D)  # [2, B, Hkv, Q_LEN, D]
         k_full, v_full = kv_full[0], kv_full[1]  # [B, Hkv, Q_LEN, D]: round 0 of every rank
         scale = q.shape[-1] ** -0.5 if self.scale is None else self.scale
         out_s, lse_s = suffix_attention(q, k[:, :, L:], v[:, :, L:], rounds, scale)  # the local suffix rounds
         outs = []
-        for i, g in enumerate(_rank_chunks(P, self.rank, self.layout)):
+        for i, g in enumerate(_rank_chunks(P, self.rank, self.shard_order)):
             # Local chunk i is global chunk g: its causal keys are the diagonal block (causal) and
             # the prefix of every chunk before it (all attended), merged by log-sum-exp with its
             # suffix part; the prefix, the largest call, last, so its kernel sees dO itself (Note

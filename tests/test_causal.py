@@ -237,9 +237,9 @@ def test_merge_kernels_match_torch(Dv, with_dlse):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel", ["cudnn", "flash"])
-def test_backward_any_layout_in_one_process(monkeypatch, kernel):
+def test_backward_any_strides_in_one_process(monkeypatch, kernel):
     """dO, out and lse in another layout than the previous call's, for the same q, k, v: exact
-    (Note [cuDNN backward layouts])."""
+    (Note [cuDNN backward strides])."""
     monkeypatch.setattr(_causal, "_causal_kernel", lambda q: kernel)
     q, k, v = (t.detach() for t in _qkv(B=2, Hq=4, Hkv=2, L=64, D=32, dtype=torch.bfloat16, device="cuda",
                                         transposed=True))

@@ -47,15 +47,15 @@ _NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
-@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
-def test_shards_partition_the_sequence(world_size, layout):
+@pytest.mark.parametrize("shard_order", ["zigzag", "contiguous"])
+def test_shards_partition_the_sequence(world_size, shard_order):
     """Every position on exactly one rank; zigzag gives each rank the same causal work."""
     q_len = 24
-    shards = [shard_positions(q_len, world_size, r, layout) for r in range(world_size)]
+    shards = [shard_positions(q_len, world_size, r, shard_order) for r in range(world_size)]
     assert all(s.dtype == torch.int64 and s.shape == (q_len // world_size,) for s in shards)
     torch.testing.assert_close(torch.cat(shards).sort().values, torch.arange(q_len))
     causal_work = [int((s + 1).sum()) for s in shards]  # keys a rank's queries attend in round 0
-    if layout == "zigzag":
+    if shard_order == "zigzag":
         assert len(set(causal_work)) == 1
     else:
         assert causal_work == sorted(causal_work) and len(set(causal_work)) == world_size
@@ -101,10 +101,10 @@ def test_shard_sequence_shards_every_round():
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: shard_positions(10, 2, 0), r"layout='zigzag' cuts Q_LEN into 4 equal chunks over world_size=2 ranks, got q_len=10 \(not a multiple of 4\)"),
+    (lambda: shard_positions(10, 2, 0), r"shard_order='zigzag' cuts Q_LEN into 4 equal chunks over world_size=2 ranks, got q_len=10 \(not a multiple of 4\)"),
     (lambda: shard_positions(10, 3, 0, "contiguous"), r"got q_len=10 \(not a multiple of 3\)"),
     (lambda: shard_positions(8, 2, 2), r"rank must be an int in \[0, world_size=2\), got rank=2"),
-    (lambda: shard_positions(8, 2, 0, "ring"), r"unknown layout='ring'; choose one of \['zigzag', 'contiguous'\]"),
+    (lambda: shard_positions(8, 2, 0, "ring"), r"unknown shard_order='ring'; choose one of \['zigzag', 'contiguous'\]"),
     (lambda: shard_sequence(torch.zeros(1, 1, 10, 2), 8, 2, 0), r"dim 2 of x must hold whole rounds of q_len=8 positions, got x.shape=\(1, 1, 10, 2\)"),
     (lambda: Eagle3ContextParallelAttention(8, 2), r"torch.distributed is not initialised"),
 ])
@@ -181,15 +181,15 @@ def _output_and_grads(attn, q, k, v, dout, live, grads, layout):
     return (out, *torch.autograd.grad(out, leaves, dout)) if grads else (out,)
 
 
-def _run_sharded(attn, inputs, live, rank, world_size, q_len, layout, grads=True, **doc_layout):
+def _run_sharded(attn, inputs, live, rank, world_size, q_len, shard_order, grads=True, **doc_layout):
     """The module on this rank's shards: its output and q/k/v gradients (or its output alone)."""
-    q, k, v, dout = (shard_sequence(t, q_len, world_size, rank, layout) for t in inputs)
+    q, k, v, dout = (shard_sequence(t, q_len, world_size, rank, shard_order) for t in inputs)
     return _output_and_grads(attn, q, k, v, dout, live, grads, doc_layout)
 
 
-def _assert_shard_matches(got, want, rank, world_size, q_len, layout, tol, what):
+def _assert_shard_matches(got, want, rank, world_size, q_len, shard_order, tol, what):
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
-        w = shard_sequence(w, q_len, world_size, rank, layout)
+        w = shard_sequence(w, q_len, world_size, rank, shard_order)
         assert g.shape == w.shape and g.dtype == w.dtype, (what, name, g.shape, w.shape)
         err = rel_err(g, w)
         assert err < tol, f"rank {rank} {what}: {name} rel err {err:.2e} (tolerance {tol})"
@@ -204,12 +204,12 @@ def _doc_layouts():
     }
 
 
-# (mode, layout) pairs each world size checks; Ulysses needs Hq, Hkv divisible by the world size.
+# (mode, shard_order) pairs each world size checks; Ulysses needs Hq, Hkv divisible by the world size.
 _MODES = [("allgather", "zigzag"), ("allgather", "contiguous"), ("ulysses", "zigzag"), ("ulysses", "contiguous")]
 
 
 def _check_eager(rank, world_size, device):
-    """Both modes and layouts, a dead round, seq_lens (both modes), doc_ids (Ulysses), the errors."""
+    """Both modes and shard orders, a dead round, seq_lens (both modes), doc_ids (Ulysses), the errors."""
     q_len, max_rounds, live = 48, 3, 2
     inputs = _inputs(2, 8, 4, q_len, max_rounds, 16, torch.float32, device)
     reference = _Reference(q_len, max_rounds, inputs)
@@ -217,13 +217,13 @@ def _check_eager(rank, world_size, device):
     doc = _doc_layouts()
     want_seq = reference(live, seq_lens=doc["seq_lens"])
     want_doc = reference(live, grads=False, doc_ids=doc["doc_ids"])  # CPU flex has no backward
-    for mode, layout in _MODES:
-        attn = Eagle3ContextParallelAttention(q_len, max_rounds, mode=mode, layout=layout)
-        assert torch.equal(attn.positions, shard_positions(q_len, world_size, rank, layout))
+    for mode, shard_order in _MODES:
+        attn = Eagle3ContextParallelAttention(q_len, max_rounds, mode=mode, shard_order=shard_order)
+        assert torch.equal(attn.positions, shard_positions(q_len, world_size, rank, shard_order))
         assert attn.kv_len == max_rounds * q_len // world_size  # the local buffer's length
-        run = lambda **kw: _run_sharded(attn, inputs, live, rank, world_size, q_len, layout, **kw)  # noqa: E731
+        run = lambda **kw: _run_sharded(attn, inputs, live, rank, world_size, q_len, shard_order, **kw)  # noqa: E731
         check = lambda got, want, what: _assert_shard_matches(  # noqa: E731
-            got, want, rank, world_size, q_len, layout, 1e-5, f"{mode}/{layout} {what}")
+            got, want, rank, world_size, q_len, shard_order, 1e-5, f"{mode}/{shard_order} {what}")
         check(run(), want, "plain")
         check(run(seq_lens=doc["seq_lens"]), want_seq, "seq_lens")
         if mode == "ulysses":
@@ -250,19 +250,19 @@ def _check_compiled(rank, world_size, device, modes, dtype, tol, backend, Hq, Hk
     inputs = _inputs(1, Hq, Hkv, q_len, max_rounds, D, dtype, device, seed=1)
     reference = _Reference(q_len, max_rounds, inputs, compiled=device.type == "cuda")
     wants = [reference(live) for live in range(1, max_rounds + 1)]
-    for mode, layout, attn_backend in modes:
+    for mode, shard_order, attn_backend in modes:
         torch._dynamo.reset()
         counter = GraphCounter(backend)
         attn = torch.compile(
-            Eagle3ContextParallelAttention(q_len, max_rounds, mode=mode, layout=layout, backend=attn_backend),
+            Eagle3ContextParallelAttention(q_len, max_rounds, mode=mode, shard_order=shard_order, backend=attn_backend),
             backend=counter, fullgraph=True,
         )
         with watch_recompiles() as reasons:
             for live, want in enumerate(wants, 1):
-                got = _run_sharded(attn, inputs, live, rank, world_size, q_len, layout)
-                _assert_shard_matches(got, want, rank, world_size, q_len, layout, tol,
-                                      f"compiled {mode}/{layout}/{attn_backend} rounds={live}")
-        assert (counter.graphs, reasons) == (1, []), (mode, layout, counter.graphs, reasons)
+                got = _run_sharded(attn, inputs, live, rank, world_size, q_len, shard_order)
+                _assert_shard_matches(got, want, rank, world_size, q_len, shard_order, tol,
+                                      f"compiled {mode}/{shard_order}/{attn_backend} rounds={live}")
+        assert (counter.graphs, reasons) == (1, []), (mode, shard_order, counter.graphs, reasons)
 
 
 def test_two_ranks_eager():
@@ -274,7 +274,7 @@ def test_four_ranks_eager():
 
 
 def test_two_ranks_compiled_one_graph():
-    """Both modes; the contiguous layout's rank 0 has no prefix keys (Note [every rank's
+    """Both modes; the contiguous shard order's rank 0 has no prefix keys (Note [every rank's
     reduce-scatter depends on dO]: its collectives once moved graphs, and the ranks hung)."""
     modes = [("allgather", "zigzag", "split"), ("allgather", "contiguous", "split"), ("ulysses", "zigzag", "split")]
     _spawn(_check_compiled, 2, modes, torch.float32, 1e-5, "aot_eager", 4, 2, 48, 16)
@@ -295,19 +295,19 @@ def _draft_batch(cfg, q_len, seed, target, layout, device):
     return batch, {k: v.to(device) for k, v in kw.items()}
 
 
-def _local_inputs(batch, q_len, world_size, rank, layout):
+def _local_inputs(batch, q_len, world_size, rank, shard_order):
     """What a rank passes (context_parallel.py's table): hidden states and a float target
     sharded, ids, int targets and the loss mask global."""
     input_ids, hidden, target, loss_mask = batch
-    shard = lambda x: shard_sequence(x, q_len, world_size, rank, layout, dim=1)  # noqa: E731
+    shard = lambda x: shard_sequence(x, q_len, world_size, rank, shard_order, dim=1)  # noqa: E731
     return input_ids, shard(hidden), shard(target) if target.dtype.is_floating_point else target, loss_mask
 
 
-def _cp_draft_model(reference, mode, layout, device, dtype):
+def _cp_draft_model(reference, mode, shard_order, device, dtype):
     """The reference's model with the sequence sharded over the world (ContextParallel), its
     weights, fully_shard over the world."""
     model = Eagle3Model(Eagle3DraftModel(reference.draft_model.config), reference.q_len, reference.length,
-                        memory=reference.memory, sequence=ContextParallel(mode=mode, layout=layout))
+                        memory=reference.memory, sequence=ContextParallel(mode=mode, shard_order=shard_order))
     model.load_state_dict(reference.state_dict())
     model.to(device, dtype)
     fully_shard(model, mesh=init_device_mesh(device.type, (dist.get_world_size(),)))
@@ -319,7 +319,7 @@ def _full_grads(model):
     return {name: p.grad.full_tensor() for name, p in model.named_parameters() if p.grad is not None}
 
 
-# (mode, layout, target, seq_lens/doc_ids); Q_LEN 48, 3 TTT steps: step 2 reads 2 rows of the next
+# (mode, shard_order, target, seq_lens/doc_ids); Q_LEN 48, 3 TTT steps: step 2 reads 2 rows of the next
 # chunk (zigzag: chunks of 12; contiguous: 24).
 _DRAFT_COMPILED = [("allgather", "zigzag", "probs", "seq_lens"), ("allgather", "contiguous", "probs", "seq_lens"),
                    ("ulysses", "zigzag", "ids", None)]
@@ -333,19 +333,19 @@ def _check_draft_step(rank, world_size, device, cases, compiler):
     loss, plosses and acces on every rank, every parameter's gradient (the embedding's too: it
     reads the shifted ids), and one graph per rank for both steps."""
     q_len, length = 48, 3
-    for mode, layout, target, doc in cases:
+    for mode, shard_order, target, doc in cases:
         torch._dynamo.reset()
         reference = make_model(q_len=q_len, length=length, seed=5)
         cfg = reference.draft_model.config
-        model = _cp_draft_model(reference, mode, layout, device, torch.float32)
+        model = _cp_draft_model(reference, mode, shard_order, device, torch.float32)
         counter = GraphCounter(compiler or "eager")
         step = model if compiler is None else torch.compile(model, backend=counter, fullgraph=True)
         with watch_recompiles() as reasons:
             for seed in (1, 2):
-                what = f"rank {rank} {mode}/{layout} target={target} {doc} seed={seed}"
+                what = f"rank {rank} {mode}/{shard_order} target={target} {doc} seed={seed}"
                 batch, kw = _draft_batch(cfg, q_len, seed, target, doc, device)
                 want = reference(*batch, **kw)
-                got = step(*_local_inputs(batch, q_len, world_size, rank, layout), **kw)
+                got = step(*_local_inputs(batch, q_len, world_size, rank, shard_order), **kw)
                 for name in ("loss", "plosses", "acces"):  # the global values, on every rank
                     torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-6,
                                                msg=lambda m: f"{what} {name}: {m}")  # noqa: B023
@@ -376,7 +376,7 @@ def _check_draft_eager_and_errors(rank, world_size, device):
     cp = Eagle3Model(model.draft_model, 48, 3, sequence=ContextParallel())
     batch, _ = _draft_batch(model.draft_model.config, 48, 0, "probs", None, device)
     input_ids, hidden, target, loss_mask = _local_inputs(batch, 48, world_size, rank, "zigzag")
-    shard_hint = rf"\. Pass this rank's shard: shard_sequence\({{}}, 48, 2, rank={rank}, layout='zigzag', dim=1\)"
+    shard_hint = rf"\. Pass this rank's shard: shard_sequence\({{}}, 48, 2, rank={rank}, shard_order='zigzag', dim=1\)"
     with pytest.raises(ValueError, match=r"hidden_states must be \[B, L, 3 \* target_hidden_size\] with B = 2 "
                        r"\(from input_ids\), L = 24, got shape \(2, 48, 192\)" + shard_hint.format("hidden_states")):
         cp(input_ids, batch[1], target, loss_mask)
@@ -387,19 +387,19 @@ def _check_draft_eager_and_errors(rank, world_size, device):
                        r"passes the global loss_mask"):
         cp(input_ids, hidden, target, loss_mask[:, :24])
     with pytest.raises(ValueError, match=r"up to length - 1 = 7 positions ahead, which must lie within the next "
-                       r"chunk; layout='zigzag' cuts q_len=24 into chunks of 6 over 2 ranks\. Use a q_len of at "
+                       r"chunk; shard_order='zigzag' cuts q_len=24 into chunks of 6 over 2 ranks\. Use a q_len of at "
                        r"least 28"):
         Eagle3Model(model.draft_model, 24, 8, sequence=ContextParallel())
 
 
 def test_two_ranks_draft_step_compiled():
-    """FSDP2 + the compiled step (aot_eager), both modes (all-gather in both layouts): one graph per
+    """FSDP2 + the compiled step (aot_eager), both modes (all-gather in both shard orders): one graph per
     rank, equal to one process."""
     _spawn(_check_draft_step, 2, _DRAFT_COMPILED, "aot_eager")
 
 
 def test_two_ranks_draft_step_eager():
-    """FSDP2, eager: both modes and layouts, both targets, seq_lens, doc_ids; the docstring
+    """FSDP2, eager: both modes and shard orders, both targets, seq_lens, doc_ids; the docstring
     example; input errors."""
     _spawn(_check_draft_eager_and_errors, 2)
 
@@ -503,22 +503,22 @@ def _check_gpu_draft_step(rank, world_size, device, compiler="inductor", cases=_
     written-out unroll (test_draft.reference_unroll) on the global batch, two batches per case,
     one graph per rank."""
     q_len, length = 512, 3
-    for mode, layout, target, doc in cases:
+    for mode, shard_order, target, doc in cases:
         torch._dynamo.reset()
         reference = make_model(q_len=q_len, length=length, seed=14, **GPU_CFG).to(device).double()
         cfg = reference.draft_model.config
-        model = _cp_draft_model(reference, mode, layout, device, torch.bfloat16)
+        model = _cp_draft_model(reference, mode, shard_order, device, torch.bfloat16)
         counter = GraphCounter(compiler)
         step = torch.compile(model, backend=counter, fullgraph=True)
         with watch_recompiles() as reasons:
             for seed in (11, 12):
-                what = f"rank {rank} {mode}/{layout} target={target} {doc} seed={seed}"
+                what = f"rank {rank} {mode}/{shard_order} target={target} {doc} seed={seed}"
                 (input_ids, hidden, tgt, loss_mask), kw = _draft_batch(cfg, q_len, seed, target, doc, device)
                 want = reference_unroll(reference, input_ids, hidden.double(),
                                         tgt.double() if tgt.dtype.is_floating_point else tgt, loss_mask, **kw)
                 want_grads = dict(zip([n for n, p in reference.named_parameters() if p.requires_grad],
                                       grads(reference, want[0])))
-                local = _local_inputs((input_ids, hidden.bfloat16(), tgt, loss_mask), q_len, world_size, rank, layout)
+                local = _local_inputs((input_ids, hidden.bfloat16(), tgt, loss_mask), q_len, world_size, rank, shard_order)
                 got = step(*local, **kw)
                 got.loss.backward()
                 got_grads = _full_grads(model)

@@ -8,7 +8,7 @@ For each Q_LEN (default 65536 and 131072) x max_rounds (7, all live), 32 query /
 d=128, bf16, batch 1:
 - one GPU: ``Eagle3Attention(backend="split")`` on the whole sequence (run on every rank at once,
   each on its own GPU; rank 0's row is printed), if it fits;
-- each mode of ``Eagle3ContextParallelAttention`` (zigzag layout) over the group;
+- each mode of ``Eagle3ContextParallelAttention`` (zigzag shard order) over the group;
 - the mode's collectives alone, at the step's sizes (the floor of its communication).
 Every row: step time (median of timed steps, the slowest rank: collectives synchronise the
 ranks), per-rank peak memory, bytes each rank sends per step, and the scaling efficiency
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", type=int, nargs=2, default=[32, 8], metavar=("HQ", "HKV"))
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--modes", nargs="+", default=["allgather", "ulysses"],
-                        help="modes, optionally with a layout: allgather, ulysses:contiguous, ...")
+                        help="modes, optionally with a shard order: allgather, ulysses:contiguous, ...")
     parser.add_argument("--reps", type=int, default=5, help="timed steps per row")
     parser.add_argument("--no-single", action="store_true", help="skip the one-GPU baseline")
     parser.add_argument("--smoke", action="store_true", help="CPU, gloo, tiny sizes, aot_eager")
@@ -196,11 +196,11 @@ def main(argv: list[str] | None = None) -> int:
             del attn
             _release(device)
         for spec in args.modes:
-            mode, _, layout = spec.partition(":")
-            layout = layout or "zigzag"
+            mode, _, shard_order = spec.partition(":")
+            shard_order = shard_order or "zigzag"
             torch._dynamo.reset()
             attn = torch.compile(
-                Eagle3ContextParallelAttention(q_len, R, group=group, mode=mode, layout=layout),
+                Eagle3ContextParallelAttention(q_len, R, group=group, mode=mode, shard_order=shard_order),
                 backend=compile_backend, fullgraph=True,
             )
             result = _measure(attn, _inputs(B, Hq, Hkv, q_len // P, R, D, dtype, device), rounds, device,
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             per_rank = [None] * P
             dist.all_gather_object(per_rank, round(result["ms"], 2), group=group)
             comm = _comm_only(mode, q_len, P, R, B, Hq, Hkv, D, dtype, device, args.reps, group)
-            row = {"q_len": q_len, "what": f"{P} GPUs, {mode}/{layout}", "ms": stats[0].item(),
+            row = {"q_len": q_len, "what": f"{P} GPUs, {mode}/{shard_order}", "ms": stats[0].item(),
                    "per_rank_ms": per_rank, "compile_s": result["compile_s"], "peak_gib": stats[1].item(),
                    "bytes": bytes_per_step(mode, q_len, P, R, B, Hq, Hkv, D, elt), "comm_ms": comm}
             if single is not None:

@@ -45,7 +45,7 @@ Throughput of the whole loop with a random-weight Llama-3-8B target: tools/bench
 # Defaults that differ between the synthetic smoke run and real data.
 SYNTHETIC = dict(q_len=128, batch=4, ttt_steps=3, steps=400, lr=3e-3, draft_vocab=256)
 REAL = dict(q_len=2048, batch=1, ttt_steps=7, steps=1000, lr=1e-4, draft_vocab=32000)
-SYNTHETIC_ONLY = ("hidden", "intermediate", "heads", "kv_heads", "vocab", "batches", "context_parallel", "layout")
+SYNTHETIC_ONLY = ("hidden", "intermediate", "heads", "kv_heads", "vocab", "batches", "context_parallel", "shard_order")
 REAL_ONLY = ("data", "output_dir", "eval_data", "eval_conversations", "skip_malformed", "offline", "resume",
              "save_every", "keep_checkpoints", "accumulation", "warmup", "grad_clip", "weight_decay",
              "draft_intermediate_size", "draft_heads", "draft_kv_heads", "aux_layers", "init_from",
@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "over the same ranks (gloo on CPU, NCCL on CUDA, one GPU per rank); "
                             "ulysses needs --heads and --kv-heads divisible by the ranks; "
                             "allgather takes --backend split only")
-    synth.add_argument("--layout", default="zigzag", choices=["zigzag", "contiguous"],
+    synth.add_argument("--shard-order", default="zigzag", choices=["zigzag", "contiguous"],
                        help="context parallel: which positions each rank holds")
     return p
 
@@ -282,7 +282,7 @@ def train_real(args: argparse.Namespace) -> int:
 
 
 def local_batch(batch: tuple[torch.Tensor, ...], q_len: int, world_size: int, rank: int,
-                layout: str) -> tuple[torch.Tensor, ...]:
+                shard_order: str) -> tuple[torch.Tensor, ...]:
     """A rank's part of a global batch, as Eagle3ContextParallelModel takes it: hidden states and
     target probabilities sharded, ids and loss mask global. Rank 0's batch: every rank generates
     the same one from the same seed, and the broadcast rules out a last-bit difference between
@@ -294,7 +294,7 @@ def local_batch(batch: tuple[torch.Tensor, ...], q_len: int, world_size: int, ra
     input_ids, hidden, target, loss_mask = batch
     for t in (input_ids, hidden, target):
         dist.broadcast(t, 0)
-    shard = lambda x: shard_sequence(x, q_len, world_size, rank, layout, dim=1)  # noqa: E731
+    shard = lambda x: shard_sequence(x, q_len, world_size, rank, shard_order, dim=1)  # noqa: E731
     return input_ids, shard(hidden), shard(target), loss_mask
 
 
@@ -308,7 +308,7 @@ def context_parallel_model(draft: Eagle3DraftModel, args: argparse.Namespace, de
     from compiled_mask.draft.context_parallel import ContextParallel
 
     model = Eagle3Model(draft, args.q_len, args.ttt_steps, attention_backend=args.backend,
-                        sequence=ContextParallel(mode=args.context_parallel, layout=args.layout))
+                        sequence=ContextParallel(mode=args.context_parallel, shard_order=args.shard_order))
     model.to(device, dtype)
     # One FSDP unit: the draft's modules run once per TTT step, not once per forward as
     # per-module units assume, and the draft is a single layer. Gradients are averaged over the
@@ -362,10 +362,10 @@ def train_synthetic(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     data = SyntheticTarget(args.vocab, args.draft_vocab, args.hidden, device, seed=args.seed)
     batches = [data.batch(args.batch, args.q_len, dtype) for _ in range(args.batches)]
     if args.context_parallel:
-        batches = [local_batch(batches.pop(0), args.q_len, world_size, rank, args.layout)
+        batches = [local_batch(batches.pop(0), args.q_len, world_size, rank, args.shard_order)
                    for _ in range(args.batches)]  # each global batch dropped once sharded
     n_params = sum(p.numel() for p in params)
-    cp = (f"; context parallel {args.context_parallel!r} ({args.layout}) over {world_size} ranks, FSDP2"
+    cp = (f"; context parallel {args.context_parallel!r} ({args.shard_order}) over {world_size} ranks, FSDP2"
           if args.context_parallel else "")
     say(f"Eagle3 draft: hidden {args.hidden}, heads {args.heads}/{args.kv_heads}, draft vocab "
         f"{args.draft_vocab}, {n_params / 1e6:.2f}M trainable; Q_LEN {args.q_len} x batch "

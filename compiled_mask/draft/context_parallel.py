@@ -8,14 +8,14 @@ at chunk boundaries (a halo of the soft target), and the sums of counts and loss
 The model knows nothing of ranks; shard its parameters with FSDP2 (``fully_shard``) over the group.
 
 Each rank passes the same *global* small per-position tensors and its *local* shard of the large
-ones (Note [shard layout] in ``compiled_mask/distributed.py``):
+ones (Note [shard order] in ``compiled_mask/distributed.py``):
 
 =================  =================================  ==========================================
 input              shape on each rank                 what
 =================  =================================  ==========================================
 input_ids          ``[B, T]``                         global (the same on every rank)
 hidden_states      ``[B, L, 3 * target_hidden_size]``  the rank's shard, L = T / P:
-                                                      ``shard_sequence(x, T, P, rank, layout, dim=1)``
+                                                      ``shard_sequence(x, T, P, rank, shard_order, dim=1)``
 target (soft)      ``[B, L, V]`` (or TargetLogits /   the rank's shard, as hidden_states
                    TargetHead ``[B, L, Ht]``)
 target (int ids)   ``[B, T]``                         global
@@ -59,7 +59,7 @@ class ContextParallel:
         group: the process group (default: the world); torch.distributed must be initialised.
         mode: ``"allgather"`` or ``"ulysses"`` (``Eagle3ContextParallelAttention``; allgather takes
             no doc_ids, ulysses needs both head counts divisible by P).
-        layout: ``"zigzag"`` or ``"contiguous"`` (which positions each rank holds).
+        shard_order: ``"zigzag"`` or ``"contiguous"`` (which positions each rank holds).
 
     ``length - 1`` TTT steps ahead must fit in one chunk: ``q_len / (2P)`` (zigzag) or
     ``q_len / P`` (contiguous) positions.
@@ -87,7 +87,7 @@ class ContextParallel:
     rows_name = "L"
 
     def __init__(self, group: dist.ProcessGroup | None = None, *, mode: str = "allgather",
-                 layout: str = "zigzag") -> None:
+                 shard_order: str = "zigzag") -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError(
                 "ContextParallel: torch.distributed is not initialised. Call "
@@ -96,21 +96,21 @@ class ContextParallel:
         self.group = dist.group.WORLD if group is None else group
         self.world_size = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
-        self.mode, self.layout = mode, layout
+        self.mode, self.shard_order = mode, shard_order
 
     def bind(self, q_len: int, length: int, attention_backend: str) -> nn.Module:
         attn = Eagle3ContextParallelAttention(q_len, length, group=self.group, mode=self.mode,
-                                              layout=self.layout, backend=attention_backend)
+                                              shard_order=self.shard_order, backend=attention_backend)
         P = self.world_size
         self.q_len = q_len
-        self.chunks = _rank_chunks(P, self.rank, self.layout)
-        self.chunk_len = q_len // _num_chunks(P, self.layout)
+        self.chunks = _rank_chunks(P, self.rank, self.shard_order)
+        self.chunk_len = q_len // _num_chunks(P, self.shard_order)
         if length - 1 > self.chunk_len:
             raise ValueError(
                 f"ContextParallel: TTT step s reads position t + s, up to length - 1 = {length - 1} "
-                f"positions ahead, which must lie within the next chunk; layout={self.layout!r} cuts "
+                f"positions ahead, which must lie within the next chunk; shard_order={self.shard_order!r} cuts "
                 f"q_len={q_len} into chunks of {self.chunk_len} over {P} ranks. Use a q_len of at "
-                f"least {(length - 1) * _num_chunks(P, self.layout)}, fewer ranks, or fewer TTT steps."
+                f"least {(length - 1) * _num_chunks(P, self.shard_order)}, fewer ranks, or fewer TTT steps."
             )
         return attn
 
@@ -172,15 +172,15 @@ class ContextParallel:
         if not local:
             return f" (every rank passes the global {name}, the same on every rank)"
         return (f". Pass this rank's shard: shard_sequence({name}, {self.q_len}, {self.world_size}, "
-                f"rank={self.rank}, layout={self.layout!r}, dim=1)")
+                f"rank={self.rank}, shard_order={self.shard_order!r}, dim=1)")
 
     def __repr__(self) -> str:
-        return f"ContextParallel(mode={self.mode!r}, layout={self.layout!r}, world_size={self.world_size})"
+        return f"ContextParallel(mode={self.mode!r}, shard_order={self.shard_order!r}, world_size={self.world_size})"
 
     def _all_gather_chunks(self, x: Tensor) -> Tensor:
         """``x [local chunks, ...]`` on every rank -> ``[all chunks, ...]`` in global chunk order
         (no gradient: ids and targets)."""
         n_local = x.size(0)
         gathered = _all_gather(x.contiguous(), 0, self.group)  # [P * nl, ...], rank-major
-        order = [p * n_local + j for p, j in _global_order(self.world_size, self.layout)]
+        order = [p * n_local + j for p, j in _global_order(self.world_size, self.shard_order)]
         return gathered[order]  # [chunks, ...]
