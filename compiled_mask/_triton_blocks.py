@@ -22,7 +22,7 @@ from torch import Tensor
 # Per-sample lookup tables of a padded/packed batch (see _blocks.eagle3_block_flags), over query
 # positions x: n_before[x] valid queries before x (x in [0, Q_LEN]); first_at[x] the first valid
 # query at or after x, Q_LEN if none (x in [0, Q_LEN]). Both come from the layout table
-# first_key (Note [one layout table] in mask_mod.py: x is valid iff first_key[x] <= x), which the
+# first_key (Note [one layout table] in _layout.py: x is valid iff first_key[x] <= x), which the
 # block kernel also reads directly as each valid query's document start. Without a layout they
 # are x, x and 0, and the kernel uses those values directly.
 

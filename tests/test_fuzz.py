@@ -311,7 +311,7 @@ def test_api_fuzz_cuda(case):
     check_attention(case, compiled=True, device="cuda")
 
 
-def _issue_12_cases(backend: str) -> list[Case]:
+def _once_wrong_cases(backend: str) -> list[Case]:
     """The three inputs that gave wrong attention with no error on an H200 (issue 12), on CUDA:
     seq_lens as a strided column, rounds in a narrow dtype (uint8 3; int32 2**31 - 1, which must
     clamp), documents that come back after another id and a -1 run inside a document."""
@@ -333,7 +333,7 @@ def _issue_12_cases(backend: str) -> list[Case]:
 @pytest.mark.gpu
 @pytest.mark.usefixtures("fresh_compile_state")
 @pytest.mark.parametrize("backend", ["flex", "split", "fa4"])
-def test_issue_12_inputs_exact_cuda(backend):
+def test_inputs_once_wrong_on_cuda_are_exact(backend):
     """Each backend compiled, fwd+bwd against float64; the strided seq_lens also builds the same
     block tensors as its contiguous copy and as create_block_mask."""
     from compiled_mask import eagle3_block_mask
@@ -342,10 +342,10 @@ def test_issue_12_inputs_exact_cuda(backend):
 
     if backend == "fa4" and not fa4_available():
         pytest.skip("needs flash_attn.cute")
-    for case in _issue_12_cases(backend):
+    for case in _once_wrong_cases(backend):
         torch._dynamo.reset()
         check_attention(case, compiled=True, device="cuda")
-    lens = _issue_12_cases(backend)[0].seq_lens
+    lens = _once_wrong_cases(backend)[0].seq_lens
     ours = eagle3_block_mask(300, 1200, device="cuda", seq_lens=lens)
     assert_same_blocks(ours, eagle3_block_mask(300, 1200, device="cuda", seq_lens=lens.contiguous()))
     assert_same_blocks(ours, reference_block_mask(300, 1200, B=3, device="cuda", seq_lens=lens))
