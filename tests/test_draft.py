@@ -375,3 +375,65 @@ def test_gpu_train_step_bf16_matches_float64(backend):
     assert loss_err < 1e-2
     assert max(grad_errs) < 5e-2
     assert max(grad_errs) < 2 * max(eager_errs) + 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("fresh_compile_state")
+@pytest.mark.parametrize("memory", ["recompute", "recompute_tiled"])
+def test_gpu_memory_policies_match_save(memory):
+    """The recomputing policies, compiled in bf16 with the split backend: the same losses and
+    gradients as "save" (to bf16 rounding), against the float64 unroll, one graph."""
+    T = 256
+    model = make_model(q_len=T, length=3, seed=15, memory=memory, **GPU_CFG).cuda()
+    (input_ids, hidden, target, loss_mask), seq_lens, doc_ids = _gpu_calls(model.draft_model.config, T)[0]
+    ref_model = model.double()
+    want = reference_unroll(ref_model, input_ids, hidden.double(), target.double(), loss_mask,
+                            seq_lens=seq_lens, doc_ids=doc_ids)
+    want_grads = grads(ref_model, want[0])
+    model = model.bfloat16()
+    counter = GraphCounter()
+    out = torch.compile(model, backend=counter, fullgraph=True)(input_ids, hidden, target, loss_mask,
+                                                                 seq_lens=seq_lens, doc_ids=doc_ids)
+    grad_errs = [rel_err(g, w) for g, w in zip(grads(model, out.loss), want_grads)]
+    print(memory, "plosses rel err", rel_err(out.plosses, want[1]), "grads", max(grad_errs))
+    assert rel_err(out.plosses, want[1]) < 1e-2
+    assert max(grad_errs) < 5e-2
+    assert counter.graphs == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("target_form", ["probs", "ids", "logits", "head"])
+def test_gpu_head_loss_matches_float64(target_form):
+    """The fused LM head + loss on CUDA in bf16, every target form, against its float64 reference:
+    sums and the gradients of hidden, norm and head weights (chunks smaller than the rows)."""
+    from compiled_mask.draft.loss import TargetHead, TargetLogits, _head_loss_reference, head_loss
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, R, H, V = 2, 300, 256, 1000
+    hidden = torch.randn(B, R, H, generator=g, device="cuda")
+    norm_w = 1 + 0.1 * torch.randn(H, generator=g, device="cuda")
+    head_w = torch.randn(V, H, generator=g, device="cuda") / H**0.5
+    counted = torch.rand(B, R, generator=g, device="cuda") > 0.2
+    logits = 3 * torch.randn(B, R, V, generator=g, device="cuda")
+    targets = {"probs": logits.softmax(-1), "ids": torch.randint(-1, V, (B, R), generator=g, device="cuda"),
+               "logits": TargetLogits(logits), "head": TargetHead(torch.randn(B, R, H, generator=g, device="cuda"),
+                                                                  head_w.clone())}
+
+    def run(fn, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (hidden, norm_w, head_w)]
+        target = targets[target_form]
+        if isinstance(target, TargetHead):
+            target = TargetHead(*(t.to(dtype) for t in target))
+        elif isinstance(target, TargetLogits):
+            target = TargetLogits(target.logits.to(dtype))
+        elif target.dtype.is_floating_point:
+            target = target.to(dtype)
+        kw = {"chunk_rows": 128} if fn is head_loss else {}
+        nll, hit = fn(*leaves, target, counted, eps=1e-5, **kw)
+        return (nll, hit, *torch.autograd.grad(nll, leaves))
+
+    got, want = run(head_loss, torch.bfloat16), run(_head_loss_reference, torch.float64)
+    assert rel_err(got[0], want[0]) < 1e-2
+    assert abs(got[1].item() - want[1].item()) <= 2  # hits: bf16 near-ties
+    for name, x, w in zip(("hidden", "norm_weight", "head_weight"), got[2:], want[2:]):
+        assert rel_err(x, w) < 3e-2, (name, rel_err(x, w))
