@@ -233,6 +233,36 @@ recompiles: none""")
         torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("memory", ["recompute", "recompute_tiled"])
+def test_compiled_recompute_saves_no_layer_activations(memory):
+    """A recomputing policy, compiled (AOTAutograd's min-cut partitioner, as Inductor's): one
+    graph, equal to eager, and nothing of the decoder layer's width is kept for backward, neither
+    the MLP's ``[B, T, intermediate]`` activations nor q/k/v of ``[B, H, T, D]`` beyond each
+    round's K/V (Note [memory policies]); "save" keeps them (the control)."""
+    saved_shapes = {}
+    for policy in ("save", memory):
+        torch._dynamo.reset()
+        model = make_model(length=3, seed=6, memory=policy, intermediate_size=80)
+        cfg = model.draft_model.config
+        saved = SavedForBackward()
+        counter = GraphCounter(saved)
+        batch = make_batch(2, 64, cfg, seed=7)
+        out = torch.compile(model, backend=counter, fullgraph=True)(*batch, seq_lens=torch.tensor([64, 40]))
+        got = grads(model, out.loss)
+        want_out = model(*batch, seq_lens=torch.tensor([64, 40]))
+        torch.testing.assert_close(out.plosses, want_out.plosses, rtol=1e-5, atol=1e-6)
+        for g, w in zip(got, grads(model, want_out.loss)):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+        assert counter.graphs == 1
+        saved_shapes[policy] = saved.shapes
+    mlp = (2 * 64, 80)  # [B * T, intermediate], as the partitioner keeps it
+    assert mlp in saved_shapes["save"]  # the control: "save" keeps the MLP's activations
+    assert mlp not in saved_shapes[memory] and (2, 64, 80) not in saved_shapes[memory]
+    assert sum(torch.Size(s).numel() for s in saved_shapes[memory]) < sum(
+        torch.Size(s).numel() for s in saved_shapes["save"]) / 2
+    torch._dynamo.reset()
+
+
 class TestNames(TestCase):
     def test_state_dict_uses_specforge_names(self):
         """The keys (and shapes) of SpecForge's LlamaForCausalLMEagle3, so its checkpoints load."""
