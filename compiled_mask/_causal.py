@@ -81,19 +81,24 @@ def _kernel_strides(t: Tensor) -> Tensor:
 
 
 def _equal_head_dims(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """q, k, v with the smaller head dim (q/k's or v's) zero-padded to the larger one.
+    """q, k, v zero-padded to one head dim: the larger of q/k's and v's, and on CUDA up to a
+    multiple of 8 (the flash kernel's requirement, which SDPA meets by padding the same way).
 
     Note [value head dim]
         MLA-style drafts use a q/k head dim of 192 and a value head dim of 128; the fused kernels
-        want one head dim. Zero columns of q and k add nothing to a score, zero columns of v give
-        zero output columns (dropped), and a zero-padded dO adds nothing to the row term: exact,
-        at the cost of the padded copies. The softmax scale is the caller's.
+        want one head dim (a multiple of 8 on CUDA). Zero columns of q and k add nothing to a
+        score, zero columns of v give zero output columns (dropped), and a zero-padded dO adds
+        nothing to the row term: exact, at the cost of the padded copies. The softmax scale is
+        the caller's.
     """
     D, Dv = q.shape[-1], v.shape[-1]
-    if Dv < D:
-        return q, k, F.pad(v, (0, D - Dv))  # [..., D]
-    if D < Dv:
-        return F.pad(q, (0, Dv - D)), F.pad(k, (0, Dv - D)), v  # [..., Dv]
+    width = max(D, Dv)
+    if q.device.type == "cuda":
+        width = -(-width // 8) * 8
+    if D < width:
+        q, k = F.pad(q, (0, width - D)), F.pad(k, (0, width - D))  # [..., width]
+    if Dv < width:
+        v = F.pad(v, (0, width - Dv))  # [..., width]
     return q, k, v
 
 
@@ -185,6 +190,9 @@ def _causal_attention(q: Tensor, k: Tensor, v: Tensor, out_p: Tensor | None, lse
     """
     Dv = v.shape[-1]
     kernel = _causal_kernel(q)
+    if first_key is not None and kernel != "cpu":
+        raise NotImplementedError("causal_attention: a layout table (documents) is a CPU-only path; "
+                                  "on CUDA the split backend runs flex_attention for documents.")
     q, scale = _positive_scale(q, scale)  # Note [a scale of 0 or below]
     q, k, v = (_kernel_strides(t) for t in _equal_head_dims(q, k, v))  # Note [value head dim]
     if kernel == "cudnn":
@@ -293,6 +301,9 @@ def _setup_causal(ctx, inputs, output) -> None:
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, out_p, lse_p, first_key)
     ctx.scale, ctx.causal, ctx.has_part = scale, causal, out_p is not None
+    # An output nobody reads gets None, not zeros: without an lse gradient the kernel's backward
+    # reads out itself (Note [lse gradient through the row term]).
+    ctx.set_materialize_grads(False)
 
 
 def _causal_backward(ctx, dout: Tensor | None, dlse: Tensor | None):

@@ -64,3 +64,31 @@ def _valid_queries(Q_LEN: int, first_key: Tensor | None, device: torch.device) -
     if first_key is None:
         return torch.ones(1, Q_LEN, dtype=torch.bool, device=device)  # [1, Q_LEN]
     return first_key <= torch.arange(Q_LEN, device=device)  # [B, Q_LEN]: a document starts at or before q
+
+
+def _zero_padding(q: Tensor, k: Tensor, v: Tensor, first_key: Tensor, q_len: int,
+                  positions: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k and v with zeros at the layout's padding positions, in every round of k and v.
+
+    Note [padding is garbage]
+        Real pipelines leave anything at padding positions, NaN included. A kernel that reads a
+        padding key with zero weight still computes ``0 * v`` (NaN for a NaN v) inside its tile
+        product, a masked NaN score can survive an additive mask, and a padding query's NaN
+        flows through its scores into the keys' gradients (``dK = dS^T Q``, with the padding
+        row's dS NaN): each would reach valid rows or their gradients. So q, k and v are zeroed
+        at padding positions before any kernel reads them; the output's padding rows are zeroed
+        after (Note [padding without a mask_mod check] in ``modules.py``). A caller that knows its
+        padding is finite (``Eagle3Model`` zeroes its inputs there) skips it.
+
+    Args:
+        q: ``[B, Hq, L, D]``; k, v: ``[B, Hkv, L * rounds, D]``, each round holding the same L
+            positions as q; first_key: the ``[B, Q_LEN]`` layout table; q_len: Q_LEN;
+            positions: ``[L]`` the global positions of the L rows (a context-parallel rank's), or
+            None for all Q_LEN.
+    """
+    valid = _valid_queries(q_len, first_key, q.device)  # [B, Q_LEN]: valid positions
+    if positions is not None:
+        valid = valid[:, positions]  # [B, L]
+    keep_q = valid[:, None, :, None]  # [B, 1, L, 1]
+    keep_kv = valid.repeat(1, k.size(2) // valid.size(1))[:, None, :, None]  # [B, 1, L * rounds, 1]
+    return torch.where(keep_q, q, 0.0), torch.where(keep_kv, k, 0.0), torch.where(keep_kv, v, 0.0)

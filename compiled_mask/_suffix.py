@@ -146,6 +146,7 @@ def _setup_suffix(ctx, inputs, output) -> None:
     out, lse = output
     ctx.save_for_backward(q, ks, vs, rounds, out, lse)
     ctx.scale = scale
+    ctx.set_materialize_grads(False)  # an unread lse_s gets None, not zeros
 
 
 def _suffix_backward(ctx, dout: Tensor | None, dlse: Tensor | None):

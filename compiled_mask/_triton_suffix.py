@@ -376,6 +376,8 @@ def suffix_forward_triton(q: Tensor, ks: Tensor, vs: Tensor, rounds: Tensor, sca
     """``_suffix._suffix_reference`` on CUDA. ``variant``: "grouped" (the default where the group
     fits, ``_MAX_GROUP``) or "heads"; ``config``: the grouped kernel's launch parameters
     (default ``GROUPED_FORWARD``)."""
+    if q.dtype == torch.float64:
+        raise NotImplementedError("suffix kernels: float64 is a CPU path (the kernels keep float32 state).")
     B, Hq, L, D = q.shape
     Hkv, Dv = ks.shape[1], vs.shape[-1]
     S, G = ks.shape[2] // L, Hq // Hkv

@@ -71,7 +71,7 @@ from torch import Tensor, nn
 from compiled_mask._causal import causal_attention
 from compiled_mask._checks import _check_positive, _check_rounds, _live_rounds, _shape
 from compiled_mask._inputs import Layout, normalize_layout
-from compiled_mask._layout import _valid_queries
+from compiled_mask._layout import _valid_queries, _zero_padding
 from compiled_mask._suffix import suffix_attention
 from compiled_mask.modules import Eagle3Attention, _check_qkv
 
@@ -338,17 +338,20 @@ class Eagle3ContextParallelAttention(nn.Module):
                 f"{where}: mode='allgather' runs fused attention kernels (cuDNN or flash) on CUDA, "
                 f"which take bf16 or fp16 inputs, got {q.dtype}. Cast q, k, v."
             )
+        if v.size(3) != k.size(3):
+            raise NotImplementedError(
+                f"{where}: mode='allgather' gathers round 0 of k and v as one tensor and needs one "
+                f"head dim, got D={k.size(3)} and Dv={v.size(3)}. Use mode='ulysses' for MLA-style heads."
+            )
         if layout.first_key is None:
             return self._allgather(q, k, v, rounds)
-        # The rank's rows of the layout: valid positions keep their keys and output, padding ones
-        # are zeroed (Note [padding is garbage] and [padding without a mask_mod check] in modules.py).
-        valid = _valid_queries(self.q_len, layout.first_key, q.device)[:, self.positions.to(q.device)]  # [B, L]
-        keep = valid[:, None, :, None]  # [B, 1, L, 1]
+        # The rank's rows of the layout: padding inputs and output rows are zeroed (Note [padding
+        # is garbage] in _layout.py, Note [padding without a mask_mod check] in modules.py).
+        positions = self.positions.to(q.device)
         if not finite_padding:
-            L = self.local_len
-            k = torch.cat([torch.where(keep, k[:, :, :L], 0.0), k[:, :, L:]], dim=2)
-            v = torch.cat([torch.where(keep, v[:, :, :L], 0.0), v[:, :, L:]], dim=2)
-        return torch.where(keep, self._allgather(q, k, v, rounds), 0.0)  # [B, Hq, L, Dv]
+            q, k, v = _zero_padding(q, k, v, layout.first_key, self.q_len, positions)
+        keep = _valid_queries(self.q_len, layout.first_key, q.device)[:, positions, None]  # [B, L, 1]
+        return torch.where(keep[:, None], self._allgather(q, k, v, rounds), 0.0)  # [B, Hq, L, Dv]
 
     # ------------------------------------------------------------------------------- Ulysses
 

@@ -22,7 +22,7 @@ from compiled_mask._checks import (
 )
 from compiled_mask._flex import flex_eagle3_attention
 from compiled_mask._inputs import Layout, normalize_layout
-from compiled_mask._layout import _valid_queries
+from compiled_mask._layout import _valid_queries, _zero_padding
 from compiled_mask._split import split_attention
 from compiled_mask.block_mask import _eagle3_block_mask
 
@@ -221,7 +221,7 @@ class Eagle3Attention(nn.Module):
         if q.numel() == 0 or v.size(-1) == 0:  # B or Hq of 0: nothing to attend
             return q.new_zeros(*q.shape[:3], v.size(-1))
         if layout.first_key is not None and not finite_padding:
-            k, v = _zero_padding_keys(k, v, layout, self.q_len)
+            q, k, v = _zero_padding(q, k, v, layout.first_key, self.q_len)  # Note [padding is garbage]
         out = backend.run(self, q, k, v, rounds, layout)
         if layout.first_key is None or not backend.zero_padding_rows:
             return out
@@ -365,23 +365,6 @@ def _zero_padding_rows(out: Tensor, first_key: Tensor) -> Tensor:
     """
     valid = _valid_queries(out.size(2), first_key, out.device)  # [B, Q_LEN]
     return torch.where(valid[:, None, :, None], out, 0.0)  # [B, Hq, Q_LEN, Dv]
-
-
-def _zero_padding_keys(k: Tensor, v: Tensor, layout: Layout, q_len: int) -> tuple[Tensor, Tensor]:
-    """k and v with zeros at the layout's padding positions (Note [padding is garbage]).
-
-    Note [padding is garbage]
-        Real pipelines leave anything at padding positions, NaN included. A kernel that reads a
-        padding key with zero weight still computes ``0 * v`` (NaN for a NaN v) inside its tile
-        product, and a masked NaN score can survive an additive mask; either would reach valid
-        rows, and NaN at a padding query's own keys turns its gradients NaN, which would flow on
-        into whatever produced q. So the keys and values of padding positions, in every round,
-        are zeroed before any kernel reads them. A caller that knows its padding is finite
-        (``Eagle3Model`` zeroes its inputs there) skips it.
-    """
-    valid = _valid_queries(q_len, layout.first_key, k.device)  # [B, Q_LEN]: valid positions
-    keep = valid.repeat(1, k.size(2) // q_len)[:, None, :, None]  # [B, 1, Q_LEN * rounds, 1]
-    return torch.where(keep, k, 0.0), torch.where(keep, v, 0.0)
 
 
 def _check_qkv(where: str, q: Tensor, k: Tensor, v: Tensor, q_len: int, kv_len: int) -> None:

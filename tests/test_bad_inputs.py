@@ -13,6 +13,7 @@ from helpers import dense_reference_attention, eagle3_dense, float64_reference, 
 
 from compiled_mask import Eagle3Attention
 from compiled_mask.draft import Eagle3DraftConfig, Eagle3DraftModel, Eagle3Model
+from compiled_mask.draft.unroll import WholeSequence
 
 Q_LEN, ROUNDS = 64, 3
 
@@ -70,26 +71,30 @@ def test_nan_in_padding_query_rows(backend):
 
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("layout", ["seq_lens", "doc_ids"])
-def test_nan_in_padding_keys_and_values(fresh_compile_state, layout, compiled):
-    """NaN in k/v at padding positions (every round) must not reach valid rows, output or
-    gradients (0 * NaN in P @ V made every valid row of the sample NaN)."""
+@pytest.mark.parametrize("where", ["kv", "q"])
+def test_nan_in_padding_inputs(fresh_compile_state, layout, compiled, where):
+    """NaN in k/v at padding positions (every round), or in q at padding rows, must not reach
+    valid rows, the output or any gradient (0 * NaN in P @ V made every valid row of the sample
+    NaN; a NaN padding query made the valid keys' dk and dv NaN through dS^T Q)."""
     q, k, v = _qkv()
     if layout == "seq_lens":
         kw, padding = {"seq_lens": torch.tensor([40, 64])}, torch.arange(Q_LEN) >= 40
     else:
         doc_ids = torch.tensor([[0] * 20 + [-1] * 10 + [1] * 34, [0] * 64])
         kw, padding = {"doc_ids": doc_ids}, doc_ids[0] == -1
-    clean_k, clean_v = k.clone(), v.clone()
-    for t in (k, v):
-        t.view(2, 2, ROUNDS, Q_LEN, 8)[0, :, :, padding] = float("nan")  # sample 0, every round
+    clean = (q.clone(), k.clone(), v.clone())
+    if where == "kv":
+        for t in (k, v):
+            t.view(2, 2, ROUNDS, Q_LEN, 8)[0, :, :, padding] = float("nan")  # sample 0, every round
+    else:
+        q[0, :, padding] = float("nan")
     attn = Eagle3Attention(Q_LEN, ROUNDS, backend="split")
     if compiled:
         attn = torch.compile(attn, fullgraph=True)
     got, _ = _grads(attn, q, k, v, **kw)
-    want, _ = _grads(attn, q, clean_k, clean_v, **kw)
+    want, _ = _grads(attn, *clean, **kw)
     torch.testing.assert_close(got[0], want[0])
-    torch.testing.assert_close(got[1], want[1])  # dq
-    for g, w in zip(got[2:], want[2:]):  # dk, dv: equal, and zero at the padding positions
+    for g, w in zip(got[1:], want[1:]):  # dq, dk, dv: equal, and zero at the padding positions
         torch.testing.assert_close(g.nan_to_num(0.0), w)
         assert not g.isnan().any()
 
@@ -243,6 +248,11 @@ def test_model_refuses():
     bad[0, 3] = 100
     with pytest.raises(ValueError, match=r"input_ids must be target-vocabulary ids in \[0, vocab_size = 100\)"):
         model(bad, hidden, target, loss_mask)
+    sequence = WholeSequence()
+    Eagle3Model(draft, 32, 3, sequence=sequence)
+    with pytest.raises(ValueError, match=r"this WholeSequence is already bound to a model with q_len=32; pass a "
+                       r"new WholeSequence\(\.\.\.\) to each Eagle3Model"):
+        Eagle3Model(draft, 16, 3, sequence=sequence)  # it would shift the first model's rows by 16
 
 
 def test_int_target_outside_the_draft_vocabulary():

@@ -208,6 +208,17 @@ def _doc_layouts():
 _MODES = [("allgather", "zigzag"), ("allgather", "contiguous"), ("ulysses", "zigzag"), ("ulysses", "contiguous")]
 
 
+def _nan_at_padding(inputs, seq_lens, q_len):
+    """``(q, k, v, dout)`` with NaN in q, k and v (every round) at the positions past ``seq_lens``."""
+    q, k, v, dout = (t.clone() for t in inputs)
+    padding = torch.arange(q_len) >= seq_lens[:, None]  # [B, Q_LEN]
+    q[padding[:, None, :, None].expand_as(q)] = float("nan")
+    rounds = padding.repeat(1, k.size(2) // q_len)[:, None, :, None]  # [B, 1, KV_LEN, 1]
+    k[rounds.expand_as(k)] = float("nan")
+    v[rounds.expand_as(v)] = float("nan")
+    return q, k, v, dout
+
+
 def _check_eager(rank, world_size, device):
     """Both modes and shard orders, a dead round, seq_lens (both modes), doc_ids (Ulysses), the errors."""
     q_len, max_rounds, live = 48, 3, 2
@@ -226,6 +237,9 @@ def _check_eager(rank, world_size, device):
             got, want, rank, world_size, q_len, shard_order, 1e-5, f"{mode}/{shard_order} {what}")
         check(run(), want, "plain")
         check(run(seq_lens=doc["seq_lens"]), want_seq, "seq_lens")
+        dirty = _run_sharded(attn, _nan_at_padding(inputs, doc["seq_lens"], q_len), live, rank, world_size, q_len,
+                             shard_order, seq_lens=doc["seq_lens"])
+        check(dirty, want_seq, "seq_lens, NaN in q, k and v at padding")  # Note [padding is garbage]
         if mode == "ulysses":
             check(run(grads=False, doc_ids=doc["doc_ids"]), want_doc, "doc_ids (forward)")
         else:
@@ -241,6 +255,10 @@ def _check_eager(rank, world_size, device):
         attn(q, k, v, torch.tensor(1))  # the global tensors, not the shards
     with pytest.raises(ValueError, match="mode='allgather' runs the split backend's kernels"):
         Eagle3ContextParallelAttention(q_len, max_rounds, mode="allgather", backend="flex")
+    q, k, v, _ = (shard_sequence(t, q_len, world_size, rank) for t in inputs)
+    with pytest.raises(NotImplementedError, match=r"mode='allgather' gathers round 0 of k and v as one tensor and "
+                       r"needs one head dim, got D=16 and Dv=8\. Use mode='ulysses' for MLA-style heads"):
+        Eagle3ContextParallelAttention(q_len, max_rounds, mode="allgather")(q, k, v[..., :8], torch.tensor(1))
 
 
 def _check_compiled(rank, world_size, device, modes, dtype, tol, backend, Hq, Hkv, q_len, D):
@@ -324,25 +342,28 @@ def _full_grads(model):
 _DRAFT_COMPILED = [("allgather", "zigzag", "probs", "seq_lens"), ("allgather", "contiguous", "probs", "seq_lens"),
                    ("ulysses", "zigzag", "ids", None)]
 _DRAFT_EAGER = [("allgather", "contiguous", "ids", "seq_lens"), ("ulysses", "contiguous", "probs", None),
-                ("ulysses", "zigzag", "probs", "doc_ids"), ("ulysses", "zigzag", "ids", "doc_ids")]
+                ("ulysses", "zigzag", "probs", "doc_ids"), ("ulysses", "zigzag", "ids", "doc_ids"),
+                ("allgather", "zigzag", "probs", "seq_lens", "recompute_tiled"),  # a memory policy: the layer's
+                ("ulysses", "zigzag", "ids", "seq_lens", "recompute")]            # collectives run again in backward
 
 
 def _check_draft_step(rank, world_size, device, cases, compiler):
-    """Each case: two training steps of the context-parallel Eagle3Model under fully_shard (compiled with
-    ``compiler``, or eager for None) against the single-process Eagle3Model on the global batch:
-    loss, plosses and acces on every rank, every parameter's gradient (the embedding's too: it
-    reads the shifted ids), and one graph per rank for both steps."""
+    """Each case (with its memory policy, "save" unless named): two training steps of the
+    context-parallel Eagle3Model under fully_shard (compiled with ``compiler``, or eager for None)
+    against the single-process Eagle3Model on the global batch: loss, plosses and acces on every
+    rank, every parameter's gradient (the embedding's too: it reads the shifted ids), and one
+    graph per rank for both steps."""
     q_len, length = 48, 3
-    for mode, shard_order, target, doc in cases:
+    for mode, shard_order, target, doc, *memory in cases:
         torch._dynamo.reset()
-        reference = make_model(q_len=q_len, length=length, seed=5)
+        reference = make_model(q_len=q_len, length=length, seed=5, memory=memory[0] if memory else "save")
         cfg = reference.draft_model.config
         model = _cp_draft_model(reference, mode, shard_order, device, torch.float32)
         counter = GraphCounter(compiler or "eager")
         step = model if compiler is None else torch.compile(model, backend=counter, fullgraph=True)
         with watch_recompiles() as reasons:
             for seed in (1, 2):
-                what = f"rank {rank} {mode}/{shard_order} target={target} {doc} seed={seed}"
+                what = f"rank {rank} {mode}/{shard_order} target={target} {doc} {memory} seed={seed}"
                 batch, kw = _draft_batch(cfg, q_len, seed, target, doc, device)
                 want = reference(*batch, **kw)
                 got = step(*_local_inputs(batch, q_len, world_size, rank, shard_order), **kw)
@@ -374,6 +395,8 @@ def _check_draft_eager_and_errors(rank, world_size, device):
                     "Eagle3Model": Eagle3Model, "ContextParallel": ContextParallel})
     model = make_model(q_len=48, length=3)
     cp = Eagle3Model(model.draft_model, 48, 3, sequence=ContextParallel())
+    with pytest.raises(ValueError, match=r"this ContextParallel is already bound to a model with q_len=48"):
+        Eagle3Model(model.draft_model, 96, 3, sequence=cp.sequence)
     batch, _ = _draft_batch(model.draft_model.config, 48, 0, "probs", None, device)
     input_ids, hidden, target, loss_mask = _local_inputs(batch, 48, world_size, rank, "zigzag")
     shard_hint = rf"\. Pass this rank's shard: shard_sequence\({{}}, 48, 2, rank={rank}, shard_order='zigzag', dim=1\)"
@@ -512,7 +535,7 @@ def _check_gpu_draft_step(rank, world_size, device, compiler="inductor", cases=_
         step = torch.compile(model, backend=counter, fullgraph=True)
         with watch_recompiles() as reasons:
             for seed in (11, 12):
-                what = f"rank {rank} {mode}/{shard_order} target={target} {doc} seed={seed}"
+                what = f"rank {rank} {mode}/{shard_order} target={target} {doc} {memory} seed={seed}"
                 (input_ids, hidden, tgt, loss_mask), kw = _draft_batch(cfg, q_len, seed, target, doc, device)
                 want = reference_unroll(reference, input_ids, hidden.double(),
                                         tgt.double() if tgt.dtype.is_floating_point else tgt, loss_mask, **kw)

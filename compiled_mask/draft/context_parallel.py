@@ -48,6 +48,7 @@ from compiled_mask.distributed import (
     _num_chunks,
     _rank_chunks,
 )
+from compiled_mask.draft.unroll import _check_unbound
 
 __all__ = ["ContextParallel"]
 
@@ -99,6 +100,7 @@ class ContextParallel:
         self.mode, self.shard_order = mode, shard_order
 
     def bind(self, q_len: int, length: int, attention_backend: str) -> nn.Module:
+        _check_unbound(self)
         attn = Eagle3ContextParallelAttention(q_len, length, group=self.group, mode=self.mode,
                                               shard_order=self.shard_order, backend=attention_backend)
         P = self.world_size

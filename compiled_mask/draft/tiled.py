@@ -54,7 +54,7 @@ def _tiled_mlp_backward(dout: Tensor, x: Tensor, gate: Tensor, up: Tensor, down:
     recomputed just before use."""
     flat = x.reshape(-1, x.shape[-1])  # [N, H]
     dflat = dout.reshape(-1, dout.shape[-1])  # [N, H]
-    dx = torch.empty_like(flat)
+    dx = torch.empty(flat.shape, dtype=x.dtype, device=x.device)  # contiguous, as the fake states
     acc = torch.promote_types(gate.dtype, torch.float32)
     d_gate, d_up = torch.zeros(gate.shape, dtype=acc, device=x.device), torch.zeros(up.shape, dtype=acc, device=x.device)
     d_down = torch.zeros(down.shape, dtype=acc, device=x.device)

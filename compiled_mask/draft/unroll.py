@@ -86,12 +86,21 @@ class Sequence(Protocol):
 #         ``Sequence.totals`` turns the per-process parts into the totals.
 
 
+def _check_unbound(sequence: Sequence) -> None:
+    """A strategy holds its model's q_len and shards: one model each."""
+    if hasattr(sequence, "q_len"):
+        name = type(sequence).__name__
+        raise ValueError(f"Eagle3Model: this {name} is already bound to a model with q_len={sequence.q_len}; "
+                         f"pass a new {name}(...) to each Eagle3Model.")
+
+
 class WholeSequence:
     """The whole sequence in this process (:class:`Sequence`): every operation is local."""
 
     rows_name = "T"
 
     def bind(self, q_len: int, length: int, attention_backend: str) -> nn.Module:
+        _check_unbound(self)
         self.q_len = q_len
         return Eagle3Attention(q_len, length, backend=attention_backend)
 
@@ -263,7 +272,7 @@ class Eagle3Model(nn.Module):
         if layout.first_key is not None:
             valid = _valid_queries(T, layout.first_key, input_ids.device)  # [B, T]: not padding
             mask = mask & valid
-            # Note [padding is garbage] in modules.py: whatever the padding rows hold, they
+            # Note [padding is garbage] in _layout.py: whatever the padding rows hold, they
             # compute on zeros, so every K/V the attention reads is finite.
             hidden_states = torch.where(seq.at(valid, 0)[..., None], hidden_states, 0)
         # Past T: no token (id 0), nothing counts (Note [sequence shards]).
