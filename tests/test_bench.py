@@ -36,6 +36,9 @@ def test_bench_smoke(tmp_path):
         assert [f["method"].split(",")[1].split()[0] for f in floors] == ["GQA", "MHA"], group
         assert min(f["x_floor"] for f in floors) == 1.0, group
         assert all(r["TFLOP/s"] > 0 for r in mine), group
+    documents = [r["method"] for r in rows if r["table"] == "documents"]
+    assert documents == [f"Eagle3Attention({b!r}), {layout}" for b in ("flex", "split")
+                         for layout in ("one document per row", "doc_ids")]
     suffix = [r for r in rows if r["table"] == "suffix"]
     assert [(r["op"], r["rounds"]) for r in suffix] == [(op, n) for n in (1, 2) for op in ("forward", "backward")]
 

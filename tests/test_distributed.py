@@ -535,7 +535,7 @@ def _check_gpu_draft_step(rank, world_size, device, compiler="inductor", cases=_
         step = torch.compile(model, backend=counter, fullgraph=True)
         with watch_recompiles() as reasons:
             for seed in (11, 12):
-                what = f"rank {rank} {mode}/{shard_order} target={target} {doc} {memory} seed={seed}"
+                what = f"rank {rank} {mode}/{shard_order} target={target} {doc} seed={seed}"
                 (input_ids, hidden, tgt, loss_mask), kw = _draft_batch(cfg, q_len, seed, target, doc, device)
                 want = reference_unroll(reference, input_ids, hidden.double(),
                                         tgt.double() if tgt.dtype.is_floating_point else tgt, loss_mask, **kw)

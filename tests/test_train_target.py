@@ -9,8 +9,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from compiled_mask.draft.batches import OnlineBatches  # noqa: E402
 from compiled_mask.draft.data import Document, row_layout  # noqa: E402
-from compiled_mask.draft.target import TargetModel, default_aux_layers, target_probs  # noqa: E402
+from compiled_mask.draft.offline import OfflineBatches, write_features  # noqa: E402
+from compiled_mask.draft.target import TargetModel, counted_positions, default_aux_layers, target_probs  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +54,13 @@ def target_layer_out(target, ids, layer):
 
 
 def test_rows_put_each_document_where_row_layout_says(target):
-    """hidden_states[t] = aux at the document's position t, last_hidden[t] = at t + 1; each
-    document runs alone (the same as its own forward), zeros on the unused tail."""
+    """hidden_states[t] = aux at the document's position t, last_hidden[t] = at t + 1, top[t] =
+    the full-vocabulary argmax there; each document runs alone (the same as its own forward),
+    zeros (top: -1) on the unused tail."""
     a = Document(torch.randint(97, (7,)), torch.ones(7, dtype=torch.bool))
     b = Document(torch.randint(97, (5,)), torch.ones(5, dtype=torch.bool))
     lay = row_layout([a, b], 16)
-    hidden, last = target.rows([[a, b]], [lay], 16)
+    hidden, last, top = target.rows([[a, b]], [lay], 16)
     aux_a, last_a = target.features(a.ids[None])
     aux_b, last_b = target.features(b.ids[None])
     torch.testing.assert_close(hidden[0, :6], aux_a[0, :6])
@@ -65,6 +68,39 @@ def test_rows_put_each_document_where_row_layout_says(target):
     torch.testing.assert_close(hidden[0, 6:10], aux_b[0, :4])
     torch.testing.assert_close(last[0, 6:10], last_b[0, 1:5])
     assert (hidden[0, 10:] == 0).all() and (last[0, 10:] == 0).all()
+    assert torch.equal(top[0, :10], target.logits(last[0, :10]).argmax(-1))
+    assert (top[0, 10:] == -1).all() and top.dtype == torch.int64
+
+
+def test_counted_positions_leave_out_a_top_token_outside_the_draft_vocabulary():
+    """The loss mask, less the positions whose target top token is not a draft token (-1: an
+    unused position, never counted)."""
+    loss_mask = torch.tensor([[True, True, True, False, True, True]])
+    top = torch.tensor([[5, 9, 2, 5, -1, 7]])
+    got = counted_positions(loss_mask, top, torch.tensor([2, 5, 7]))
+    assert got.tolist() == [[True, False, True, False, False, True]]
+
+
+@pytest.mark.parametrize("offline", [False, True])
+def test_batches_count_only_a_top_token_in_the_draft_vocabulary(target, offline, tmp_path):
+    """Online and offline batches: the loss mask is the row layout's, less the positions whose
+    target top token is outside the draft vocabulary (here about half of them)."""
+    g = torch.Generator().manual_seed(3)
+    docs = [Document(torch.randint(97, (n,), generator=g), torch.rand(n, generator=g) < 0.8) for n in (9, 12, 7)]
+    rows = [[0, 1], [2]]
+    draft_to_target = torch.arange(0, 97, 2)  # the even ids
+    if offline:
+        pytest.importorskip("safetensors")
+        features = write_features(tmp_path, target, docs, rows, draft_to_target, 24, fingerprint={})
+        batch = OfflineBatches(features, 2, torch.float32, "cpu").get(0)
+    else:
+        batch = OnlineBatches(docs, rows, target, draft_to_target, 24, 2, torch.float32).get(0)
+    order = [0, 1] if batch.input_ids[0, 0] == docs[0].ids[1] else [1, 0]  # the shuffle's row order
+    layouts = [row_layout([docs[d] for d in rows[r]], 24) for r in order]
+    _, _, top = target.rows([[docs[d] for d in rows[r]] for r in order], layouts, 24)
+    layout_mask = torch.stack([lay["loss_mask"] for lay in layouts])
+    assert torch.equal(batch.loss_mask, layout_mask & (top % 2 == 0) & (top >= 0))
+    assert 0 < batch.loss_mask.sum() < layout_mask.sum()  # some dropped, some kept
 
 
 def test_target_probs_is_the_draft_vocabulary_softmax(target):

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             docs.append(Document(ids, torch.ones(per_doc, dtype=torch.bool)))
             row.append(len(docs) - 1)
         rows.append(row)
-    batches = OnlineBatches(docs, rows, target, target.head_rows(draft_to_target), args.q_len, args.batch,
+    batches = OnlineBatches(docs, rows, target, draft_to_target, args.q_len, args.batch,
                             dtype, packed=args.layout == "doc_ids")
     if args.layout == "none":  # the rows are full: the same batches without a layout tensor
         get = batches.get

@@ -283,7 +283,7 @@ def train_real(args: argparse.Namespace) -> int:
 
 def local_batch(batch: tuple[torch.Tensor, ...], q_len: int, world_size: int, rank: int,
                 shard_order: str) -> tuple[torch.Tensor, ...]:
-    """A rank's part of a global batch, as Eagle3ContextParallelModel takes it: hidden states and
+    """A rank's part of a global batch, as Eagle3Model with sequence=ContextParallel() takes it: hidden states and
     target probabilities sharded, ids and loss mask global. Rank 0's batch: every rank generates
     the same one from the same seed, and the broadcast rules out a last-bit difference between
     devices."""

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from compiled_mask.draft.data import Document, row_layout
 from compiled_mask.draft.loss import TargetHead
-from compiled_mask.draft.target import TargetModel
+from compiled_mask.draft.target import TargetModel, counted_positions
 from compiled_mask.draft.trainer import Batch
 
 __all__ = ["batch_rows", "make_batch", "OnlineBatches"]
@@ -75,7 +75,7 @@ class OnlineBatches:
         docs: the tokenized conversations.
         rows: the packing, each row a list of indices into ``docs`` (``pack_documents``).
         target: the target model.
-        head_weight: ``[draft_vocab, H]`` its lm_head rows of the draft vocabulary.
+        draft_to_target: ``[draft_vocab]`` the target id of each draft id.
         q_len, batch: positions per row (T) and rows per micro-batch (B).
         dtype: the draft's parameter dtype.
         seed: the row shuffle's seed.
@@ -83,11 +83,12 @@ class OnlineBatches:
     """
 
     def __init__(self, docs: Sequence[Document], rows: Sequence[Sequence[int]], target: TargetModel,
-                 head_weight: Tensor, q_len: int, batch: int, dtype: torch.dtype, seed: int = 0,
+                 draft_to_target: Tensor, q_len: int, batch: int, dtype: torch.dtype, seed: int = 0,
                  packed: bool = True) -> None:
         if not rows:
             raise ValueError("OnlineBatches: no rows to train on (no conversation was kept).")
-        self.docs, self.rows, self.target, self.head_weight = docs, rows, target, head_weight
+        self.docs, self.rows, self.target, self.draft_to_target = docs, rows, target, draft_to_target
+        self.head_weight = target.head_rows(draft_to_target)  # [draft_vocab, H]
         self.q_len, self.batch, self.dtype, self.seed, self.packed = q_len, batch, dtype, seed, packed
         self.layouts = [row_layout([docs[d] for d in row], q_len) for row in rows]
 
@@ -95,7 +96,9 @@ class OnlineBatches:
         picked = batch_rows(index, self.batch, len(self.rows), self.seed)
         row_docs = [[self.docs[d] for d in self.rows[r]] for r in picked]
         layouts = [self.layouts[r] for r in picked]
-        hidden, last = self.target.rows(row_docs, layouts, self.q_len)
+        hidden, last, top = self.target.rows(row_docs, layouts, self.q_len)
         stack = lambda key: torch.stack([lay[key] for lay in layouts])  # noqa: E731
-        return make_batch(stack("input_ids"), hidden, last, stack("loss_mask"), stack("doc_ids"),
-                          self.head_weight, self.dtype, self.packed)
+        # Note [the target's top token outside the draft vocabulary] in target.py
+        counted = counted_positions(stack("loss_mask"), top, self.draft_to_target)
+        return make_batch(stack("input_ids"), hidden, last, counted, stack("doc_ids"), self.head_weight, self.dtype,
+                          self.packed)

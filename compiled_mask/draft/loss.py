@@ -72,9 +72,8 @@ class TargetHead(NamedTuple):
 #     the peak. The default takes the largest power of two of rows with ``rows * V <= 2**26``
 #     elements, 256 MiB per float32 buffer, ~0.8 GiB for the chunk (V = 32000: 2048 rows). Small
 #     next to the ``[R, V]`` it replaces at long context (128K rows: 16 GiB per float32 buffer),
-#     and large enough that the chunk's ~20 kernels are few per step: with 256-row chunks an
-#     H100 spent ~400 ms per 8192-token training step in this op, stalled on launches
-#     (docs/benchmarks.md). A power of two keeps the rows a multiple of the tensor core tiles. It
+#     and large enough that the chunk's ~20 kernels are few per step: with 256-row chunks the op
+#     was bound by kernel launches on an H100 (docs/benchmarks.md, 2026-12-06). A power of two keeps the rows a multiple of the tensor core tiles. It
 #     depends on V only (not on R), so a compiled caller gets no guard on R; the op clamps it
 #     to R.
 #
@@ -314,7 +313,7 @@ def head_loss(hidden: Tensor, norm_weight: Tensor, head_weight: Tensor,
             - :class:`TargetHead` ``[B, R, Ht]`` and ``[V, Ht]``.
         counted: ``[B, R]`` bool, the rows whose loss and hit count (e.g. the loss mask).
         eps: the RMSNorm epsilon (finite, >= 0).
-        chunk_rows: rows per chunk; default: ``rows * V <= 2**23`` elements, a power of two
+        chunk_rows: rows per chunk; default: ``rows * V <= 2**26`` elements, a power of two
             (Note [chunk size]).
 
     Returns:

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from compiled_mask.draft.batches import batch_rows, make_batch
 from compiled_mask.draft.data import Document, row_layout
-from compiled_mask.draft.target import TargetModel
+from compiled_mask.draft.target import TargetModel, counted_positions
 from compiled_mask.draft.trainer import Batch
 
 __all__ = ["write_features", "OfflineBatches"]
@@ -88,10 +88,13 @@ def write_features(out_dir: str | Path, target: TargetModel, docs: Sequence[Docu
         chunk = rows[r0 : r0 + rows_per_shard]
         row_docs = [[docs[d] for d in row] for row in chunk]
         layouts = [row_layout(ds, q_len) for ds in row_docs]
-        hidden, last = target.rows(row_docs, layouts, q_len)
+        hidden, last, top = target.rows(row_docs, layouts, q_len)
         tensors = {"hidden_states": hidden.cpu().contiguous(), "last_hidden": last.cpu().contiguous()}
         for key in ("input_ids", "loss_mask", "doc_ids"):
             tensors[key] = torch.stack([lay[key] for lay in layouts]).contiguous()
+        # The positions that count, as OnlineBatches computes them (Note [the target's top token
+        # outside the draft vocabulary] in target.py).
+        tensors["loss_mask"] = counted_positions(tensors["loss_mask"], top, draft_to_target).cpu().contiguous()
         name = f"shard-{s:05d}.safetensors"
         st.torch.save_file(tensors, str(out / name))
         shards.append({"file": name, "rows": len(chunk)})

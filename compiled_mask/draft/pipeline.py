@@ -126,7 +126,10 @@ def _fingerprint(config: RunConfig, target: TargetModel, draft_vocab_size: int) 
     return {"data_sha256": digest, "eval_data": config.eval_data, "eval_conversations": config.eval_conversations,
             "target": str(Path(config.target_model).resolve()), "aux_layers": target.aux_layers,
             "q_len": config.q_len, "packed": config.packed, "draft_vocab_size": draft_vocab_size,
-            "init_from": config.init_from, "skip_malformed": config.skip_malformed}
+            "init_from": config.init_from, "skip_malformed": config.skip_malformed,
+            # Which positions count (Note [the target's top token outside the draft vocabulary]):
+            # features written under another rule are recomputed.
+            "counted": "loss_mask & target top-1 in the draft vocabulary"}
 
 
 def _dtype(config: RunConfig, device: torch.device) -> torch.dtype:
@@ -239,7 +242,7 @@ def run(config: RunConfig, say: Callable[..., None] = print) -> RunResult:
         batches: Any = OfflineBatches(features, config.batch, dtype, device, seed=config.seed,
                                       packed=config.packed)
     else:
-        batches = OnlineBatches(docs, rows, target, target.head_rows(draft_to_target), config.q_len,
+        batches = OnlineBatches(docs, rows, target, draft_to_target, config.q_len,
                                 config.batch, dtype, seed=config.seed, packed=config.packed)
     train_config = TrainConfig(steps=config.steps, lr=config.lr, warmup=config.warmup,
                                grad_clip=config.grad_clip, weight_decay=config.weight_decay,

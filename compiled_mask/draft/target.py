@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from compiled_mask.draft.data import Document
 
-__all__ = ["TargetModel", "default_aux_layers", "target_probs", "RANDOM_TARGETS"]
+__all__ = ["RANDOM_TARGETS", "TargetModel", "counted_positions", "default_aux_layers", "target_probs"]
 
 
 def _transformers() -> Any:
@@ -187,7 +187,7 @@ class TargetModel:
 
     @torch.no_grad()
     def rows(self, rows: Sequence[Sequence[Document]], layouts: Sequence[dict[str, Tensor]],
-             q_len: int) -> tuple[Tensor, Tensor]:
+             q_len: int) -> tuple[Tensor, Tensor, Tensor]:
         """The target's per-position tensors of packed rows (Note [one conversation, n - 1
         positions] in data.py).
 
@@ -203,18 +203,42 @@ class TargetModel:
         Returns:
             ``hidden_states [B, T, 3H]``: the auxiliary states at position t; ``last_hidden
             [B, T, H]``: the last hidden state at t + 1 (the target's next-token distribution
-            there is what TTT step 0 learns at t). Zeros on unused positions.
+            there is what TTT step 0 learns at t), zeros on unused positions; ``top [B, T]``
+            int64: the target's most likely token there over its whole vocabulary (the argmax of
+            its lm_head), -1 on unused positions.
         """
         B, H = len(rows), self.hidden_size
         hidden = torch.zeros(B, q_len, 3 * H, dtype=self.dtype, device=self.device)
         last = torch.zeros(B, q_len, H, dtype=self.dtype, device=self.device)
+        top = torch.full((B, q_len), -1, dtype=torch.int64, device=self.device)
         for b, (docs, layout) in enumerate(zip(rows, layouts)):
             for doc, p0 in zip(docs, layout["starts"].tolist()):
                 n = len(doc)
                 aux, lh = self.features(doc.ids[None])
                 hidden[b, p0 : p0 + n - 1] = aux[0, : n - 1]
                 last[b, p0 : p0 + n - 1] = lh[0, 1:n]
-        return hidden, last
+                top[b, p0 : p0 + n - 1] = self.logits(lh[0, 1:n]).argmax(-1)  # [n - 1, vocab] per document
+        return hidden, last, top
+
+
+def counted_positions(loss_mask: Tensor, top: Tensor, draft_to_target: Tensor) -> Tensor:
+    """The positions whose loss and accuracy count: the loss mask's (the assistant's tokens),
+    less those where the target's most likely token is outside the draft vocabulary.
+
+    Note [the target's top token outside the draft vocabulary]
+        The draft proposes draft-vocabulary tokens only, so where the target's top token is
+        another one, no proposal of the draft would be accepted there under greedy
+        verification. SpecForge and TorchSpec leave such positions out of the loss and the
+        accuracy; so does this (the accuracy's denominator counts the remaining positions, where
+        theirs counts the whole loss mask). The distribution learned at the remaining positions
+        is the target's renormalised over the draft vocabulary, as theirs.
+
+    Args:
+        loss_mask: ``[B, T]`` bool.
+        top: ``[B, T]`` the target's top token ids (:meth:`TargetModel.rows`; -1: none).
+        draft_to_target: ``[draft_vocab]`` the target id of each draft id.
+    """
+    return loss_mask.to(top.device) & torch.isin(top, draft_to_target.to(top.device))  # -1 is in no vocabulary
 
 
 def target_probs(last_hidden: Tensor, head_weight: Tensor, dtype: torch.dtype) -> Tensor:

@@ -182,7 +182,7 @@ class Eagle3Model(nn.Module):
             "recompute", "recompute_tiled", or "auto" (the default): "save" up to 16384 tokens
             per sample, "recompute" up to 65536, "recompute_tiled" beyond.
         chunk_rows: rows per chunk of the fused LM head and loss (``head_loss``; default from the
-            draft vocabulary, ~32 MiB per float32 ``[rows, V]`` buffer).
+            draft vocabulary, ~256 MiB per float32 ``[rows, V]`` buffer).
         sequence: which positions this process holds (:class:`Sequence`); default
             :class:`WholeSequence`. ``context_parallel.ContextParallel`` shards the sequence over
             a process group.
