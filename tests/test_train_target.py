@@ -69,6 +69,7 @@ def test_rows_put_each_document_where_row_layout_says(target):
     torch.testing.assert_close(last[0, 6:10], last_b[0, 1:5])
     assert (hidden[0, 10:] == 0).all() and (last[0, 10:] == 0).all()
     assert torch.equal(top[0, :10], target.logits(last[0, :10]).argmax(-1))
+    assert torch.equal(target.top_tokens(last[0, :10], chunk_rows=3), top[0, :10])  # chunks of 3, 3, 3, 1
     assert (top[0, 10:] == -1).all() and top.dtype == torch.int64
 
 

@@ -157,6 +157,13 @@ class TargetModel:
         return self.model.get_output_embeddings()(last_hidden)
 
     @torch.no_grad()
+    def top_tokens(self, last_hidden: Tensor, chunk_rows: int = 4096) -> Tensor:
+        """The argmax of the full-vocabulary logits, ``[N]`` int64, from ``[N, hidden]``, in
+        chunks of rows: a chunk's logits (Llama-3: 4096 x 128256 in bf16, 1 GiB) instead of all
+        of them at once (8 GiB at 32K positions)."""
+        return torch.cat([self.logits(part).argmax(-1) for part in last_hidden.split(chunk_rows)])
+
+    @torch.no_grad()
     def features(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """One forward of the decoder (no lm_head): the auxiliary and the last hidden states.
 
@@ -217,7 +224,7 @@ class TargetModel:
                 aux, lh = self.features(doc.ids[None])
                 hidden[b, p0 : p0 + n - 1] = aux[0, : n - 1]
                 last[b, p0 : p0 + n - 1] = lh[0, 1:n]
-                top[b, p0 : p0 + n - 1] = self.logits(lh[0, 1:n]).argmax(-1)  # [n - 1, vocab] per document
+                top[b, p0 : p0 + n - 1] = self.top_tokens(lh[0, 1:n])
         return hidden, last, top
 
 
