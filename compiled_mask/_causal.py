@@ -50,6 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from compiled_mask._dtypes import _f32_or_wider
+
 __all__: list[str] = []
 
 
@@ -125,13 +127,13 @@ def _positive_scale(q: Tensor, scale: float) -> tuple[Tensor, float]:
     """
     if scale > 0:
         return q, scale
-    return (q.to(torch.promote_types(q.dtype, torch.float32)) * scale).to(q.dtype), 1.0
+    return (q.to(_f32_or_wider(q.dtype)) * scale).to(q.dtype), 1.0
 
 
 def _merge_reference(out_c: Tensor, lse_c: Tensor, out_p: Tensor, lse_p: Tensor, dtype: torch.dtype
                      ) -> tuple[Tensor, Tensor]:
     """Two softmax parts over disjoint keys as one (torch ops): ``(out in dtype, lse)``."""
-    ct = torch.promote_types(torch.promote_types(out_c.dtype, out_p.dtype), torch.float32)
+    ct = _f32_or_wider(torch.promote_types(out_c.dtype, out_p.dtype))
     lse = torch.logaddexp(lse_c.to(ct), lse_p.to(ct))  # [B, H, L]
     out = (torch.exp(lse_c - lse).unsqueeze(-1) * out_c.to(ct)
            + torch.exp(lse_p - lse).unsqueeze(-1) * out_p.to(ct))  # [B, H, L, Dv]
@@ -142,7 +144,7 @@ def _merge_backward_reference(dout: Tensor, dlse: Tensor | None, out: Tensor, ls
                               lse_p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The merged part's gradients (torch ops): ``(d_out_p, d_lse_p, out for the kernel's row
     term)`` (Note [lse gradient through the row term])."""
-    ct = torch.promote_types(torch.promote_types(out.dtype, out_p.dtype), torch.float32)
+    ct = _f32_or_wider(torch.promote_types(out.dtype, out_p.dtype))
     dout_t = dout.to(ct)
     row = (dout_t * out.to(ct)).sum(-1)  # [B, H, L]
     if dlse is not None:
@@ -158,7 +160,7 @@ def _row_output(dout: Tensor, dlse: Tensor | None, out: Tensor) -> Tensor:
     ``out - (dL / |dO|^2) dO`` (Note [lse gradient through the row term])."""
     if dlse is None:
         return out
-    ct = torch.promote_types(out.dtype, torch.float32)
+    ct = _f32_or_wider(out.dtype)
     dout_t = dout.to(ct)
     norm2 = (dout_t * dout_t).sum(-1)  # [B, H, L]
     coef = torch.where(norm2 > 0, dlse.to(ct) / norm2.clamp_min(torch.finfo(ct).tiny), 0.0)

@@ -26,12 +26,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from compiled_mask._dtypes import _f32_or_wider
+
 __all__: list[str] = []
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half types, the dtype itself for float32/float64 (no precision is lost)."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _suffix_views(q: Tensor, ks: Tensor, vs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -52,7 +49,7 @@ def _suffix_views(q: Tensor, ks: Tensor, vs: Tensor) -> tuple[Tensor, Tensor, Te
 def _suffix_probs(q6: Tensor, k6: Tensor, rounds: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """``(p [B, Hkv, G, L, S], lse [B, Hkv, G, L])`` of the live suffix rounds s = 1..S (s < rounds),
     in the compute dtype; p is 0 for dead rounds, lse the lowest float where none is live."""
-    ct = _compute_dtype(q6.dtype)
+    ct = _f32_or_wider(q6.dtype)
     scores = (q6.to(ct) * k6.to(ct)).sum(-1) * scale  # [B, Hkv, G, L, S]
     live = torch.arange(1, k6.shape[4] + 1, device=scores.device) < rounds  # [S]
     scores = scores.masked_fill(~live, float("-inf"))
@@ -117,7 +114,7 @@ def _(q, ks, vs, rounds, scale):
 @_suffix_attention.register_fake
 def _(q, ks, vs, rounds, scale):
     B, Hq, L, _ = q.shape
-    ct = _compute_dtype(q.dtype)
+    ct = _f32_or_wider(q.dtype)
     return q.new_empty(B, Hq, L, vs.shape[-1], dtype=ct), q.new_empty(B, Hq, L, dtype=ct)
 
 

@@ -17,8 +17,8 @@ from compiled_mask._checks import (
     _check_doc_layout,
     _check_positive,
     _check_rounds,
+    _check_qkv,
     _live_rounds,
-    _shape,
 )
 from compiled_mask._flex import flex_eagle3_attention
 from compiled_mask._inputs import Layout, normalize_layout
@@ -365,48 +365,3 @@ def _zero_padding_rows(out: Tensor, first_key: Tensor) -> Tensor:
     """
     valid = _valid_queries(out.size(2), first_key, out.device)  # [B, Q_LEN]
     return torch.where(valid[:, None, :, None], out, 0.0)  # [B, Hq, Q_LEN, Dv]
-
-
-def _check_qkv(where: str, q: Tensor, k: Tensor, v: Tensor, q_len: int, kv_len: int) -> None:
-    """Shape, dtype and device checks of the attention inputs (metadata only)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor) or t.dim() != 4:
-            got = f"shape {_shape(t)}" if isinstance(t, Tensor) else repr(t)
-            raise ValueError(f"{where}: {name} must be 4-D [B, H, S, D], got {got}.")
-    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
-        raise ValueError(
-            f"{where}: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}."
-        )
-    if not (q.device == k.device == v.device):
-        raise ValueError(
-            f"{where}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}."
-        )
-    if q.size(2) != q_len:
-        raise ValueError(
-            f"{where}: q must have Q_LEN={q_len} positions (dim 2), got q.shape={_shape(q)}."
-        )
-    if k.size(2) != kv_len or v.size(2) != kv_len:
-        raise ValueError(
-            f"{where}: k and v must be the static buffer of Q_LEN * max_rounds = {kv_len} "
-            f"positions (dim 2), got k.shape={_shape(k)} and v.shape={_shape(v)}. "
-            "Allocate it once for max_rounds and write round s at [s * Q_LEN, (s + 1) * Q_LEN)."
-        )
-    if q.size(0) != k.size(0) or k.shape[:2] != v.shape[:2]:
-        raise ValueError(
-            f"{where}: batch and head dims must match: q.shape={_shape(q)}, "
-            f"k.shape={_shape(k)}, v.shape={_shape(v)}."
-        )
-    if q.size(3) != k.size(3):
-        raise ValueError(
-            f"{where}: q and k must share the head dim D, got {q.size(3)} and {k.size(3)}."
-        )
-    if k.size(1) == 0 or q.size(3) == 0:
-        raise ValueError(
-            f"{where}: k/v need at least one head and q/k a head dim of at least 1, got "
-            f"Hkv={k.size(1)} and D={q.size(3)}."
-        )
-    if q.size(1) % k.size(1) != 0:
-        raise ValueError(
-            f"{where}: the number of query heads must be a multiple of the K/V heads (GQA), "
-            f"got Hq={q.size(1)} and Hkv={k.size(1)}."
-        )

@@ -41,13 +41,8 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import Tensor, nn
 
-from compiled_mask.distributed import (
-    Eagle3ContextParallelAttention,
-    _all_gather,
-    _global_order,
-    _num_chunks,
-    _rank_chunks,
-)
+from compiled_mask._shards import _all_gather, _global_order, _num_chunks, _rank_chunks
+from compiled_mask.distributed import Eagle3ContextParallelAttention
 from compiled_mask.draft.unroll import _check_unbound
 
 __all__ = ["ContextParallel"]

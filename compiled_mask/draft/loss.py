@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from compiled_mask._dtypes import _f32_or_wider
+
 __all__ = ["TargetHead", "TargetLogits", "head_loss"]
 
 
@@ -89,11 +91,6 @@ _CHUNK_ELEMENTS = 2**26
 def _default_chunk_rows(V: int) -> int:
     """Rows per chunk for vocabulary size V (Note [chunk size])."""
     return 1 << (max(1, _CHUNK_ELEMENTS // max(V, 1)).bit_length() - 1)
-
-
-def _f32_or_wider(dtype: torch.dtype) -> torch.dtype:
-    """float32 for bf16/fp16/fp32, float64 for float64: where softmax and losses are computed."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _loss_dtype(head_dtype: torch.dtype, target_kind: str, target_dtype: torch.dtype) -> torch.dtype:
@@ -158,6 +155,9 @@ def _head_loss_chunks(hidden: Tensor, norm_weight: Tensor, head_weight: Tensor, 
     hit_sum = torch.zeros((), dtype=loss_dtype, device=device)
     d_hidden = hidden.new_zeros((B, R, H)) if grad_hidden else hidden.new_empty((0,))
     # float32 (or float64) accumulators over chunks, stored in the parameters' dtypes at the end.
+    # Each chunk's weight gradient is one matmul in the parameters' dtype (bf16: float32
+    # accumulation inside it, rounded to bf16 once at its end), then added here: the rounding of
+    # an unfused bf16 matmul over all rows, once per chunk.
     d_norm_acc = torch.zeros(H, dtype=_f32_or_wider(norm_weight.dtype), device=device) if grad_norm_weight else None
     d_head_acc = torch.zeros(V, H, dtype=_f32_or_wider(param_dtype), device=device) if grad_head_weight else None
     rows = max(1, min(chunk_rows, R))
@@ -294,7 +294,8 @@ def head_loss(hidden: Tensor, norm_weight: Tensor, head_weight: Tensor,
 
     The forward computes the gradients too and saves only them (Note [gradients in the
     forward]); gradients flow into ``hidden``, ``norm_weight`` and ``head_weight`` (those that
-    require grad), never into the target, and ``hit_sum`` has none. Rows that do not count
+    require grad), never into the target (the weight gradients: per chunk in the parameters'
+    dtype, summed over chunks in float32), and ``hit_sum`` has none. Rows that do not count
     change nothing, even when they hold NaN or inf (Note [rows that do not count]). One opaque
     op: ``torch.compile(..., fullgraph=True)`` traces it with no graph break.
 

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from compiled_mask._dtypes import _f32_or_wider
+
 __all__ = ["Eagle3DraftConfig", "Eagle3DraftModel"]
 
 
@@ -107,7 +109,7 @@ class _RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # float64 stays float64
+        x32 = x.to(_f32_or_wider(x.dtype))  # float64 stays float64
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
         return self.weight * x32.to(x.dtype)
 

@@ -6,7 +6,9 @@ replays the step in the backward. Tiled, it holds one chunk of rows at a time: t
 its input, and its backward recomputes each chunk's activations just before using them.
 
 Per row the math is :class:`~compiled_mask.draft.model._MLP`'s, op for op in the same dtypes
-(``down(silu(gate(x)) * up(x))``); only the weight gradients are summed over chunks, in float32.
+(``down(silu(gate(x)) * up(x))``). The weight gradients are one matmul per chunk in the weights'
+dtype (bf16: rounded once at the matmul's end, as the untiled matmul is), summed over chunks in
+float32 (float64 for float64), then cast to the weights' dtype.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from compiled_mask._dtypes import _f32_or_wider
 
 __all__ = ["tiled_mlp"]
 
@@ -55,7 +59,7 @@ def _tiled_mlp_backward(dout: Tensor, x: Tensor, gate: Tensor, up: Tensor, down:
     flat = x.reshape(-1, x.shape[-1])  # [N, H]
     dflat = dout.reshape(-1, dout.shape[-1])  # [N, H]
     dx = torch.empty(flat.shape, dtype=x.dtype, device=x.device)  # contiguous, as the fake states
-    acc = torch.promote_types(gate.dtype, torch.float32)
+    acc = _f32_or_wider(gate.dtype)
     d_gate, d_up = torch.zeros(gate.shape, dtype=acc, device=x.device), torch.zeros(up.shape, dtype=acc, device=x.device)
     d_down = torch.zeros(down.shape, dtype=acc, device=x.device)
     for r0, r1 in _chunks(flat.shape[0], chunk_rows):
