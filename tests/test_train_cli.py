@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import shlex
 
 import pytest
 from helpers import load_tool
@@ -74,6 +75,18 @@ def test_help_is_whole_and_says_the_defaults():
     undocumented = [a.option_strings[0] for a in parser._actions
                     if a.option_strings and a.option_strings[0] != "-h" and not a.help]
     assert undocumented == []
+
+
+def test_bench_help_examples_run():
+    """The CPU check in bench_train.py --help runs as written (the tiny target's vocabulary is
+    smaller than the default draft vocabulary of 32000)."""
+    _, help_text, _ = _run("bench_train", ["--help"])
+    line = next(x for x in help_text.splitlines() if "--target llama-tiny" in x)
+    argv = shlex.split(line.split("#")[0])[2:]  # after "python tools/bench_train.py"
+    assert argv[:2] == ["--target", "llama-tiny"], line
+    code, out, err = _run("bench_train", [*argv, "--steps", "1", "--warmup-steps", "1"])
+    assert code == 0, err[-2000:]
+    assert "draft vocab 512" in out and re.search(r"^whole loop: [\d,]+ tokens/s on CPU$", out, re.M)
 
 
 def test_bench_prints_the_split_table():

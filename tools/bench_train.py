@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="how rows reach the step: doc_ids (as real data, packed documents), seq_lens, or "
                         "none (one full sequence per row; needs --docs-per-row 1) (default: %(default)s)")
     p.add_argument("--ttt-steps", type=_positive_int, default=7, help="TTT steps (default: %(default)s)")
-    p.add_argument("--draft-vocab", type=_positive_int, default=32000, help="(default: %(default)s)")
+    p.add_argument("--draft-vocab", type=_positive_int, default=None,
+                   help="draft vocabulary size (default: 32000, or the target's vocabulary if smaller)")
     p.add_argument("--backend", default="split", choices=["split", "flex", "fa4"], help="(default: %(default)s)")
     p.add_argument("--compiler", default="inductor", choices=["inductor", "aot_eager", "none"],
                    help="the draft step's torch.compile backend (default: %(default)s)")
@@ -74,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     target = TargetModel.random(args.target, device=device, dtype=dtype)
+    if args.draft_vocab is None:
+        args.draft_vocab = min(32000, target.vocab_size)
     if args.draft_vocab > target.vocab_size:
         p.error(f"--draft-vocab {args.draft_vocab} exceeds the target's vocabulary {target.vocab_size}")
     tc = target.config
