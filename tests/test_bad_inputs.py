@@ -249,7 +249,9 @@ def test_model_refuses():
     with pytest.raises(ValueError, match=r"input_ids must be target-vocabulary ids in \[0, vocab_size = 100\)"):
         model(bad, hidden, target, loss_mask)
     sequence = WholeSequence()
-    Eagle3Model(draft, 32, 3, sequence=sequence)
+    with pytest.raises(ValueError, match=r"backend"):
+        Eagle3Model(draft, 32, 3, sequence=sequence, attention_backend="nope")
+    Eagle3Model(draft, 32, 3, sequence=sequence)  # the refused bind left it unbound
     with pytest.raises(ValueError, match=r"this WholeSequence is already bound to a model with q_len=32; pass a "
                        r"new WholeSequence\(\.\.\.\) to each Eagle3Model"):
         Eagle3Model(draft, 16, 3, sequence=sequence)  # it would shift the first model's rows by 16

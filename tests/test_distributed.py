@@ -412,7 +412,8 @@ def _check_draft_eager_and_errors(rank, world_size, device):
     with pytest.raises(ValueError, match=r"up to length - 1 = 7 positions ahead, which must lie within the next "
                        r"chunk; shard_order='zigzag' cuts q_len=24 into chunks of 6 over 2 ranks\. Use a q_len of at "
                        r"least 28"):
-        Eagle3Model(model.draft_model, 24, 8, sequence=ContextParallel())
+        Eagle3Model(model.draft_model, 24, 8, sequence=(refused := ContextParallel()))
+    Eagle3Model(model.draft_model, 48, 3, sequence=refused)  # a refused bind leaves it unbound
 
 
 def test_two_ranks_draft_step_compiled():

@@ -99,16 +99,17 @@ class ContextParallel:
         attn = Eagle3ContextParallelAttention(q_len, length, group=self.group, mode=self.mode,
                                               shard_order=self.shard_order, backend=attention_backend)
         P = self.world_size
-        self.q_len = q_len
-        self.chunks = _rank_chunks(P, self.rank, self.shard_order)
-        self.chunk_len = q_len // _num_chunks(P, self.shard_order)
-        if length - 1 > self.chunk_len:
+        chunk_len = q_len // _num_chunks(P, self.shard_order)
+        if length - 1 > chunk_len:
             raise ValueError(
                 f"ContextParallel: TTT step s reads position t + s, up to length - 1 = {length - 1} "
                 f"positions ahead, which must lie within the next chunk; shard_order={self.shard_order!r} cuts "
-                f"q_len={q_len} into chunks of {self.chunk_len} over {P} ranks. Use a q_len of at "
+                f"q_len={q_len} into chunks of {chunk_len} over {P} ranks. Use a q_len of at "
                 f"least {(length - 1) * _num_chunks(P, self.shard_order)}, fewer ranks, or fewer TTT steps."
             )
+        # Bound only once every check has passed: a refused bind leaves the strategy reusable.
+        self.q_len, self.chunk_len = q_len, chunk_len
+        self.chunks = _rank_chunks(P, self.rank, self.shard_order)
         return attn
 
     def local_len(self) -> int:

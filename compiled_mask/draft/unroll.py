@@ -101,8 +101,9 @@ class WholeSequence:
 
     def bind(self, q_len: int, length: int, attention_backend: str) -> nn.Module:
         _check_unbound(self)
-        self.q_len = q_len
-        return Eagle3Attention(q_len, length, backend=attention_backend)
+        attn = Eagle3Attention(q_len, length, backend=attention_backend)
+        self.q_len = q_len  # bound only once the attention accepted its arguments
+        return attn
 
     def local_len(self) -> int:
         return self.q_len
