@@ -191,12 +191,12 @@ def _causal_attention(q: Tensor, k: Tensor, v: Tensor, out_p: Tensor | None, lse
         out 0 and the lowest float as lse (finite, so that a merge stays finite).
     """
     Dv = v.shape[-1]
-    kernel = _causal_kernel(q)
-    if first_key is not None and kernel != "cpu":
+    if first_key is not None and q.device.type != "cpu":
         raise NotImplementedError("causal_attention: a layout table (documents) is a CPU-only path; "
                                   "on CUDA the split backend runs flex_attention for documents.")
     q, scale = _positive_scale(q, scale)  # Note [a scale of 0 or below]
     q, k, v = (_kernel_strides(t) for t in _equal_head_dims(q, k, v))  # Note [value head dim]
+    kernel = _causal_kernel(q)  # of the padded head dim, the one the kernel sees
     if kernel == "cudnn":
         out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
             q, k, v, None, True, 0.0, causal, False, scale=scale)[:2]
@@ -244,7 +244,6 @@ def _causal_attention_backward(dout: Tensor, dlse: Tensor | None, q: Tensor, k: 
         it is), and the gradients come back contiguous, the layout the fake states.
     """
     D, Dv = q.shape[-1], v.shape[-1]
-    kernel = _causal_kernel(q)
     q_scale = scale
     q, scale = _positive_scale(q, scale)  # Note [a scale of 0 or below]
     dout = dout.to(q.dtype)
@@ -260,6 +259,7 @@ def _causal_attention_backward(dout: Tensor, dlse: Tensor | None, q: Tensor, k: 
     else:
         o_row = _row_output(dout, dlse, out)  # Note [lse gradient through the row term]
     q_p, k_p, v_p = _equal_head_dims(q, k, v)  # Note [value head dim]
+    kernel = _causal_kernel(q_p)  # the forward's: chosen from the padded head dim
     width = v_p.shape[-1]
     if width > Dv:
         dout, o_row = F.pad(dout, (0, width - Dv)), F.pad(o_row, (0, width - Dv))  # [B, Hq, L, width]
