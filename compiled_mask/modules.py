@@ -215,7 +215,8 @@ class Eagle3Attention(nn.Module):
                 finite_padding: bool = False) -> Tensor:
         """The attention from checked, normalised inputs: ``rounds`` widened and clamped
         (``_live_rounds``), ``layout`` from ``normalize_layout``. ``finite_padding``: the caller
-        guarantees finite k/v at padding positions (Note [padding is garbage])."""
+        guarantees finite q, k and v at padding positions, so none is zeroed here (Note [padding
+        is garbage])."""
         backend = _BACKENDS[self.backend]
         backend.check(self, q, v)
         if q.numel() == 0 or v.size(-1) == 0:  # B or Hq of 0: nothing to attend

@@ -177,3 +177,20 @@ def test_malformed_data_names_file_and_line(tiny, tmp_path):
     assert code == 1 and err.strip() == (f"train.py: error: --target-model {tmp_path}: no config.json there; pass "
                                          f"a local Hugging Face model directory (e.g. one saved by save_pretrained "
                                          f"or `huggingface-cli download`).")
+
+
+def test_fingerprint_names_the_draft_vocabulary(tmp_path):
+    """Features and checkpoints are keyed by the draft vocabulary's ids, not only its size: the
+    stored head rows and the positions that count depend on them (an --init-from draft
+    re-exported to the same path has other ids)."""
+    from types import SimpleNamespace
+
+    from compiled_mask.draft.pipeline import RunConfig, _fingerprint
+
+    (tmp_path / "chat.jsonl").write_text("{}\n")
+    config = RunConfig(target_model=str(tmp_path), data=str(tmp_path / "chat.jsonl"), output_dir=str(tmp_path))
+    target = SimpleNamespace(aux_layers=(1, 2, 3))
+    a = _fingerprint(config, target, torch.tensor([0, 5, 9]))
+    b = _fingerprint(config, target, torch.tensor([0, 5, 8]))
+    assert a["draft_vocab_size"] == b["draft_vocab_size"] == 3
+    assert a != b and a == _fingerprint(config, target, torch.tensor([0, 5, 9]))

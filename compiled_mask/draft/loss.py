@@ -294,8 +294,9 @@ def head_loss(hidden: Tensor, norm_weight: Tensor, head_weight: Tensor,
 
     The forward computes the gradients too and saves only them (Note [gradients in the
     forward]); gradients flow into ``hidden``, ``norm_weight`` and ``head_weight`` (those that
-    require grad), never into the target (the weight gradients: per chunk in the parameters'
-    dtype, summed over chunks in float32), and ``hit_sum`` has none. Rows that do not count
+    require grad), never into the target (the weight gradients: the head's per chunk in the
+    parameters' dtype, the norm's per chunk in float32, summed over chunks in float32 or wider),
+    and ``hit_sum`` has none. Rows that do not count
     change nothing, even when they hold NaN or inf (Note [rows that do not count]). One opaque
     op: ``torch.compile(..., fullgraph=True)`` traces it with no graph break.
 

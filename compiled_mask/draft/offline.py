@@ -13,7 +13,9 @@ Layout of a features directory::
     index.json                 q_len, rows, the shards, and a fingerprint of what was computed
     head.safetensors           weight [draft_vocab, H] (lm_head rows), draft_to_target [draft_vocab]
     shard-00000.safetensors    hidden_states [R, T, 3H], last_hidden [R, T, H], input_ids,
-                               loss_mask, doc_ids [R, T]
+                               loss_mask, doc_ids [R, T]; loss_mask is the counted mask
+                               (``counted_positions``: the layout's mask where the target's
+                               top token lies in the draft vocabulary)
 
 A directory whose ``index.json`` fingerprint matches is reused as it is (a resumed offline run
 does not recompute); the shards are written before ``index.json``, so an interrupted write is

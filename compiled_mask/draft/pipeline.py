@@ -120,10 +120,14 @@ class RunResult:
     steps_done: int
 
 
-def _fingerprint(config: RunConfig, target: TargetModel, draft_vocab_size: int) -> dict[str, Any]:
+def _fingerprint(config: RunConfig, target: TargetModel, draft_to_target: torch.Tensor) -> dict[str, Any]:
     """What a checkpoint or an offline features directory was made from (resume checks it)."""
     digest = hashlib.sha256(Path(config.data).read_bytes()).hexdigest()[:16]
-    return {"data_sha256": digest, "eval_data": config.eval_data, "eval_conversations": config.eval_conversations,
+    # The draft vocabulary itself, not only its size: the stored head rows and the positions that
+    # count depend on its ids (an --init-from draft re-exported to the same path has other ids).
+    vocab = hashlib.sha256(",".join(map(str, draft_to_target.tolist())).encode()).hexdigest()[:16]
+    draft_vocab_size = draft_to_target.numel()
+    return {"data_sha256": digest, "draft_vocab_sha256": vocab, "eval_data": config.eval_data, "eval_conversations": config.eval_conversations,
             "target": str(Path(config.target_model).resolve()), "aux_layers": target.aux_layers,
             "q_len": config.q_len, "packed": config.packed, "draft_vocab_size": draft_vocab_size,
             "init_from": config.init_from, "skip_malformed": config.skip_malformed,
@@ -225,7 +229,7 @@ def run(config: RunConfig, say: Callable[..., None] = print) -> RunResult:
             f"{coverage:.1%} of them")
     draft = _build_draft(config, target, draft_to_target)
     draft_to_target = draft.d2t + torch.arange(draft.config.draft_vocab_size)
-    fingerprint = _fingerprint(config, target, draft.config.draft_vocab_size)
+    fingerprint = _fingerprint(config, target, draft_to_target)
 
     # Rows.
     lengths = [len(d) for d in docs]
@@ -263,8 +267,10 @@ def run(config: RunConfig, say: Callable[..., None] = print) -> RunResult:
         where = ckpt_root if config.resume is True else Path(str(config.resume))
         state, meta = load_checkpoint(where)
         if meta.get("run") != run_meta:
-            diff = {k: (meta.get("run", {}).get(k), v) for k, v in run_meta.items()
-                    if meta.get("run", {}).get(k) != v}
+            was = meta.get("run", {})
+            diff = {k: (was.get(k), v) for k, v in run_meta.items() if k != "fingerprint" and was.get(k) != v}
+            diff |= {k: (was.get("fingerprint", {}).get(k), v) for k, v in fingerprint.items()
+                     if was.get("fingerprint", {}).get(k) != v}
             raise CheckpointError(f"--resume {where}: the checkpoint was made with other settings "
                                   f"(checkpoint, now): {diff}; resume with the same flags and data.")
         trainer.load_state_dict(state)
