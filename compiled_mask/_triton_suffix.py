@@ -35,7 +35,7 @@ BLOCK_L = 32  # queries per program of the per-head kernels: 32 x 128 fp32 tiles
 PIPELINE = tl.constexpr(3)  # loads of the next round issued while this one computes
 GROUPED_FORWARD = dict(rows=16, num_warps=2, stages=3)  # rows = G heads x BLOCK queries per program
 FUSED_BACKWARD = dict(rows=16, num_warps=2, stages=3)
-_LOWEST = -3.4028234663852886e38  # float32's lowest: the lse of a part with no key
+_LOWEST = tl.constexpr(-3.4028234663852886e38)  # float32's lowest: the lse of a part with no key
 
 # Note [grouped suffix kernels]
 #     The G q-heads of a GQA group read the same K/V rows. The grouped kernels hold a group's G
