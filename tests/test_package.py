@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 LIBRARY = sorted(p for p in (ROOT / "compiled_mask").rglob("*.py") if "draft" not in p.relative_to(ROOT).parts)
 PACKAGE = sorted((ROOT / "compiled_mask").rglob("*.py"))
@@ -50,3 +52,24 @@ def test_no_environment_variables_and_no_global_config():
                     text = ast.unparse(t)
                     assert not (("_dynamo.config." in text) or ("_inductor.config." in text)), (
                         f"{path.relative_to(ROOT)}:{node.lineno} writes {text}")
+
+
+@pytest.mark.parametrize("module", ["compiled_mask._triton_suffix", "compiled_mask._triton_blocks"])
+def test_kernels_read_only_constexpr_globals(module):
+    """Compiled Triton refuses a jitted function that reads a module global other than a
+    ``tl.constexpr``, another jitted function or a module ("Cannot access global variable"); the
+    interpreter allows it, so the CPU run of the kernels cannot catch it: read the names here."""
+    import importlib
+    import types
+
+    import triton  # the test extra installs it (Linux)
+    from triton.runtime.jit import JITFunction
+
+    mod = importlib.import_module(module)
+    kernels = {name: f for name, f in vars(mod).items() if isinstance(f, JITFunction)}
+    assert kernels
+    for name, kernel in kernels.items():
+        for used in kernel.fn.__code__.co_names:
+            value = vars(mod).get(used)
+            assert value is None or isinstance(value, (triton.language.constexpr, JITFunction, types.ModuleType)), (
+                f"{module}.{name} reads the global {used} = {value!r}; make it a tl.constexpr")
