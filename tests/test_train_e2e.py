@@ -143,6 +143,9 @@ def test_train_checkpoint_resume_export_tau(tiny):
     # Other settings than the checkpoint's: refused, naming them.
     code, out, err = _train([*_with(tiny["flags"], lr=1e-3), "--output-dir", run, "--resume", earlier])
     assert code == 1 and "the checkpoint was made with other settings (checkpoint, now): {'lr': (0.003, 0.001)}" in err
+    # A fingerprint key differs: named by itself, not as the whole fingerprint.
+    code, out, err = _train([*tiny["flags"], "--skip-malformed", "--output-dir", run, "--resume", earlier])
+    assert code == 1 and "(checkpoint, now): {'skip_malformed': (False, True)}; resume" in err, err[-2000:]
 
 
 def test_offline_first_step_loss_equals_online(tiny):

@@ -126,10 +126,10 @@ def _fingerprint(config: RunConfig, target: TargetModel, draft_to_target: torch.
     # The draft vocabulary itself, not only its size: the stored head rows and the positions that
     # count depend on its ids (an --init-from draft re-exported to the same path has other ids).
     vocab = hashlib.sha256(",".join(map(str, draft_to_target.tolist())).encode()).hexdigest()[:16]
-    draft_vocab_size = draft_to_target.numel()
-    return {"data_sha256": digest, "draft_vocab_sha256": vocab, "eval_data": config.eval_data, "eval_conversations": config.eval_conversations,
+    return {"data_sha256": digest, "eval_data": config.eval_data, "eval_conversations": config.eval_conversations,
             "target": str(Path(config.target_model).resolve()), "aux_layers": target.aux_layers,
-            "q_len": config.q_len, "packed": config.packed, "draft_vocab_size": draft_vocab_size,
+            "q_len": config.q_len, "packed": config.packed, "draft_vocab_size": draft_to_target.numel(),
+            "draft_vocab_sha256": vocab,
             "init_from": config.init_from, "skip_malformed": config.skip_malformed,
             # Which positions count (Note [the target's top token outside the draft vocabulary]):
             # features written under another rule are recomputed.
@@ -267,10 +267,11 @@ def run(config: RunConfig, say: Callable[..., None] = print) -> RunResult:
         where = ckpt_root if config.resume is True else Path(str(config.resume))
         state, meta = load_checkpoint(where)
         if meta.get("run") != run_meta:
-            was = meta.get("run", {})
-            diff = {k: (was.get(k), v) for k, v in run_meta.items() if k != "fingerprint" and was.get(k) != v}
-            diff |= {k: (was.get("fingerprint", {}).get(k), v) for k, v in fingerprint.items()
-                     if was.get("fingerprint", {}).get(k) != v}
+            def flat(run: dict[str, Any]) -> dict[str, Any]:  # the fingerprint's keys beside the others
+                return {**{k: v for k, v in run.items() if k != "fingerprint"}, **run.get("fingerprint", {})}
+
+            was, now = flat(meta.get("run", {})), flat(run_meta)
+            diff = {k: (was.get(k), v) for k, v in now.items() if was.get(k) != v}
             raise CheckpointError(f"--resume {where}: the checkpoint was made with other settings "
                                   f"(checkpoint, now): {diff}; resume with the same flags and data.")
         trainer.load_state_dict(state)
