@@ -379,6 +379,17 @@ def test_gpu_train_step_one_graph(backend):
     assert compile_summary(counter, reasons) == "graphs: 1\nrecompiles: none"
 
 
+def _float64_reference(model, T):
+    """The first of :func:`_gpu_calls` and the float64 written-out unroll of ``model`` on it
+    (the model is left in float64): ``(inputs, seq_lens, doc_ids, (loss, plosses, ...), grads)``."""
+    inputs, seq_lens, doc_ids = _gpu_calls(model.draft_model.config, T)[0]
+    input_ids, hidden, target, loss_mask = inputs
+    model.double()
+    want = reference_unroll(model, input_ids, hidden.double(), target.double(), loss_mask,
+                            seq_lens=seq_lens, doc_ids=doc_ids)
+    return inputs, seq_lens, doc_ids, want, grads(model, want[0])
+
+
 @pytest.mark.gpu
 @pytest.mark.usefixtures("fresh_compile_state")
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -387,11 +398,7 @@ def test_gpu_train_step_bf16_matches_float64(backend):
     gradients, with seq_lens and doc_ids; and no worse than the eager bf16 step (split)."""
     T = 256
     model = make_model(q_len=T, length=3, backend=backend, seed=14, **GPU_CFG).cuda()
-    (input_ids, hidden, target, loss_mask), seq_lens, doc_ids = _gpu_calls(model.draft_model.config, T)[0]
-    ref_model = model.double()
-    want = reference_unroll(ref_model, input_ids, hidden.double(), target.double(), loss_mask,
-                            seq_lens=seq_lens, doc_ids=doc_ids)
-    want_grads = grads(ref_model, want[0])
+    (input_ids, hidden, target, loss_mask), seq_lens, doc_ids, want, want_grads = _float64_reference(model, T)
     model = model.bfloat16()
     compiled = torch.compile(model, fullgraph=True)
     out = compiled(input_ids, hidden, target, loss_mask, seq_lens=seq_lens, doc_ids=doc_ids)
@@ -415,11 +422,7 @@ def test_gpu_memory_policies_match_save(memory):
     gradients as "save" (to bf16 rounding), against the float64 unroll, one graph."""
     T = 256
     model = make_model(q_len=T, length=3, seed=15, memory=memory, **GPU_CFG).cuda()
-    (input_ids, hidden, target, loss_mask), seq_lens, doc_ids = _gpu_calls(model.draft_model.config, T)[0]
-    ref_model = model.double()
-    want = reference_unroll(ref_model, input_ids, hidden.double(), target.double(), loss_mask,
-                            seq_lens=seq_lens, doc_ids=doc_ids)
-    want_grads = grads(ref_model, want[0])
+    (input_ids, hidden, target, loss_mask), seq_lens, doc_ids, want, want_grads = _float64_reference(model, T)
     model = model.bfloat16()
     counter = GraphCounter()
     out = torch.compile(model, backend=counter, fullgraph=True)(input_ids, hidden, target, loss_mask,
