@@ -54,7 +54,11 @@ def test_no_environment_variables_and_no_global_config():
                         f"{path.relative_to(ROOT)}:{node.lineno} writes {text}")
 
 
-@pytest.mark.parametrize("module", ["compiled_mask._triton_suffix", "compiled_mask._triton_blocks"])
+TRITON_MODULES = sorted(".".join(f.relative_to(ROOT).with_suffix("").parts)
+                        for f in (ROOT / "compiled_mask").rglob("_triton_*.py"))
+
+
+@pytest.mark.parametrize("module", TRITON_MODULES)
 def test_kernels_read_only_constexpr_globals(module):
     """Compiled Triton refuses a jitted function that reads a module global other than a
     ``tl.constexpr``, another jitted function or a module ("Cannot access global variable"); the

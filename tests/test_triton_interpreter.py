@@ -313,3 +313,48 @@ def test_bench_suffix_table(suffix, monkeypatch):
     rows, failed = table.suffix_rows(*args, sweep=False)
     assert failed == 1 and [r["check"][:8] for r in rows] == ["ok", "ok", "ok", "MISMATCH"], rows
 
+
+
+# ----------------------------------------------------------------------------- head loss kernel
+
+@in_interpreter
+@pytest.mark.parametrize("kind", ["probs", "logits", "ids"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("V", [37, 4100])  # one block, and three (the last partial: 2048-wide blocks)
+def test_xent_rows_kernel_matches_torch(kind, dtype, V):
+    """``_triton_loss.xent_rows_triton`` (the head loss's rows on CUDA) against
+    ``loss._xent_rows_torch``: loss, hits and the logits' gradient of the rows that count, and
+    zeros for the others; rows that do not count hold NaN in the target, or an id out of range;
+    row 3 has a tie for its maximum (the first index wins, as torch.argmax), and its target agrees."""
+    from compiled_mask.draft._triton_loss import xent_rows_triton
+    from compiled_mask.draft.loss import _xent_rows_torch
+
+    g = torch.Generator().manual_seed(V)
+    n = 7
+    z = (3 * torch.randn(n, V, generator=g)).to(dtype)
+    counted = torch.tensor([1, 1, 0, 1, 0, 1, 1], dtype=torch.bool)
+    if kind == "ids":
+        target = torch.randint(0, V, (n,), generator=g)
+        target[1], target[5], target[2] = -1, V + 2, -5
+    else:
+        target = (2 * torch.randn(n, V, generator=g)).to(dtype)
+        target[2] = target[4] = float("nan")
+        target = target.softmax(-1) if kind == "probs" else target
+        target = torch.cat([target, target], -1)[:, ::2]  # rows with a column stride of 2
+    z[3, V // 2] = z[3, V - 1] = z[3].max() + 1  # a tie for the argmax: the first one is hit
+    if kind == "ids":
+        target[3] = V // 2
+    else:
+        target[3, V // 2] = target[3].max() + 1
+    for grad in (False, True):
+        got = xent_rows_triton(z.clone(), kind, target, counted, grad)
+        want = _xent_rows_torch(z.clone(), kind, target, counted, grad)
+        live = counted & ((target >= 0) & (target < V) if kind == "ids" else True)
+        torch.testing.assert_close(got[0], want[0].float(), rtol=1e-5, atol=1e-5)
+        assert torch.equal(got[1], want[1]) and got[1][3], (got[1], want[1])
+        if grad:
+            torch.testing.assert_close(got[2][live], want[2][live], rtol=1.6e-2 if dtype == torch.bfloat16 else 1e-5,
+                                       atol=1e-5)
+            assert not got[2][~live].any()
+        else:
+            assert got[2] is None and want[2] is None

@@ -80,11 +80,13 @@ class TargetHead(NamedTuple):
 #     to R.
 #
 # Note [few passes over a chunk]
-#     Each chunk's ``[rows, V]`` work is memory-bound, so the loop reads and writes those buffers
-#     as few times as it can: the float32 copy of the logits is turned in place into the softmax
-#     and then the gradient, the soft cross entropy is ``lse * sum(p) - p . z`` (one reduction and
-#     one batched dot product, no log-probability buffer), and the logits are read once more only
-#     for the argmax.
+#     Each chunk's ``[rows, V]`` work past the matmuls is memory-bound, so it reads and writes
+#     those buffers as few times as it can. On CUDA one Triton kernel (``_triton_loss.py``) reads
+#     the draft logits and the target's row twice: once for the running maxima, sums and the
+#     soft cross entropy ``lse * sum(p) - p . z``, once to write the logits' gradient over the
+#     logits. The torch form (:func:`_xent_rows_torch`, CPU and float64) turns a float32 copy of
+#     the logits in place into the softmax and then the gradient, with the same cross entropy as
+#     one reduction and one batched dot product (no log-probability buffer).
 _CHUNK_ELEMENTS = 2**26
 
 
@@ -116,27 +118,69 @@ _TARGET_KINDS = ("probs", "ids", "logits", "head")
 #     the one for zeros there (tests/test_loss.py checks it).
 
 
-def _chunk_target(target_kind: str, target: Tensor, target_weight: Tensor | None, b: int, r0: int,
-                  r1: int, c: Tensor, V: int) -> tuple[Tensor | None, Tensor, Tensor]:
-    """One chunk of the target: ``(p, target_id, counted)``.
+def _xent_rows_torch(z: Tensor, kind: str, target: Tensor, counted: Tensor, grad: bool
+                     ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The cross entropy of a chunk of draft logits against its target, row by row, in torch ops
+    (the CPU form, and the reference of ``_triton_loss.xent_rows_triton``, the CUDA form).
 
-    ``p`` ``[n, V]``: the probabilities in their float32-or-wider dtype (None for ids);
-    ``target_id`` ``[n]``: the id a hit must match; ``counted`` ``[n]``: ``c``, and for ids also
-    ``id >= 0``. Rows that do not count are zeros (Note [rows that do not count]).
+    Args:
+        z: ``[n, V]`` the draft logits, in the parameter dtype.
+        kind: "probs" (``target`` ``[n, V]`` float probabilities, as given), "logits"
+            (``target`` ``[n, V]`` float target or teacher logits: their softmax) or "ids"
+            (``target`` ``[n]`` int ids; one outside ``[0, V)`` does not count).
+        counted: ``[n]`` bool, the rows that count; the others may hold anything in ``target``
+            (NaN included) and change nothing (Note [rows that do not count]).
+        grad: also return the gradient of the summed loss with respect to ``z``.
+
+    Returns:
+        ``(nll, hit, d_z)``: ``nll`` ``[n]`` the loss per row in float32 or wider, 0 where the
+        row does not count; ``hit`` ``[n]`` bool, the row counts and the argmax of ``z`` is the
+        target's id or argmax; ``d_z`` ``[n, V]`` in ``z``'s dtype (may be ``z`` itself,
+        overwritten), finite but unspecified in rows that do not count, or None without
+        ``grad``.
     """
-    if target_kind == "ids":
-        ids = target[b, r0:r1]  # [n]
-        c = c & (ids >= 0)
-        c = c & (ids < V)  # ids outside the draft vocabulary do not count (see head_loss)
-        return None, torch.where(c, ids, 0), c
-    rows = torch.where(c[:, None], target[b, r0:r1], 0)  # [n, V] or [n, Ht]
-    if target_kind == "probs":
-        p = rows.to(_f32_or_wider(rows.dtype))  # [n, V]
-        return p, p.argmax(-1), c
-    if target_kind == "head":
-        rows = F.linear(rows, target_weight)  # [n, V], the teacher logits
-    target_id = rows.argmax(-1)  # [n]
-    return torch.softmax(rows.to(_f32_or_wider(rows.dtype)), -1), target_id, c
+    V = z.shape[-1]
+    if kind == "ids":
+        counted = counted & (target >= 0) & (target < V)
+        p, target_id = None, torch.where(counted, target, 0)
+    else:
+        rows = torch.where(counted[:, None], target, 0)  # [n, V]
+        if kind == "probs":
+            p = rows.to(_f32_or_wider(rows.dtype))
+            target_id = p.argmax(-1)
+        else:
+            target_id = rows.argmax(-1)
+            p = torch.softmax(rows, -1, dtype=_f32_or_wider(rows.dtype))
+    hit = (z.argmax(-1) == target_id) & counted
+    # Note [few passes over a chunk]
+    z_dtype = _f32_or_wider(z.dtype) if p is None else torch.promote_types(_f32_or_wider(z.dtype), p.dtype)
+    zf = z.to(z_dtype)  # [n, V]
+    lse = torch.logsumexp(zf, -1)  # [n]
+    if p is None:
+        nll = lse - zf.gather(-1, target_id[:, None]).squeeze(-1)  # [n]
+    else:  # -(p . log_softmax(z)) = lse * sum(p) - p . z
+        p_sum = p.sum(-1)  # [n]
+        nll = lse * p_sum - torch.bmm(p.to(z_dtype).unsqueeze(1), zf.unsqueeze(2)).view(-1)
+    nll = torch.where(counted, nll, 0)
+    if not grad:
+        return nll, hit, None
+    # d nll / d z: softmax * sum(p) - p (soft), softmax - onehot (ids); in place in zf.
+    d_z = zf.sub_(lse[:, None]).exp_()  # [n, V], the softmax
+    if p is None:
+        d_z.scatter_add_(-1, target_id[:, None], d_z.new_full((z.shape[0], 1), -1.0))
+    else:
+        d_z.mul_(p_sum[:, None]).sub_(p)
+    return nll, hit, d_z.to(z.dtype)  # as autograd casts
+
+
+def _xent_rows(z: Tensor, kind: str, target: Tensor, counted: Tensor, grad: bool
+               ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`_xent_rows_torch`, or on CUDA, without float64, its Triton kernel."""
+    if z.is_cuda and torch.float64 not in (z.dtype, target.dtype):
+        from compiled_mask.draft._triton_loss import xent_rows_triton
+
+        return xent_rows_triton(z, kind, target, counted, grad)
+    return _xent_rows_torch(z, kind, target, counted, grad)
 
 
 def _head_loss_chunks(hidden: Tensor, norm_weight: Tensor, head_weight: Tensor, target: Tensor,
@@ -150,6 +194,7 @@ def _head_loss_chunks(hidden: Tensor, norm_weight: Tensor, head_weight: Tensor, 
     loss_dtype = _loss_dtype(param_dtype, target_kind, target.dtype)
     norm_dtype = _f32_or_wider(hidden.dtype)  # RMSNorm statistics
     grad_normed = grad_hidden or grad_norm_weight
+    grad_any = grad_normed or grad_head_weight
     device = hidden.device
     nll_sum = torch.zeros((), dtype=loss_dtype, device=device)
     hit_sum = torch.zeros((), dtype=loss_dtype, device=device)
@@ -164,8 +209,13 @@ def _head_loss_chunks(hidden: Tensor, norm_weight: Tensor, head_weight: Tensor, 
     for b in range(B):
         for r0 in range(0, R, rows):
             r1 = min(r0 + rows, R)
-            p, target_id, c = _chunk_target(target_kind, target, target_weight, b, r0, r1,
-                                            counted[b, r0:r1], V)
+            c = counted[b, r0:r1]  # [n]
+            t = target[b, r0:r1]  # [n, V], [n] ids or [n, Ht]
+            kind = "logits" if target_kind == "head" else target_kind
+            if target_kind == "ids":
+                c = c & (t >= 0) & (t < V)  # ids outside the draft vocabulary do not count (see head_loss)
+            elif target_kind == "head":  # the teacher logits [n, V], from zeros where c is False
+                t = F.linear(torch.where(c[:, None], t, 0), target_weight)
             c_col = c[:, None]  # [n, 1]
             # RMSNorm as _RMSNorm in model.py, on zeros for rows that do not count; their xhat is
             # zeroed again, since with eps = 0 a zero row normalises to NaN.
@@ -175,30 +225,14 @@ def _head_loss_chunks(hidden: Tensor, norm_weight: Tensor, head_weight: Tensor, 
             xhat = torch.where(c_col, (x32 * inv).to(x.dtype), 0)  # [n, H]
             normed = norm_weight * xhat  # [n, H], the parameter dtype
             logits = F.linear(normed, head_weight)  # [n, V]
-            hit_sum += ((logits.argmax(-1) == target_id) & c).sum().to(loss_dtype)
-            # Note [few passes over a chunk]
-            z_dtype = _f32_or_wider(param_dtype) if p is None else torch.promote_types(_f32_or_wider(param_dtype), p.dtype)
-            z = logits.to(z_dtype)  # [n, V]; logits are not read again
+            nll, hit, d_logits = _xent_rows(logits, kind, t, c, grad_any)
             del logits
-            lse = torch.logsumexp(z, -1)  # [n]
-            if p is None:
-                nll = lse - z.gather(-1, target_id[:, None]).squeeze(-1)  # [n]
-            else:  # -(p . log_softmax(z)) = lse * sum(p) - p . z
-                p_sum = p.sum(-1)  # [n]
-                nll = lse * p_sum - torch.bmm(p.to(z_dtype).unsqueeze(1), z.unsqueeze(2)).view(-1)
-            nll_sum += torch.where(c, nll, 0).sum().to(loss_dtype)
-            if not (grad_normed or grad_head_weight):
+            nll_sum += nll.sum().to(loss_dtype)
+            hit_sum += hit.sum().to(loss_dtype)
+            if not grad_any:
                 continue
-            # d nll / d logits: softmax * sum(p) - p (soft), softmax - onehot (ids); in place in z.
-            d_logits = z.sub_(lse[:, None]).exp_()  # [n, V], the softmax
-            if p is None:
-                d_logits.scatter_add_(-1, target_id[:, None], d_logits.new_full((r1 - r0, 1), -1.0))
-            else:
-                d_logits.mul_(p_sum[:, None]).sub_(p)
-            del p
             # Rows that do not count need no mask here: their xhat (and normed) rows are zeros,
             # so they add nothing to d_head_weight or d_norm_weight; d_hidden is masked below.
-            d_logits = d_logits.to(param_dtype)  # [n, V], as autograd casts
             if grad_head_weight:
                 d_head_acc += (d_logits.T @ normed).to(d_head_acc.dtype)  # [V, H]
             if not grad_normed:
