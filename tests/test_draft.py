@@ -435,10 +435,13 @@ def test_gpu_memory_policies_match_save(memory):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("chunk_rows", [128, None])
 @pytest.mark.parametrize("target_form", ["probs", "ids", "logits", "head"])
-def test_gpu_head_loss_matches_float64(target_form):
-    """The fused LM head + loss on CUDA in bf16, every target form, against its float64 reference:
-    sums and the gradients of hidden, norm and head weights (chunks smaller than the rows)."""
+def test_gpu_head_loss_matches_float64(target_form, chunk_rows):
+    """The fused LM head + loss on CUDA in bf16 (the Triton cross entropy), every target form,
+    against its float64 reference: sums and the gradients of hidden, norm and head weights, in
+    chunks smaller than the rows (the head gradient summed over six), and in the default (one
+    chunk per sample)."""
     from compiled_mask.draft.loss import TargetHead, TargetLogits, _head_loss_reference, head_loss
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -461,7 +464,7 @@ def test_gpu_head_loss_matches_float64(target_form):
             target = TargetLogits(target.logits.to(dtype))
         elif target.dtype.is_floating_point:
             target = target.to(dtype)
-        kw = {"chunk_rows": 128} if fn is head_loss else {}
+        kw = {"chunk_rows": chunk_rows} if fn is head_loss else {}
         nll, hit = fn(*leaves, target, counted, eps=1e-5, **kw)
         return (nll, hit, *torch.autograd.grad(nll, leaves))
 

@@ -309,13 +309,17 @@ def test_computes_only_the_gradients_needed():
     assert mode.flags == [(False, False, True), (False, False, False), (True, False, False)]
 
 
-def test_default_chunk_rows():
-    assert _default_chunk_rows(32000) == 2048  # 2048 x 32000 float32: 250 MiB per buffer
-    for V in (1, 50, 300, 32000, 128256, 2**26, 2**27):
-        rows = _default_chunk_rows(V)
+@pytest.mark.parametrize("device, elements", [("cpu", 2**26), ("cuda", 2**28)])
+def test_default_chunk_rows(device, elements):
+    """The largest power of two of rows within the device's element budget (Note [chunk size]):
+    V = 32000 gives 2048 rows for the torch form, 8192 (a whole 8K sequence) for the kernel."""
+    device = torch.device(device)
+    assert _default_chunk_rows(32000, device) == {"cpu": 2048, "cuda": 8192}[device.type]
+    for V in (1, 50, 300, 32000, 128256, 2**26, 2**27, 2**29):
+        rows = _default_chunk_rows(V, device)
         assert rows >= 1 and rows & (rows - 1) == 0
-        assert rows * V <= 2**26 or rows == 1
-        assert rows == 1 or 2 * rows * V > 2**26  # the largest such power of two
+        assert rows * V <= elements or rows == 1
+        assert rows == 1 or 2 * rows * V > elements  # the largest such power of two
 
 
 def test_docstring_example_runs():

@@ -68,16 +68,22 @@ class TargetHead(NamedTuple):
 
 
 # Note [chunk size]
-#     One chunk of ``rows`` rows holds a few ``[rows, V]`` buffers at once: the draft logits (the
-#     parameter dtype), the same in float32, which becomes the softmax and then the logits'
-#     gradient in place, and the target's probabilities (float32): about three float32 buffers at
-#     the peak. The default takes the largest power of two of rows with ``rows * V <= 2**26``
-#     elements, 256 MiB per float32 buffer, ~0.8 GiB for the chunk (V = 32000: 2048 rows). Small
-#     next to the ``[R, V]`` it replaces at long context (128K rows: 16 GiB per float32 buffer),
-#     and large enough that the chunk's ~20 kernels are few per step: with 256-row chunks the op
-#     was bound by kernel launches on an H100 (docs/benchmarks.md, 2026-12-06). A power of two keeps the rows a multiple of the tensor core tiles. It
-#     depends on V only (not on R), so a compiled caller gets no guard on R; the op clamps it
-#     to R.
+#     One chunk of ``rows`` rows holds a few ``[rows, V]`` buffers at once. In the torch form
+#     (CPU): the draft logits (the parameter dtype), the same in float32, which becomes the
+#     softmax and then the logits' gradient in place, and the target's probabilities (float32):
+#     about three float32 buffers at the peak, so the default there is the largest power of two
+#     of rows with ``rows * V <= 2**26`` elements, ~0.8 GiB for the chunk (V = 32000: 2048 rows).
+#     The CUDA kernel (Note [few passes over a chunk]) holds only the draft logits, overwritten
+#     by their gradient, and, for a teacher head, the teacher logits: two bf16 buffers, so there
+#     the default is ``rows * V <= 2**28`` (V = 32000: 8192 rows, ~1 GiB in bf16). Both are small
+#     next to the ``[R, V]`` they replace at long context (128K rows: 16 GiB per float32 buffer).
+#     Large chunks matter on a GPU: every chunk after the first adds its ``[V, H]`` head-weight
+#     gradient into a float32 accumulator (~2.6 GB of memory traffic at V = 32000, H = 4096),
+#     and a chunk's ~20 kernels are launched per chunk (with 256-row chunks the op was bound by
+#     launches on an H100, docs/benchmarks.md, 2026-12-06); at 8192 tokens a step is one chunk.
+#     A power of two keeps the rows a multiple of the tensor core tiles. The default depends on
+#     V and the device only (not on R), so a compiled caller gets no guard on R; the op clamps
+#     it to R.
 #
 # Note [few passes over a chunk]
 #     Each chunk's ``[rows, V]`` work past the matmuls is memory-bound, so it reads and writes
@@ -87,12 +93,14 @@ class TargetHead(NamedTuple):
 #     logits. The torch form (:func:`_xent_rows_torch`, CPU and float64) turns a float32 copy of
 #     the logits in place into the softmax and then the gradient, with the same cross entropy as
 #     one reduction and one batched dot product (no log-probability buffer).
-_CHUNK_ELEMENTS = 2**26
+_CHUNK_ELEMENTS = 2**26  # the torch form (CPU)
+_CUDA_CHUNK_ELEMENTS = 2**28  # the Triton kernel (CUDA)
 
 
-def _default_chunk_rows(V: int) -> int:
-    """Rows per chunk for vocabulary size V (Note [chunk size])."""
-    return 1 << (max(1, _CHUNK_ELEMENTS // max(V, 1)).bit_length() - 1)
+def _default_chunk_rows(V: int, device: torch.device) -> int:
+    """Rows per chunk for vocabulary size V on ``device`` (Note [chunk size])."""
+    elements = _CUDA_CHUNK_ELEMENTS if device.type == "cuda" else _CHUNK_ELEMENTS
+    return 1 << (max(1, elements // max(V, 1)).bit_length() - 1)
 
 
 def _loss_dtype(head_dtype: torch.dtype, target_kind: str, target_dtype: torch.dtype) -> torch.dtype:
@@ -204,7 +212,7 @@ def _head_loss_chunks(hidden: Tensor, norm_weight: Tensor, head_weight: Tensor, 
     # accumulation inside it, rounded to bf16 once at its end), then added here: the rounding of
     # an unfused bf16 matmul over all rows, once per chunk.
     d_norm_acc = torch.zeros(H, dtype=_f32_or_wider(norm_weight.dtype), device=device) if grad_norm_weight else None
-    d_head_acc = torch.zeros(V, H, dtype=_f32_or_wider(param_dtype), device=device) if grad_head_weight else None
+    d_head_acc, d_head_summing = None, False  # the first chunk's matmul, then float32 (or wider) sums
     rows = max(1, min(chunk_rows, R))
     for b in range(B):
         for r0 in range(0, R, rows):
@@ -234,7 +242,13 @@ def _head_loss_chunks(hidden: Tensor, norm_weight: Tensor, head_weight: Tensor, 
             # Rows that do not count need no mask here: their xhat (and normed) rows are zeros,
             # so they add nothing to d_head_weight or d_norm_weight; d_hidden is masked below.
             if grad_head_weight:
-                d_head_acc += (d_logits.T @ normed).to(d_head_acc.dtype)  # [V, H]
+                d_head_chunk = d_logits.T @ normed  # [V, H], the parameter dtype
+                if d_head_acc is None:  # the first chunk: kept as it is (one chunk: no float32 copy)
+                    d_head_acc = d_head_chunk
+                elif not d_head_summing:
+                    d_head_acc, d_head_summing = d_head_acc.to(_f32_or_wider(param_dtype)) + d_head_chunk, True
+                else:
+                    d_head_acc += d_head_chunk
             if not grad_normed:
                 continue
             d_normed = d_logits @ head_weight  # [n, H]
@@ -248,7 +262,12 @@ def _head_loss_chunks(hidden: Tensor, norm_weight: Tensor, head_weight: Tensor, 
                 d_x = inv * d_y - x32 * inv.pow(3) * (d_y * x32).mean(-1, keepdim=True)  # [n, H]
                 d_hidden[b, r0:r1] = torch.where(c_col, d_x, 0).to(hidden.dtype)
     d_norm = d_norm_acc.to(norm_weight.dtype) if grad_norm_weight else norm_weight.new_empty((0,))
-    d_head = d_head_acc.to(param_dtype) if grad_head_weight else head_weight.new_empty((0,))
+    if not grad_head_weight:
+        d_head = head_weight.new_empty((0,))
+    elif d_head_acc is None:  # no rows at all
+        d_head = torch.zeros_like(head_weight, memory_format=torch.contiguous_format)
+    else:
+        d_head = d_head_acc.to(param_dtype)
     return nll_sum, hit_sum, d_hidden, d_norm, d_head
 
 
@@ -378,7 +397,7 @@ def head_loss(hidden: Tensor, norm_weight: Tensor, head_weight: Tensor,
     target_kind, target_t, target_weight = _check_head_loss_args(
         hidden, norm_weight, head_weight, target, counted, eps, chunk_rows)
     if chunk_rows is None:
-        chunk_rows = _default_chunk_rows(head_weight.shape[0])
+        chunk_rows = _default_chunk_rows(head_weight.shape[0], hidden.device)
     grad_on = torch.is_grad_enabled()
     nll_sum, hit_sum, *_ = _head_loss(
         hidden, norm_weight, head_weight, target_t, target_weight, counted, target_kind, float(eps),
