@@ -94,7 +94,7 @@ def test_bench_prints_the_split_table():
                                           "--ttt-steps", "2", "--draft-vocab", "64", "--steps", "2",
                                           "--warmup-steps", "1", "--compiler", "none", "--docs-per-row", "2"])
     assert code == 0, err[-2000:]
-    for phase in ("target forward + draft-vocab probabilities", "draft TTT step, forward + backward (one graph)",
+    for phase in ("target forward (hidden states, TargetHead)", "draft TTT step, forward + backward (one graph)",
                   "clip + AdamW", "whole loop"):
         assert re.search(rf"^\| {re.escape(phase)} +\| +\d+\.\d \| +\d+\.\d% \| +[\d,]+ \|$", out, re.M), (phase, out)
     assert re.search(r"^whole loop: [\d,]+ tokens/s on CPU$", out, re.M)

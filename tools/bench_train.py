@@ -2,9 +2,10 @@
 
 A target with random weights and a named model's sizes (no download; default Llama-3-8B), random
 token rows, and the same loop ``tools/train.py --target-model`` runs (OnlineBatches + Trainer):
-per optimizer step the target's forward over the rows' documents and the draft vocabulary's
-probabilities, the compiled TTT step (forward and backward), clipping and AdamW. The device is
-synchronised between the phases, so their times add up to the step. Prints a table.
+per optimizer step the target's forward over the rows' documents (its auxiliary and last hidden
+states: the soft target goes to the draft as ``TargetHead``), the compiled TTT step (forward and
+backward), clipping and AdamW. The device is synchronised between the phases, so their times add
+up to the step. Prints a table.
 
     python tools/bench_train.py --device cuda                       # Llama-3-8B target, Q_LEN 8192, 7 TTT steps
     python tools/bench_train.py --device cuda --profile prof/        # also a torch.profiler trace
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     optim = med([r.optim_s for r in results])
     total = med([r.data_s + r.step_s + r.optim_s for r in results])
     tokens = results[0].tokens
-    rows_out = [("target forward + draft-vocab probabilities", data),
+    rows_out = [("target forward (hidden states, TargetHead)", data),
                 ("draft TTT step, forward + backward (one graph)", step),
                 ("clip + AdamW (fp32 master weights)" if dtype != torch.float32 else "clip + AdamW", optim),
                 ("whole loop", total)]
