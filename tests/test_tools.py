@@ -248,3 +248,58 @@ def test_model_from_a_file(tmp_path, monkeypatch):
     assert guards.load_factory("models/my_models.py:factory") is factory  # loaded once
     with pytest.raises(ValueError, match=r"my_models \(.*my_models\.py\) has no 'other'"):
         guards.load_factory("models/my_models.py:other")
+
+
+# ----------------------------------------------------------------------------- tools/memory_peak.py
+
+def _memory_peak():
+    from helpers import load_tool
+
+    return load_tool("memory_peak")
+
+
+def test_memory_peak_replays_the_allocator_trace(tmp_path):
+    """The peak of a trace and the blocks alive then, grouped by the line that allocated them
+    (the first frame outside torch; Inductor's generated code counts as outside)."""
+    tool = _memory_peak()
+    code = tmp_path / "generated.py"
+    code.write_text("buf1 = empty_strided_cuda((8, 8))\nbuf2 = empty_strided_cuda((4, 4))\n")
+    torch_frame = {"filename": "/site-packages/torch/nn/functional.py", "line": 1}
+    first = [torch_frame, {"filename": str(code), "line": 1}]
+    second = [{"filename": str(code), "line": 2}]
+    events = [
+        dict(action="alloc", addr=1, size=100, frames=first),
+        dict(action="alloc", addr=2, size=50, frames=second),
+        dict(action="free_requested", addr=2, size=50),  # not yet free: only free_completed counts
+        dict(action="free_completed", addr=2, size=50),
+        dict(action="alloc", addr=3, size=30, frames=second),
+        dict(action="alloc", addr=4, size=30, frames=second),  # the peak: 100 + 30 + 30
+        dict(action="free_completed", addr=1, size=100),
+        dict(action="free_completed", addr=99, size=7),  # allocated before the trace: ignored
+    ]
+    events = [e for e in events if e["action"] in ("alloc", "free_completed")]
+    peak, at_peak = tool.peak_blocks(events)
+    assert peak == 160 and sorted(at_peak) == [(30, 3), (30, 4), (100, 0)]
+    assert tool.top_lines(events, at_peak, top=5) == [
+        (100, 1, "generated.py:1 buf1 = empty_strided_cuda((8, 8))"),
+        (60, 2, "generated.py:2 buf2 = empty_strided_cuda((4, 4))"),
+    ]
+    assert tool.top_lines(events, at_peak, top=1) == [(100, 1, "generated.py:1 buf1 = empty_strided_cuda((8, 8))")]
+
+
+def test_memory_peak_recompute_holds_less_than_save(capsys):
+    """On CPU (profiler memory events), eager: the step with each TTT step's layer recomputed
+    peaks well below the one that saves everything."""
+    rows = _memory_peak().main(["--device", "cpu", "--size", "tiny", "--q-len", "512", "--compiler", "none",
+                                "--memory", "save", "recompute"])
+    save, recompute = (row["peak_bytes"] / row["unit_bytes"] for row in rows)
+    assert save > 2 * recompute > 0, (save, recompute)
+    out = capsys.readouterr().out
+    assert "memory=save (save), Q_LEN 512 x 7 TTT steps, none, cpu" in out
+    assert "memory=recompute (recompute)" in out
+
+
+def test_memory_peak_usage_errors(capsys):
+    with pytest.raises(SystemExit):
+        _memory_peak().main(["--device", "cpu", "--q-len", "0"])
+    assert "--q-len and --ttt-steps must be >= 1" in capsys.readouterr().err
