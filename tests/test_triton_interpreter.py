@@ -325,7 +325,8 @@ def test_xent_rows_kernel_matches_torch(kind, dtype, V):
     """``_triton_loss.xent_rows_triton`` (the head loss's rows on CUDA) against
     ``loss._xent_rows_torch``: loss, hits and the logits' gradient of the rows that count, and
     zeros for the others; rows that do not count hold NaN in the target, or an id out of range;
-    row 3 has a tie for its maximum (the first index wins, as torch.argmax), and its target agrees."""
+    row 3 has a tie for its maximum (the first index wins, as torch.argmax), and its target agrees;
+    the mask, the ids and the target rows are strided views."""
     from compiled_mask.draft._triton_loss import xent_rows_triton
     from compiled_mask.draft.loss import _xent_rows_torch
 
@@ -346,6 +347,9 @@ def test_xent_rows_kernel_matches_torch(kind, dtype, V):
         target[3] = V // 2
     else:
         target[3, V // 2] = target[3].max() + 1
+    if kind == "ids":
+        target = torch.stack([target, target], -1)[:, 0]  # ids with a stride of 2
+    counted = torch.stack([counted, counted], -1)[:, 0]  # a mask with a stride of 2
     for grad in (False, True):
         got = xent_rows_triton(z.clone(), kind, target, counted, grad)
         want = _xent_rows_torch(z.clone(), kind, target, counted, grad)

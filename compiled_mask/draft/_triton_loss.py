@@ -119,8 +119,9 @@ def xent_rows_triton(z: Tensor, kind: str, target: Tensor, counted: Tensor, grad
     n, V = z.shape
     if z.stride(1) != 1:
         z = z.contiguous()
-    if kind != "ids" and target.stride(1) != 1:
-        target = target.contiguous()
+    if kind == "ids" or target.stride(1) != 1:
+        target = target.contiguous()  # ids are read at IDS + row
+    counted = counted.contiguous()  # read at COUNTED + row
     nll = z.new_empty((n,), dtype=torch.float32)
     hit = z.new_empty((n,), dtype=torch.int8)
     t_stride = target.stride(0) if kind != "ids" else 0
