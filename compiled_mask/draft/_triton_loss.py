@@ -127,6 +127,6 @@ def xent_rows_triton(z: Tensor, kind: str, target: Tensor, counted: Tensor, grad
     t_stride = target.stride(0) if kind != "ids" else 0
     _xent_rows_kernel[(n,)](
         z, target, target, counted.view(torch.uint8), nll, hit, V, z.stride(0), t_stride,
-        KIND=_KINDS[kind], GRAD=grad, BLOCK_V=min(_BLOCK_V, triton.next_power_of_2(V)), num_warps=8,
+        KIND=_KINDS[kind], GRAD=grad, BLOCK_V=max(16, min(_BLOCK_V, triton.next_power_of_2(V))), num_warps=8,
     )
     return nll, hit.bool(), (z if grad else None)
