@@ -25,9 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone, uninstalled
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/benchmarks/
 
-from benchmarks.draft import LLAMA3_8B_DRAFT  # noqa: E402
-from compiled_mask import Eagle3DraftConfig, Eagle3DraftModel, Eagle3Model  # noqa: E402
-from compiled_mask.draft import TargetHead  # noqa: E402
+from benchmarks.draft import LLAMA3_8B_DRAFT, draft_step_inputs  # noqa: E402
+from compiled_mask import Eagle3DraftConfig, Eagle3Model  # noqa: E402
 
 SIZES = {
     "llama3-8b": LLAMA3_8B_DRAFT,
@@ -96,19 +95,7 @@ def measure(device: torch.device, size: str, q_len: int, ttt_steps: int, memory:
     (``unit_bytes``: one ``[T, H]`` activation in the parameter dtype)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = Eagle3DraftConfig(**SIZES[size])
-    torch.manual_seed(0)
-    draft = Eagle3DraftModel(cfg)
-    draft.freeze_embedding()
-    g = torch.Generator(device=device).manual_seed(0)
-    ids = torch.randint(0, cfg.vocab_size, (1, q_len), device=device, generator=g)
-    hidden = torch.randn(1, q_len, 3 * cfg.hidden_size, device=device, dtype=dtype, generator=g)
-    loss_mask = torch.ones(1, q_len, dtype=torch.bool, device=device)
-    if target_form == "head":
-        target = TargetHead(torch.randn(1, q_len, cfg.hidden_size, device=device, dtype=dtype, generator=g),
-                            torch.randn(cfg.draft_vocab_size, cfg.hidden_size, device=device, dtype=dtype,
-                                        generator=g) / cfg.hidden_size**0.5)
-    else:
-        target = torch.randn(1, q_len, cfg.draft_vocab_size, device=device, generator=g).softmax(-1)
+    draft, ids, hidden, target, loss_mask = draft_step_inputs(cfg, q_len, target_form, device, dtype)
     model = Eagle3Model(draft, q_len, ttt_steps, memory=memory).to(device, dtype)
     step = torch.compile(model, fullgraph=True) if compiler == "inductor" else model
     params = [p for p in model.parameters() if p.requires_grad]

@@ -140,16 +140,13 @@ def _draft_method_name(method: str) -> str:
     return f"Eagle3Model({backend!r}, memory={memory!r}), target {target}, one graph"
 
 
-def draft_row(spec: dict) -> dict:
-    """One row of the draft table, in this (fresh) process."""
+def draft_step_inputs(cfg: Eagle3DraftConfig, q_len: int, target_form: str, device: torch.device,
+                      dtype: torch.dtype):
+    """The benchmarks' draft (seeded, embedding frozen) and one batch of random inputs for it:
+    ``(draft, input_ids, hidden_states, target, loss_mask)``; the target is float32 ``[1, T, V]``
+    probabilities ("probs") or a :class:`TargetHead` ("head")."""
     from compiled_mask.draft import TargetHead
 
-    device = torch.device(spec["device"])
-    q_len, length, method = spec["q_len"], spec["length"], spec["method"]
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    cfg = Eagle3DraftConfig(**(SMOKE_DRAFT if spec["smoke"] else LLAMA3_8B_DRAFT))
-    row = dict(table="draft", method=_draft_method_name(method), Q_LEN=q_len, ttt_steps=length)
-    matmul_tf, attn_tf = draft_step_tflop(cfg, q_len, length)
     torch.manual_seed(0)
     draft = Eagle3DraftModel(cfg)
     draft.freeze_embedding()
@@ -157,14 +154,26 @@ def draft_row(spec: dict) -> dict:
     input_ids = torch.randint(0, cfg.vocab_size, (1, q_len), device=device, generator=g)
     hidden = torch.randn(1, q_len, 3 * cfg.hidden_size, device=device, dtype=dtype, generator=g)
     loss_mask = torch.ones(1, q_len, dtype=torch.bool, device=device)
+    if target_form == "probs":
+        target = torch.randn(1, q_len, cfg.draft_vocab_size, device=device, generator=g).softmax(-1)
+    else:
+        target = TargetHead(torch.randn(1, q_len, cfg.hidden_size, device=device, dtype=dtype, generator=g),
+                            torch.randn(cfg.draft_vocab_size, cfg.hidden_size, device=device, dtype=dtype,
+                                        generator=g) / cfg.hidden_size**0.5)
+    return draft, input_ids, hidden, target, loss_mask
+
+
+def draft_row(spec: dict) -> dict:
+    """One row of the draft table, in this (fresh) process."""
+    device = torch.device(spec["device"])
+    q_len, length, method = spec["q_len"], spec["length"], spec["method"]
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    cfg = Eagle3DraftConfig(**(SMOKE_DRAFT if spec["smoke"] else LLAMA3_8B_DRAFT))
+    row = dict(table="draft", method=_draft_method_name(method), Q_LEN=q_len, ttt_steps=length)
+    matmul_tf, attn_tf = draft_step_tflop(cfg, q_len, length)
     try:
         target_form = "probs" if method == "today" else method.split(":")[2]
-        if target_form == "probs":
-            target = torch.randn(1, q_len, cfg.draft_vocab_size, device=device, generator=g).softmax(-1)
-        else:
-            target = TargetHead(torch.randn(1, q_len, cfg.hidden_size, device=device, dtype=dtype, generator=g),
-                                torch.randn(cfg.draft_vocab_size, cfg.hidden_size, device=device, dtype=dtype,
-                                            generator=g) / cfg.hidden_size**0.5)
+        draft, input_ids, hidden, target, loss_mask = draft_step_inputs(cfg, q_len, target_form, device, dtype)
         if method == "today":
             model = TodayEagle3Step(draft, q_len, length).to(device, dtype)
             step = model
