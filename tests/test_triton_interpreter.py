@@ -314,7 +314,6 @@ def test_bench_suffix_table(suffix, monkeypatch):
     assert failed == 1 and [r["check"][:8] for r in rows] == ["ok", "ok", "ok", "MISMATCH"], rows
 
 
-
 # ----------------------------------------------------------------------------- head loss kernel
 
 @in_interpreter

@@ -212,14 +212,15 @@ def _head_loss_chunks(hidden: Tensor, norm_weight: Tensor, head_weight: Tensor, 
     # accumulation inside it, rounded to bf16 once at its end), then added here: the rounding of
     # an unfused bf16 matmul over all rows, once per chunk.
     d_norm_acc = torch.zeros(H, dtype=_f32_or_wider(norm_weight.dtype), device=device) if grad_norm_weight else None
-    d_head_acc, d_head_summing = None, False  # the first chunk's matmul, then float32 (or wider) sums
+    d_head_acc = None  # the first chunk's matmul, then its float32 (or wider) sum with the others
+    acc_dtype = _f32_or_wider(param_dtype)
     rows = max(1, min(chunk_rows, R))
+    kind = "logits" if target_kind == "head" else target_kind  # _xent_rows's: teacher logits are logits
     for b in range(B):
         for r0 in range(0, R, rows):
             r1 = min(r0 + rows, R)
             c = counted[b, r0:r1]  # [n]
             t = target[b, r0:r1]  # [n, V], [n] ids or [n, Ht]
-            kind = "logits" if target_kind == "head" else target_kind
             if target_kind == "ids":
                 c = c & (t >= 0) & (t < V)  # ids outside the draft vocabulary do not count (see head_loss)
             elif target_kind == "head":  # the teacher logits [n, V], from zeros where c is False
@@ -245,9 +246,8 @@ def _head_loss_chunks(hidden: Tensor, norm_weight: Tensor, head_weight: Tensor, 
                 d_head_chunk = d_logits.T @ normed  # [V, H], the parameter dtype
                 if d_head_acc is None:  # the first chunk: kept as it is (one chunk: no float32 copy)
                     d_head_acc = d_head_chunk
-                elif not d_head_summing:
-                    d_head_acc, d_head_summing = d_head_acc.to(_f32_or_wider(param_dtype)) + d_head_chunk, True
                 else:
+                    d_head_acc = d_head_acc.to(acc_dtype)  # a no-op once summing (or for float32)
                     d_head_acc += d_head_chunk
             if not grad_normed:
                 continue
