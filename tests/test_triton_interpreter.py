@@ -361,3 +361,52 @@ def test_xent_rows_kernel_matches_torch(kind, dtype, V):
             assert not got[2][~live].any()
         else:
             assert got[2] is None and want[2] is None
+
+
+@in_interpreter
+@pytest.mark.parametrize("x_dtype, param_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                  (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("H", [24, 2500])  # one block of columns, and three (the last partial: 1024-wide)
+def test_norm_kernels_match_torch(x_dtype, param_dtype, H):
+    """``_triton_loss.rms_norm_rows_triton`` and its backward (the head loss's final norm on CUDA)
+    against ``loss._rms_norm_rows_torch`` and its backward: normalised rows, inv, the hidden
+    states' gradient (zeros in rows that do not count, written into a strided row view) and the
+    weight's; 7 rows (not a multiple of the kernels' 4 rows per program), rows that do not count
+    hold NaN, the hidden states have a column stride of 2, eps = 0 with an all-zero row that
+    does not count."""
+    from compiled_mask.draft._triton_loss import rms_norm_rows_backward_triton, rms_norm_rows_triton
+    from compiled_mask.draft.loss import _rms_norm_rows_backward_torch, _rms_norm_rows_torch
+
+    g = torch.Generator().manual_seed(H)
+    n = 7
+    x = (3 * torch.randn(n, H, generator=g)).to(x_dtype)
+    x[2] = float("nan")
+    x[4] = 0
+    x = torch.stack([x, x], -1).flatten(-2)[:, ::2]  # a column stride of 2
+    counted = torch.tensor([1, 1, 0, 1, 0, 1, 1], dtype=torch.bool)
+    weight = (1 + torch.randn(H, generator=g)).to(param_dtype)
+    d_normed = torch.randn(n, H, generator=g).to(param_dtype)
+    for eps in (1e-5, 0.0):
+        got_normed, got_inv = rms_norm_rows_triton(x, counted, weight, eps, param_dtype)
+        want_normed, want_inv = _rms_norm_rows_torch(x, counted, weight, eps, param_dtype)
+        assert got_normed.dtype == want_normed.dtype == param_dtype
+        tol = dict(rtol=1.6e-2, atol=1e-2) if torch.bfloat16 in (x_dtype, param_dtype) else dict(rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_normed, want_normed, **tol)
+        assert not got_normed[~counted].any()
+        torch.testing.assert_close(got_inv[counted], want_inv[counted], rtol=1e-5, atol=0)
+        for grad_x, grad_w in ((True, True), (True, False), (False, True)):
+            got_dx = torch.full((n, 2 * H), 7.0, dtype=x_dtype)[:, :H] if grad_x else None  # rows of stride 2H
+            want_dx = torch.empty(n, H, dtype=x_dtype) if grad_x else None
+            got_dw = rms_norm_rows_backward_triton(d_normed, x, want_inv, counted, weight, got_dx, grad_w)
+            want_dw = _rms_norm_rows_backward_torch(d_normed, x, want_inv, counted, weight, want_dx, grad_w)
+            if grad_x:
+                torch.testing.assert_close(got_dx, want_dx, **tol)
+                assert not got_dx[~counted].any()
+            if grad_w and x_dtype == torch.float32:
+                torch.testing.assert_close(got_dw, want_dw, rtol=1e-5, atol=1e-5)
+            elif grad_w:  # the interpreter rounds to bf16 toward zero: each xhat within 2**-7 of the torch one
+                xhat = _rms_norm_rows_torch(x, counted, torch.ones_like(weight), eps, torch.float32)[0]
+                bound = 2.0**-7 * (d_normed.float().abs() * xhat.abs()).sum(0) + 1e-5  # [H]
+                assert ((got_dw - want_dw).abs() <= bound).all(), (got_dw - want_dw).abs().max()
+            else:
+                assert got_dw is None and want_dw is None

@@ -130,3 +130,120 @@ def xent_rows_triton(z: Tensor, kind: str, target: Tensor, counted: Tensor, grad
         KIND=_KINDS[kind], GRAD=grad, BLOCK_V=max(16, min(_BLOCK_V, triton.next_power_of_2(V))), num_warps=8,
     )
     return nll, hit.bool(), (z if grad else None)
+
+
+# ----------------------------------------------------------------------------- the final norm
+#
+# Note [the norm in two kernels]
+#     Before its matmul a chunk normalises its rows (RMSNorm), and after it turns the gradient of
+#     the normalised rows into the hidden states' and the norm weight's. In torch ops that is
+#     about fifteen elementwise passes over ``[n, H]`` buffers per chunk, each a kernel launch
+#     inside the op, where Inductor cannot fuse them. Here each direction is one kernel that
+#     reads its rows once per pass and keeps only ``inv`` ``[n]`` between them (the backward
+#     recomputes x * inv from the hidden states). Rounding as ``loss._rms_norm_rows_torch``: the
+#     normalised rows in the hidden states' dtype, times the weight in the parameters' dtype;
+#     the gradient of the normalised rows times the weight in the parameters' dtype, then in the
+#     hidden states'.
+
+
+@triton.jit
+def _norm_forward_kernel(X, W, COUNTED, NORMED, INV, N, H, x_stride, x_col, eps,
+                         ROWS: tl.constexpr, BLOCK_H: tl.constexpr):
+    """ROWS rows per program: INV = rsqrt(mean(x^2) + eps) (float32), NORMED = w * (x * inv);
+    a row that does not count reads as zeros and normalises to zeros."""
+    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    r_ok = r < N
+    counted = tl.load(COUNTED + r, mask=r_ok, other=0) != 0
+    cols0 = tl.arange(0, BLOCK_H)
+    sq = tl.zeros([ROWS], tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        cols = h0 + cols0
+        ok = counted[:, None] & (cols < H)[None, :]
+        x = tl.load(X + r[:, None] * x_stride + cols[None, :] * x_col, mask=ok, other=0.0).to(tl.float32)
+        sq += tl.sum(x * x, 1)
+    inv = tl.math.rsqrt(sq / H + eps)
+    tl.store(INV + r, inv, mask=r_ok)
+    for h0 in range(0, H, BLOCK_H):
+        cols = h0 + cols0
+        ok = counted[:, None] & (cols < H)[None, :]
+        x = tl.load(X + r[:, None] * x_stride + cols[None, :] * x_col, mask=ok, other=0.0).to(tl.float32)
+        xhat = tl.where(ok, (x * inv[:, None]).to(X.dtype.element_ty), 0.0).to(tl.float32)
+        w = tl.load(W + cols, mask=cols < H, other=0.0).to(tl.float32)
+        tl.store(NORMED + r[:, None] * H + cols[None, :], (w[None, :] * xhat).to(NORMED.dtype.element_ty),
+                 mask=r_ok[:, None] & (cols < H)[None, :])
+
+
+@triton.jit
+def _norm_backward_kernel(DN, X, W, COUNTED, INV, DX, DW_PART, N, H, x_stride, x_col, dn_stride, dx_stride,
+                          ROWS: tl.constexpr, BLOCK_H: tl.constexpr, GRAD_X: tl.constexpr, GRAD_W: tl.constexpr):
+    """ROWS rows per program: DX = inv * dy - x * inv^3 * mean(dy * x) with dy = dn * w (rounded
+    to DN's dtype, then X's), zero in rows that do not count; DW_PART [program, H]: this
+    program's sum over its rows of dn * (x * inv), which is zero in rows that do not count."""
+    pid = tl.program_id(0).to(tl.int64)
+    r = pid * ROWS + tl.arange(0, ROWS)
+    r_ok = r < N
+    counted = tl.load(COUNTED + r, mask=r_ok, other=0) != 0
+    inv = tl.load(INV + r, mask=r_ok, other=0.0)
+    cols0 = tl.arange(0, BLOCK_H)
+    mean = tl.zeros([ROWS], tl.float32)
+    if GRAD_X:
+        for h0 in range(0, H, BLOCK_H):
+            cols = h0 + cols0
+            ok = counted[:, None] & (cols < H)[None, :]
+            x = tl.load(X + r[:, None] * x_stride + cols[None, :] * x_col, mask=ok, other=0.0).to(tl.float32)
+            dn = tl.load(DN + r[:, None] * dn_stride + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            w = tl.load(W + cols, mask=cols < H, other=0.0).to(tl.float32)
+            dy = (dn * w[None, :]).to(DN.dtype.element_ty).to(X.dtype.element_ty).to(tl.float32)
+            mean += tl.sum(dy * x, 1)
+        mean = mean / H
+    for h0 in range(0, H, BLOCK_H):
+        cols = h0 + cols0
+        col_ok = cols < H
+        ok = counted[:, None] & col_ok[None, :]
+        x = tl.load(X + r[:, None] * x_stride + cols[None, :] * x_col, mask=ok, other=0.0).to(tl.float32)
+        dn = tl.load(DN + r[:, None] * dn_stride + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        if GRAD_X:
+            w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+            dy = (dn * w[None, :]).to(DN.dtype.element_ty).to(X.dtype.element_ty).to(tl.float32)
+            dx = inv[:, None] * dy - x * (inv * inv * inv * mean)[:, None]
+            tl.store(DX + r[:, None] * dx_stride + cols[None, :], tl.where(ok, dx, 0.0).to(DX.dtype.element_ty),
+                     mask=r_ok[:, None] & col_ok[None, :])
+        if GRAD_W:
+            xhat = tl.where(ok, (x * inv[:, None]).to(X.dtype.element_ty), 0.0).to(tl.float32)
+            tl.store(DW_PART + pid * H + cols, tl.sum(dn * xhat, 0), mask=col_ok)
+
+
+_NORM_ROWS = 4  # rows per program, in [4, 1024] float32 tiles
+_NORM_BLOCK_H = 1024
+
+
+def _norm_config(n: int, H: int) -> tuple[tuple[int], dict]:
+    return (triton.cdiv(n, _NORM_ROWS),), dict(ROWS=_NORM_ROWS, BLOCK_H=min(_NORM_BLOCK_H, triton.next_power_of_2(H)),
+                                              num_warps=4)
+
+
+def rms_norm_rows_triton(x: Tensor, counted: Tensor, weight: Tensor, eps: float, dtype: torch.dtype
+                         ) -> tuple[Tensor, Tensor]:
+    """``loss._rms_norm_rows_torch``'s contract (arguments and results as there)."""
+    n, H = x.shape
+    normed = x.new_empty((n, H), dtype=dtype)
+    inv = x.new_empty((n,), dtype=torch.float32)
+    grid, config = _norm_config(n, H)
+    _norm_forward_kernel[grid](x, weight, counted.contiguous().view(torch.uint8), normed, inv, n, H, x.stride(0),
+                               x.stride(1), eps, **config)
+    return normed, inv
+
+
+def rms_norm_rows_backward_triton(d_normed: Tensor, x: Tensor, inv: Tensor, counted: Tensor, weight: Tensor,
+                                  d_x: Tensor | None, grad_weight: bool) -> Tensor | None:
+    """``loss._rms_norm_rows_backward_torch``'s contract (arguments and results as there)."""
+    n, H = x.shape
+    if d_normed.stride(1) != 1:
+        d_normed = d_normed.contiguous()
+    grid, config = _norm_config(n, H)
+    part = x.new_empty((grid[0], H) if grad_weight else (0,), dtype=torch.float32)
+    dx = d_x if d_x is not None else x.new_empty((0, H))
+    _norm_backward_kernel[grid](d_normed, x, weight, counted.contiguous().view(torch.uint8), inv, dx, part, n, H,
+                                x.stride(0), x.stride(1), d_normed.stride(0), dx.stride(0),
+                                GRAD_X=d_x is not None, GRAD_W=grad_weight, **config)
+    return part.sum(0) if grad_weight else None

@@ -191,6 +191,75 @@ def _xent_rows(z: Tensor, kind: str, target: Tensor, counted: Tensor, grad: bool
     return _xent_rows_torch(z, kind, target, counted, grad)
 
 
+def _rms_norm_rows_torch(x: Tensor, counted: Tensor, weight: Tensor, eps: float, dtype: torch.dtype
+                         ) -> tuple[Tensor, Tensor]:
+    """The final RMSNorm of a chunk's rows, as ``_RMSNorm`` in ``model.py``, in torch ops (the CPU
+    form, and the reference of ``_triton_loss.rms_norm_rows_triton``, the CUDA form).
+
+    Args:
+        x: ``[n, H]`` hidden states, any strides; counted: ``[n]`` bool, the rows that count
+            (the others read as zeros and normalise to zeros, Note [rows that do not count]);
+        weight: ``[H]``; eps: the epsilon; dtype: the parameters' dtype, that of the result.
+
+    Returns:
+        ``(normed [n, H] in dtype, inv [n])``: ``weight * (x * inv)`` with ``x * inv`` rounded to
+        x's dtype, and ``inv = rsqrt(mean(x^2) + eps)`` in float32 (float64 for float64 x).
+    """
+    c_col = counted[:, None]  # [n, 1]
+    x32 = torch.where(c_col, x, 0).to(_f32_or_wider(x.dtype))  # [n, H]
+    inv = torch.rsqrt(x32.pow(2).mean(-1) + eps)  # [n]
+    xhat = torch.where(c_col, (x32 * inv[:, None]).to(x.dtype), 0)  # [n, H]; eps = 0: 0 * inf there
+    return (weight * xhat).to(dtype), inv
+
+
+def _rms_norm_rows_backward_torch(d_normed: Tensor, x: Tensor, inv: Tensor, counted: Tensor, weight: Tensor,
+                                  d_x: Tensor | None, grad_weight: bool) -> Tensor | None:
+    """The backward of :func:`_rms_norm_rows_torch` (same x, inv, counted, weight) for
+    ``d_normed`` ``[n, H]``: writes the hidden states' gradient into ``d_x`` ``[n, H]`` when given
+    (zeros in rows that do not count) and returns the weight's ``[H]`` in float32 (or wider) when
+    ``grad_weight``, else None."""
+    c_col = counted[:, None]  # [n, 1]
+    ct = inv.dtype
+    x32 = torch.where(c_col, x, 0).to(ct)  # [n, H]
+    d_weight = None
+    if grad_weight:
+        wt = _f32_or_wider(weight.dtype)
+        xhat = torch.where(c_col, (x32 * inv[:, None]).to(x.dtype), 0)  # [n, H]
+        d_weight = (d_normed.to(wt) * xhat.to(wt)).sum(0)  # [H]
+    if d_x is not None:
+        d_y = (d_normed * weight).to(d_normed.dtype).to(x.dtype).to(ct)  # [n, H], d (x * inv)
+        # y = x * inv with inv = (mean(x**2) + eps) ** -1/2: dx = inv * dy - x * inv**3 * mean(dy * x).
+        inv_col = inv[:, None]
+        d_x32 = inv_col * d_y - x32 * inv_col.pow(3) * (d_y * x32).mean(-1, keepdim=True)  # [n, H]
+        d_x.copy_(torch.where(c_col, d_x32, 0))
+    return d_weight
+
+
+def _fused_norm(x: Tensor, *dtypes: torch.dtype) -> bool:
+    """The Triton norm kernels run on CUDA without float64 (Note [the norm in two kernels])."""
+    return x.is_cuda and torch.float64 not in (x.dtype, *dtypes)
+
+
+def _rms_norm_rows(x: Tensor, counted: Tensor, weight: Tensor, eps: float, dtype: torch.dtype
+                   ) -> tuple[Tensor, Tensor]:
+    """:func:`_rms_norm_rows_torch`, or on CUDA its Triton kernel."""
+    if _fused_norm(x, weight.dtype, dtype):
+        from compiled_mask.draft._triton_loss import rms_norm_rows_triton
+
+        return rms_norm_rows_triton(x, counted, weight, eps, dtype)
+    return _rms_norm_rows_torch(x, counted, weight, eps, dtype)
+
+
+def _rms_norm_rows_backward(d_normed: Tensor, x: Tensor, inv: Tensor, counted: Tensor, weight: Tensor,
+                            d_x: Tensor | None, grad_weight: bool) -> Tensor | None:
+    """:func:`_rms_norm_rows_backward_torch`, or on CUDA its Triton kernel."""
+    if _fused_norm(x, weight.dtype, d_normed.dtype):
+        from compiled_mask.draft._triton_loss import rms_norm_rows_backward_triton
+
+        return rms_norm_rows_backward_triton(d_normed, x, inv, counted, weight, d_x, grad_weight)
+    return _rms_norm_rows_backward_torch(d_normed, x, inv, counted, weight, d_x, grad_weight)
+
+
 def _head_loss_chunks(hidden: Tensor, norm_weight: Tensor, head_weight: Tensor, target: Tensor,
                       target_weight: Tensor | None, counted: Tensor, target_kind: str, eps: float,
                       chunk_rows: int, grad_hidden: bool, grad_norm_weight: bool,
@@ -200,13 +269,12 @@ def _head_loss_chunks(hidden: Tensor, norm_weight: Tensor, head_weight: Tensor, 
     V = head_weight.shape[0]
     param_dtype = head_weight.dtype
     loss_dtype = _loss_dtype(param_dtype, target_kind, target.dtype)
-    norm_dtype = _f32_or_wider(hidden.dtype)  # RMSNorm statistics
     grad_normed = grad_hidden or grad_norm_weight
     grad_any = grad_normed or grad_head_weight
     device = hidden.device
     nll_sum = torch.zeros((), dtype=loss_dtype, device=device)
     hit_sum = torch.zeros((), dtype=loss_dtype, device=device)
-    d_hidden = hidden.new_zeros((B, R, H)) if grad_hidden else hidden.new_empty((0,))
+    d_hidden = hidden.new_empty((B, R, H) if grad_hidden else (0,))  # every row written below
     # float32 (or float64) accumulators over chunks, stored in the parameters' dtypes at the end.
     # Each chunk's weight gradient is one matmul in the parameters' dtype (bf16: float32
     # accumulation inside it, rounded to bf16 once at its end), then added here: the rounding of
@@ -225,14 +293,8 @@ def _head_loss_chunks(hidden: Tensor, norm_weight: Tensor, head_weight: Tensor, 
                 c = c & (t >= 0) & (t < V)  # ids outside the draft vocabulary do not count (see head_loss)
             elif target_kind == "head":  # the teacher logits [n, V], from zeros where c is False
                 t = F.linear(torch.where(c[:, None], t, 0), target_weight)
-            c_col = c[:, None]  # [n, 1]
-            # RMSNorm as _RMSNorm in model.py, on zeros for rows that do not count; their xhat is
-            # zeroed again, since with eps = 0 a zero row normalises to NaN.
-            x = torch.where(c_col, hidden[b, r0:r1], 0)  # [n, H]
-            x32 = x.to(norm_dtype)
-            inv = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # [n, 1]
-            xhat = torch.where(c_col, (x32 * inv).to(x.dtype), 0)  # [n, H]
-            normed = norm_weight * xhat  # [n, H], the parameter dtype
+            x = hidden[b, r0:r1]  # [n, H]
+            normed, inv = _rms_norm_rows(x, c, norm_weight, eps, param_dtype)  # [n, H], [n]
             logits = F.linear(normed, head_weight)  # [n, V]
             nll, hit, d_logits = _xent_rows(logits, kind, t, c, grad_any)
             del logits
@@ -240,8 +302,8 @@ def _head_loss_chunks(hidden: Tensor, norm_weight: Tensor, head_weight: Tensor, 
             hit_sum += hit.sum().to(loss_dtype)
             if not grad_any:
                 continue
-            # Rows that do not count need no mask here: their xhat (and normed) rows are zeros,
-            # so they add nothing to d_head_weight or d_norm_weight; d_hidden is masked below.
+            # Rows that do not count need no mask here: their normed rows are zeros, so they add
+            # nothing to d_head_weight; the norm's backward zeroes their other gradients.
             if grad_head_weight:
                 d_head_chunk = d_logits.T @ normed  # [V, H], the parameter dtype
                 if d_head_acc is None:  # the first chunk: kept as it is (one chunk: no float32 copy)
@@ -253,14 +315,10 @@ def _head_loss_chunks(hidden: Tensor, norm_weight: Tensor, head_weight: Tensor, 
                 continue
             d_normed = d_logits @ head_weight  # [n, H]
             del d_logits
+            d_norm_chunk = _rms_norm_rows_backward(d_normed, x, inv, c, norm_weight,
+                                                   d_hidden[b, r0:r1] if grad_hidden else None, grad_norm_weight)
             if grad_norm_weight:
-                d_norm_acc += (d_normed.to(d_norm_acc.dtype) * xhat.to(d_norm_acc.dtype)).sum(0)  # [H]
-            if grad_hidden:
-                d_y = (d_normed * norm_weight).to(x.dtype).to(norm_dtype)  # [n, H], d (x32 * inv)
-                # y = x32 * inv with inv = (mean(x32**2) + eps) ** -1/2:
-                # dx32 = inv * dy - x32 * inv**3 * mean(dy * x32).
-                d_x = inv * d_y - x32 * inv.pow(3) * (d_y * x32).mean(-1, keepdim=True)  # [n, H]
-                d_hidden[b, r0:r1] = torch.where(c_col, d_x, 0).to(hidden.dtype)
+                d_norm_acc += d_norm_chunk
     d_norm = d_norm_acc.to(norm_weight.dtype) if grad_norm_weight else norm_weight.new_empty((0,))
     if not grad_head_weight:
         d_head = head_weight.new_empty((0,))
