@@ -171,25 +171,11 @@ def _lse_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 and q.device.type == "cpu" else torch.float32
 
 
-@torch.library.custom_op("compiled_mask::causal_attention", mutates_args=())
-def _causal_attention(q: Tensor, k: Tensor, v: Tensor, out_p: Tensor | None, lse_p: Tensor | None,
-                      first_key: Tensor | None, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
-    """Private op: attention of q over k, v with a fused kernel (Note [which causal kernel]),
-    merged with the part ``(out_p, lse_p)`` when given (module docstring).
-
-    Args:
-        q: ``[B, Hq, L, D]``; k, v: ``[B, Hkv, Lk, D]`` / ``[.., Dv]``, Hq a multiple of Hkv.
-        out_p, lse_p: None, or a softmax part over other keys ``[B, Hq, L, Dv]`` / ``[B, Hq, L]``
-            (any float dtypes; lse finite: the lowest float for a row with no key).
-        first_key: None, or (CPU only) the ``[B, L]`` int64 layout table of packed documents.
-        scale: softmax scale. causal: key j attends query i only for j <= i (Lk == L);
-            False: every key (a context-parallel prefix).
-
-    Returns:
-        ``(out [B, Hq, L, Dv] in q's dtype, lse [B, Hq, L])``, contiguous; lse is fp32 (fp64 for
-        fp64 CPU inputs, or wider if the part's is), natural log. A row with no key to attend has
-        out 0 and the lowest float as lse (finite, so that a merge stays finite).
-    """
+def _kernel_forward(q: Tensor, k: Tensor, v: Tensor, first_key: Tensor | None, scale: float, causal: bool
+                    ) -> tuple[Tensor, Tensor]:
+    """The fused kernel's attention of q over k, v (Note [which causal kernel]), on real tensors:
+    ``(out [B, Hq, L, Dv] in q's dtype, lse [B, Hq, L])``, contiguous; arguments as
+    :func:`_causal_attention`'s. A row with no key has out 0 and the lowest float as lse."""
     Dv = v.shape[-1]
     if first_key is not None and q.device.type != "cpu":
         raise NotImplementedError("causal_attention: a layout table (documents) is a CPU-only path; "
@@ -211,53 +197,28 @@ def _causal_attention(q: Tensor, k: Tensor, v: Tensor, out_p: Tensor | None, lse
                                                                               scale=scale)
         empty = (first_key > torch.arange(q.shape[2], device=q.device)).unsqueeze(1)  # [B, 1, L]: padding rows
         lse = lse.masked_fill(empty, torch.finfo(lse.dtype).min)
-    out = out[..., :Dv]
-    if out_p is None:
-        return out.contiguous(), lse.contiguous()
-    if q.device.type == "cuda":
-        from compiled_mask._triton_suffix import merge_forward_triton
-
-        return merge_forward_triton(out, lse, out_p, lse_p, out.dtype)
-    return _merge_reference(out, lse, out_p, lse_p, out.dtype)
+    return out[..., :Dv].contiguous(), lse.contiguous()
 
 
-@_causal_attention.register_fake
-def _(q, k, v, out_p, lse_p, first_key, scale, causal):
-    B, Hq, L, _ = q.shape
-    lse_dtype = _lse_dtype(q) if lse_p is None else torch.promote_types(_lse_dtype(q), lse_p.dtype)
-    return q.new_empty(B, Hq, L, v.shape[-1]), q.new_empty(B, Hq, L, dtype=lse_dtype)
-
-
-@torch.library.custom_op("compiled_mask::causal_attention_backward", mutates_args=())
-def _causal_attention_backward(dout: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-                               lse: Tensor, out_p: Tensor | None, lse_p: Tensor | None, first_key: Tensor | None,
-                               scale: float, causal: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Private op: the gradients of :func:`_causal_attention` for dO and dL (Note [the suffix
-    first], Note [lse gradient through the row term]): ``(dq, dk, dv, d_out_p, d_lse_p)``,
-    contiguous, the last two empty ``[0]`` tensors without a part.
+def _kernel_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, o_row: Tensor, lse: Tensor,
+                     first_key: Tensor | None, scale: float, causal: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The fused kernel's backward for :func:`_kernel_forward`: ``(dq, dk, dv)``, contiguous, in
+    the inputs' dtypes. ``o_row`` and ``lse`` are the output and log-sum-exp whose softmax the
+    gradients are of: the merged ones when this kernel's keys are a part of a larger softmax
+    (Note [the suffix first]); ``o_row`` carries an lse gradient (Note [lse gradient through
+    the row term]).
 
     Note [cuDNN backward strides]
         aten's fused attention backward ops, called directly as here, returned wrong gradients
         with no error when dO, out and lse were not contiguous (cuDNN's graph cache is keyed by
         the layouts of q, k and v only, with the first call's other strides built in; flash
-        misreads a transposed lse). Inside this op every input is made dense first (a no-op when
-        it is), and the gradients come back contiguous, the layout the fake states.
+        misreads a transposed lse). Here every input is made dense first (a no-op when
+        it is), and the gradients come back contiguous, the layout the ops' fakes state.
     """
     D, Dv = q.shape[-1], v.shape[-1]
     q_scale = scale
     q, scale = _positive_scale(q, scale)  # Note [a scale of 0 or below]
     dout = dout.to(q.dtype)
-    d_out_p, d_lse_p = dout.new_empty(0), dout.new_empty(0)  # no part: nothing to return
-    o_row = out
-    if out_p is not None:
-        if q.device.type == "cuda":
-            from compiled_mask._triton_suffix import merge_backward_triton
-
-            d_out_p, d_lse_p, o_row = merge_backward_triton(dout, dlse, out, lse, out_p, lse_p)
-        else:
-            d_out_p, d_lse_p, o_row = _merge_backward_reference(dout, dlse, out, lse, out_p, lse_p)
-    else:
-        o_row = _row_output(dout, dlse, out)  # Note [lse gradient through the row term]
     q_p, k_p, v_p = _equal_head_dims(q, k, v)  # Note [value head dim]
     kernel = _causal_kernel(q_p)  # the forward's: chosen from the padded head dim
     width = v_p.shape[-1]
@@ -286,7 +247,64 @@ def _causal_attention_backward(dout: Tensor, dlse: Tensor | None, q: Tensor, k: 
     dq, dk, dv = grads
     if q_scale <= 0:  # the kernel saw q * q_scale
         dq = dq * q_scale
-    return dq[..., :D].contiguous(), dk[..., :D].contiguous(), dv[..., :Dv].contiguous(), d_out_p, d_lse_p
+    return dq[..., :D].contiguous(), dk[..., :D].contiguous(), dv[..., :Dv].contiguous()
+
+
+@torch.library.custom_op("compiled_mask::causal_attention", mutates_args=())
+def _causal_attention(q: Tensor, k: Tensor, v: Tensor, out_p: Tensor | None, lse_p: Tensor | None,
+                      first_key: Tensor | None, scale: float, causal: bool) -> tuple[Tensor, Tensor]:
+    """Private op: attention of q over k, v with a fused kernel (Note [which causal kernel]),
+    merged with the part ``(out_p, lse_p)`` when given (module docstring).
+
+    Args:
+        q: ``[B, Hq, L, D]``; k, v: ``[B, Hkv, Lk, D]`` / ``[.., Dv]``, Hq a multiple of Hkv.
+        out_p, lse_p: None, or a softmax part over other keys ``[B, Hq, L, Dv]`` / ``[B, Hq, L]``
+            (any float dtypes; lse finite: the lowest float for a row with no key).
+        first_key: None, or (CPU only) the ``[B, L]`` int64 layout table of packed documents.
+        scale: softmax scale. causal: key j attends query i only for j <= i (Lk == L);
+            False: every key (a context-parallel prefix).
+
+    Returns:
+        ``(out [B, Hq, L, Dv] in q's dtype, lse [B, Hq, L])``, contiguous; lse is fp32 (fp64 for
+        fp64 CPU inputs, or wider if the part's is), natural log. A row with no key to attend has
+        out 0 and the lowest float as lse (finite, so that a merge stays finite).
+    """
+    out, lse = _kernel_forward(q, k, v, first_key, scale, causal)
+    if out_p is None:
+        return out, lse
+    if q.device.type == "cuda":
+        from compiled_mask._triton_suffix import merge_forward_triton
+
+        return merge_forward_triton(out, lse, out_p, lse_p, out.dtype)
+    return _merge_reference(out, lse, out_p, lse_p, out.dtype)
+
+
+@_causal_attention.register_fake
+def _(q, k, v, out_p, lse_p, first_key, scale, causal):
+    B, Hq, L, _ = q.shape
+    lse_dtype = _lse_dtype(q) if lse_p is None else torch.promote_types(_lse_dtype(q), lse_p.dtype)
+    return q.new_empty(B, Hq, L, v.shape[-1]), q.new_empty(B, Hq, L, dtype=lse_dtype)
+
+
+@torch.library.custom_op("compiled_mask::causal_attention_backward", mutates_args=())
+def _causal_attention_backward(dout: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                               lse: Tensor, out_p: Tensor | None, lse_p: Tensor | None, first_key: Tensor | None,
+                               scale: float, causal: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Private op: the gradients of :func:`_causal_attention` for dO and dL (Note [the suffix
+    first], Note [lse gradient through the row term]): ``(dq, dk, dv, d_out_p, d_lse_p)``,
+    contiguous, the last two empty ``[0]`` tensors without a part.
+    """
+    dout = dout.to(q.dtype)
+    d_out_p, d_lse_p = dout.new_empty(0), dout.new_empty(0)  # no part: nothing to return
+    if out_p is None:
+        o_row = _row_output(dout, dlse, out)  # Note [lse gradient through the row term]
+    elif q.device.type == "cuda":
+        from compiled_mask._triton_suffix import merge_backward_triton
+
+        d_out_p, d_lse_p, o_row = merge_backward_triton(dout, dlse, out, lse, out_p, lse_p)
+    else:
+        d_out_p, d_lse_p, o_row = _merge_backward_reference(dout, dlse, out, lse, out_p, lse_p)
+    return (*_kernel_backward(dout, q, k, v, o_row, lse, first_key, scale, causal), d_out_p, d_lse_p)
 
 
 @_causal_attention_backward.register_fake

@@ -17,6 +17,9 @@ Backward, for incoming gradients ``dO`` (of out_s) and ``dL`` (of lse_s), with
     p_s = exp(score_s - lse_s),  ds_s = scale * p_s * (dO . v_s[i] - D)
     dq = sum_s ds_s * k_s[i],  dk_s[i] = sum_g ds_s * q,  dv_s[i] = sum_g p_s * dO
 
+The same backward given a merged softmax's out, lse, dO and dL (the suffix keys one part of it)
+returns that softmax's gradients through the suffix keys: the split op (``_split.py``) calls it so
+(:func:`suffix_backward`), after :func:`suffix_forward` folded the suffix into the causal part.
 On CUDA both directions run the Triton kernels of ``_triton_suffix.py``; elsewhere the torch math
 below, which is also their reference (held to it on CPU by the Triton interpreter tests).
 """
@@ -46,14 +49,20 @@ def _suffix_views(q: Tensor, ks: Tensor, vs: Tensor) -> tuple[Tensor, Tensor, Te
     return q6, k6, v6
 
 
-def _suffix_probs(q6: Tensor, k6: Tensor, rounds: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """``(p [B, Hkv, G, L, S], lse [B, Hkv, G, L])`` of the live suffix rounds s = 1..S (s < rounds),
-    in the compute dtype; p is 0 for dead rounds, lse the lowest float where none is live."""
+def _suffix_scores(q6: Tensor, k6: Tensor, rounds: Tensor, scale: float) -> Tensor:
+    """``[B, Hkv, G, L, S]`` scores of the suffix rounds s = 1..S in the compute dtype, -inf for
+    dead rounds (s >= rounds)."""
     ct = _f32_or_wider(q6.dtype)
     scores = (q6.to(ct) * k6.to(ct)).sum(-1) * scale  # [B, Hkv, G, L, S]
     live = torch.arange(1, k6.shape[4] + 1, device=scores.device) < rounds  # [S]
-    scores = scores.masked_fill(~live, float("-inf"))
-    lse = scores.logsumexp(-1).clamp(min=torch.finfo(ct).min)  # [B, Hkv, G, L]
+    return scores.masked_fill(~live, float("-inf"))
+
+
+def _suffix_probs(q6: Tensor, k6: Tensor, rounds: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """``(p [B, Hkv, G, L, S], lse [B, Hkv, G, L])`` of the live suffix rounds, in the compute
+    dtype; p is 0 for dead rounds, lse the lowest float where none is live."""
+    scores = _suffix_scores(q6, k6, rounds, scale)
+    lse = scores.logsumexp(-1).clamp(min=torch.finfo(scores.dtype).min)  # [B, Hkv, G, L]
     return torch.exp(scores - lse.unsqueeze(-1)), lse
 
 
@@ -67,15 +76,17 @@ def _suffix_reference(q: Tensor, ks: Tensor, vs: Tensor, rounds: Tensor, scale: 
 
 
 def _suffix_backward_reference(dout: Tensor, dlse: Tensor | None, q: Tensor, ks: Tensor, vs: Tensor,
-                               out: Tensor, lse: Tensor, rounds: Tensor, scale: float
+                               out: Tensor, lse: Tensor, rounds: Tensor, scale: float, dq0: Tensor | None = None
                                ) -> tuple[Tensor, Tensor, Tensor]:
     """The backward in torch ops (module docstring): ``(dq, dks, dvs)`` in the inputs' dtypes;
-    dead rounds get zero gradients."""
+    dead rounds get zero gradients. With ``dq0`` ``[B, Hq, L, D]`` (another part's dq), dq is
+    their sum, rounded once."""
     B, Hq, L, _ = q.shape
     Hkv = ks.shape[1]
     q6, k6, v6 = _suffix_views(q, ks, vs)
-    p, _ = _suffix_probs(q6, k6, rounds, scale)  # [B, Hkv, G, L, S]
-    ct = p.dtype
+    ct = _f32_or_wider(q.dtype)
+    scores = _suffix_scores(q6, k6, rounds, scale)  # [B, Hkv, G, L, S]
+    p = torch.exp(scores - lse.reshape(scores.shape[:-1]).to(ct).unsqueeze(-1))  # the given lse's softmax
     dout6 = dout.reshape(B, Hkv, Hq // Hkv, L, 1, -1).to(ct)  # [B, Hkv, G, L, 1, Dv]
     row = (dout6 * out.reshape(dout6.shape).to(ct)).sum(-1)  # rowsum(dO * O): [B, Hkv, G, L, 1]
     if dlse is not None:
@@ -83,9 +94,51 @@ def _suffix_backward_reference(dout: Tensor, dlse: Tensor | None, q: Tensor, ks:
     dp = (dout6 * v6.to(ct)).sum(-1)  # dO . v: [B, Hkv, G, L, S]
     ds = (p * (dp - row) * scale).unsqueeze(-1)  # [B, Hkv, G, L, S, 1]
     dq = (ds * k6.to(ct)).sum(-2).reshape(B, Hq, L, -1)  # [B, Hq, L, D]
+    if dq0 is not None:
+        dq = dq + dq0.to(ct)
     dks = (ds * q6.to(ct)).sum(2).transpose(2, 3).reshape(ks.shape)  # [B, Hkv, S * L, D]
     dvs = (p.unsqueeze(-1) * dout6).sum(2).transpose(2, 3).reshape(vs.shape)  # [B, Hkv, S * L, Dv]
     return dq.to(q.dtype).contiguous(), dks.to(ks.dtype).contiguous(), dvs.to(vs.dtype).contiguous()
+
+
+def _suffix_merge_reference(q: Tensor, ks: Tensor, vs: Tensor, rounds: Tensor, scale: float, out_c: Tensor,
+                            lse_c: Tensor) -> tuple[Tensor, Tensor]:
+    """The suffix part merged into the part ``(out_c, lse_c)`` over other keys (torch ops):
+    ``(out in out_c's dtype, lse)``."""
+    from compiled_mask._causal import _merge_reference
+
+    return _merge_reference(out_c, lse_c, *_suffix_reference(q, ks, vs, rounds, scale), out_c.dtype)
+
+
+def _suffix_kernels(q: Tensor) -> bool:
+    """The Triton kernels run on CUDA without float64 (they keep float32 state)."""
+    return q.is_cuda and q.dtype != torch.float64
+
+
+def suffix_forward(q: Tensor, ks: Tensor, vs: Tensor, rounds: Tensor, scale: float,
+                   part: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """:func:`_suffix_merge_reference` on real tensors, in one Triton kernel on CUDA (Note [a part
+    folded in] in ``_triton_suffix.py``)."""
+    if _suffix_kernels(q):
+        from compiled_mask._triton_suffix import suffix_forward_triton
+
+        return suffix_forward_triton(q, ks, vs, rounds, scale, part=part)
+    return _suffix_merge_reference(q, ks, vs, rounds, scale, *part)
+
+
+def suffix_backward(dout: Tensor, dlse: Tensor | None, q: Tensor, ks: Tensor, vs: Tensor, out: Tensor, lse: Tensor,
+                    rounds: Tensor, scale: float, dq0: Tensor, dks: Tensor, dvs: Tensor) -> Tensor:
+    """The suffix part's gradients within a merged softmax ``(out, lse)`` (Note [the suffix first]
+    in ``_causal.py``: given the merged output, lse, dO and dL, the part's backward is exact) on
+    real tensors: returns ``dq0`` plus the part's dq; writes dks and dvs in place."""
+    if _suffix_kernels(q):
+        from compiled_mask._triton_suffix import suffix_backward_triton
+
+        return suffix_backward_triton(dout, dlse, q, ks, vs, out, lse, rounds, scale, dq0=dq0, dks=dks, dvs=dvs)[0]
+    dq, dks_s, dvs_s = _suffix_backward_reference(dout, dlse, q, ks, vs, out, lse, rounds, scale, dq0=dq0)
+    dks.copy_(dks_s)
+    dvs.copy_(dvs_s)
+    return dq
 
 
 @torch.library.custom_op("compiled_mask::suffix_attention", mutates_args=())

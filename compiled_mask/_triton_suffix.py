@@ -48,6 +48,17 @@ _LOWEST = tl.constexpr(-3.4028234663852886e38)  # float32's lowest: the lse of a
 #     tiles would not fit in registers).
 _MAX_GROUP = 16
 
+# Note [a part folded in]
+#     The split op (``_split.py``) merges the suffix rounds into the causal kernel's part
+#     ``(out_c, lse_c)`` inside the forward kernels: the online softmax starts from that part's
+#     state (running max lse_c, sum 1, accumulator out_c: the state after a block of keys whose
+#     normalised output is out_c) instead of the empty one, and the result is stored in q's dtype.
+#     So the suffix part never exists as a tensor of its own. Its backward needs no such state:
+#     given the merged out, lse and dO it is exact as it is (Note [the suffix first] in
+#     ``_causal.py``); there the kernels add into the causal kernel's dq (``DQ0``, in float32,
+#     rounded once) and write their rows of the whole K/V gradient (``kv_rows`` rows per
+#     (batch, kv-head)), so neither is summed or concatenated again outside.
+
 
 @triton.jit
 def _tile(ptr, row_stride, col_stride, rows, row_mask, cols, col_mask):
@@ -88,20 +99,27 @@ def _group_rows(Hq, Hkv, G, L, BLOCK: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK
 
 @triton.jit
 def _suffix_forward_grouped_kernel(
-    Q, KS, VS, ROUNDS, OUT, LSE,
+    Q, KS, VS, ROUNDS, OUT_C, LSE_C, OUT, LSE,
     s_qb, s_qh, s_ql, s_qd, s_kb, s_kh, s_kl, s_kd, s_vb, s_vh, s_vl, s_vd,
     Hq, Hkv, G, L, D, Dv, S, scale,
-    BLOCK: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    STAGES: tl.constexpr,
+    HAS_PART: tl.constexpr, BLOCK: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, STAGES: tl.constexpr,
 ):
-    """OUT, LSE: contiguous [B, Hq, L, Dv] / [B, Hq, L], fp32. One online-softmax update per live
-    round, from the empty state; a row with none gets out 0 and the lowest float as lse."""
+    """OUT, LSE: contiguous [B, Hq, L, Dv] (any float dtype) / [B, Hq, L] (fp32). One
+    online-softmax update per live round, from the empty state, or with HAS_PART from the part
+    OUT_C, LSE_C (contiguous as OUT, LSE; Note [a part folded in]); a row with nothing gets out
+    0 and the lowest float as lse."""
     b, hk, bh, h, i, ok, d, e = _group_rows(Hq, Hkv, G, L, BLOCK, BLOCK_G, BLOCK_D, BLOCK_DV)
     i_ok = i < L
     q = _tile3(Q + b * s_qb, s_ql, s_qh, s_qd, i, h, ok, d, d < D)  # [BLOCK, BLOCK_G, BLOCK_D]
-    acc = tl.zeros([BLOCK, BLOCK_G, BLOCK_DV], tl.float32)
-    m = tl.full([BLOCK, BLOCK_G], float("-inf"), tl.float32)
-    l_sum = tl.zeros([BLOCK, BLOCK_G], tl.float32)
+    if HAS_PART:
+        acc = _tile3(OUT_C, Dv, L * Dv, 1, i, bh, ok, e, e < Dv)  # [BLOCK, BLOCK_G, BLOCK_DV]
+        m = tl.load(LSE_C + i[:, None] + bh[None, :] * L, mask=ok, other=0.0)  # [BLOCK, BLOCK_G]
+        l_sum = tl.full([BLOCK, BLOCK_G], 1.0, tl.float32)
+    else:
+        acc = tl.zeros([BLOCK, BLOCK_G, BLOCK_DV], tl.float32)
+        m = tl.full([BLOCK, BLOCK_G], float("-inf"), tl.float32)
+        l_sum = tl.zeros([BLOCK, BLOCK_G], tl.float32)
     k_base = KS + b * s_kb + hk * s_kh
     v_base = VS + b * s_vb + hk * s_vh
     for s in tl.range(0, _live_suffix(ROUNDS, S), num_stages=STAGES):
@@ -117,21 +135,22 @@ def _suffix_forward_grouped_kernel(
     live = l_sum > 0
     out = acc / tl.where(live, l_sum, 1.0)[:, :, None]
     tl.store(OUT + i[:, None, None] * Dv + bh[None, :, None] * L * Dv + e[None, None, :],
-             out, mask=ok[:, :, None] & (e < Dv)[None, None, :])
+             out.to(OUT.dtype.element_ty), mask=ok[:, :, None] & (e < Dv)[None, None, :])
     tl.store(LSE + i[:, None] + bh[None, :] * L, tl.where(live, m + tl.log(tl.where(live, l_sum, 1.0)), _LOWEST), mask=ok)
 
 
 @triton.jit
 def _suffix_backward_fused_kernel(
-    DOUT, DLSE, Q, KS, VS, OUT, LSE, ROUNDS, DQ, DKS, DVS,
+    DOUT, DLSE, Q, KS, VS, OUT, LSE, ROUNDS, DQ0, DQ, DKS, DVS,
     s_qb, s_qh, s_ql, s_qd, s_kb, s_kh, s_kl, s_kd, s_vb, s_vh, s_vl, s_vd,
-    Hq, Hkv, G, L, D, Dv, S, scale,
-    HAS_DLSE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+    Hq, Hkv, G, L, D, Dv, S, kv_rows, scale,
+    HAS_DLSE: tl.constexpr, HAS_DQ0: tl.constexpr, BLOCK: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, STAGES: tl.constexpr,
 ):
-    """Every gradient in one pass (Note [grouped suffix kernels]). DOUT, OUT, DQ: contiguous
-    [B, Hq, L, *]; DLSE, LSE: contiguous [B, Hq, L]; DKS, DVS: contiguous [B, Hkv, S * L, *],
-    every row written (live rounds computed, dead ones zero)."""
+    """Every gradient in one pass (Note [grouped suffix kernels]). DOUT, OUT, DQ (and DQ0, added
+    into DQ with HAS_DQ0): contiguous [B, Hq, L, *]; DLSE, LSE: contiguous [B, Hq, L]; DKS, DVS:
+    [B, Hkv, S * L, *] with kv_rows rows from one (batch, kv-head) to the next and unit strides
+    otherwise, every row written (live rounds computed, dead ones zero)."""
     b, hk, bh, h, i, ok, d, e = _group_rows(Hq, Hkv, G, L, BLOCK, BLOCK_G, BLOCK_D, BLOCK_DV)
     i_ok = i < L
     d_ok, e_ok = d < D, e < Dv
@@ -143,10 +162,13 @@ def _suffix_backward_fused_kernel(
         delta -= tl.load(DLSE + rows, mask=ok, other=0.0)
     lse = tl.load(LSE + rows, mask=ok, other=0.0)  # [BLOCK, BLOCK_G]
     q = _tile3(Q + b * s_qb, s_ql, s_qh, s_qd, i, h, ok, d, d_ok)  # [BLOCK, BLOCK_G, BLOCK_D]
-    dq = tl.zeros([BLOCK, BLOCK_G, BLOCK_D], tl.float32)
+    if HAS_DQ0:
+        dq = _tile3(DQ0, D, L * D, 1, i, bh, ok, d, d_ok)  # [BLOCK, BLOCK_G, BLOCK_D]
+    else:
+        dq = tl.zeros([BLOCK, BLOCK_G, BLOCK_D], tl.float32)
     k_base = KS + b * s_kb + hk * s_kh
     v_base = VS + b * s_vb + hk * s_vh
-    row0 = (b * Hkv + hk) * S * L + i  # [BLOCK]: this program's row of suffix round 0 in DKS, DVS
+    row0 = (b * Hkv + hk) * kv_rows + i  # [BLOCK]: this program's row of suffix round 0 in DKS, DVS
     limit = _live_suffix(ROUNDS, S)
     for s in tl.range(0, limit, num_stages=STAGES):
         k = _tile(k_base, s_kl, s_kd, s * L + i, i_ok, d, d_ok)
@@ -181,17 +203,22 @@ def _query_block(Hq, G, L, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV:
 
 @triton.jit
 def _suffix_forward_heads_kernel(
-    Q, KS, VS, ROUNDS, OUT, LSE,
+    Q, KS, VS, ROUNDS, OUT_C, LSE_C, OUT, LSE,
     s_qb, s_qh, s_ql, s_qd, s_kb, s_kh, s_kl, s_kd, s_vb, s_vh, s_vl, s_vd,
     Hq, G, L, D, Dv, S, scale,
-    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_PART: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """:func:`_suffix_forward_grouped_kernel` for one q-head per program."""
     bh, b, h, hk, i, i_ok, d, e = _query_block(Hq, G, L, BLOCK, BLOCK_D, BLOCK_DV)
     q = _tile(Q + b * s_qb + h * s_qh, s_ql, s_qd, i, i_ok, d, d < D)
-    acc = tl.zeros([BLOCK, BLOCK_DV], tl.float32)
-    m = tl.full([BLOCK], float("-inf"), tl.float32)
-    l_sum = tl.zeros([BLOCK], tl.float32)
+    if HAS_PART:
+        acc = _tile(OUT_C + bh * L * Dv, Dv, 1, i, i_ok, e, e < Dv)
+        m = tl.load(LSE_C + bh * L + i, mask=i_ok, other=0.0)
+        l_sum = tl.full([BLOCK], 1.0, tl.float32)
+    else:
+        acc = tl.zeros([BLOCK, BLOCK_DV], tl.float32)
+        m = tl.full([BLOCK], float("-inf"), tl.float32)
+        l_sum = tl.zeros([BLOCK], tl.float32)
     k_base = KS + b * s_kb + hk * s_kh
     v_base = VS + b * s_vb + hk * s_vh
     for s in tl.range(0, _live_suffix(ROUNDS, S), num_stages=PIPELINE):
@@ -205,17 +232,17 @@ def _suffix_forward_heads_kernel(
         l_sum = l_sum * alpha + p
         m = m_new
     live = l_sum > 0
-    tl.store(OUT + bh * L * Dv + i[:, None] * Dv + e[None, :], acc / tl.where(live, l_sum, 1.0)[:, None],
-             mask=i_ok[:, None] & (e < Dv)[None, :])
+    tl.store(OUT + bh * L * Dv + i[:, None] * Dv + e[None, :],
+             (acc / tl.where(live, l_sum, 1.0)[:, None]).to(OUT.dtype.element_ty), mask=i_ok[:, None] & (e < Dv)[None, :])
     tl.store(LSE + bh * L + i, tl.where(live, m + tl.log(tl.where(live, l_sum, 1.0)), _LOWEST), mask=i_ok)
 
 
 @triton.jit
 def _suffix_dq_kernel(
-    DOUT, DLSE, Q, KS, VS, OUT, LSE, ROUNDS, DQ, DELTA,
+    DOUT, DLSE, Q, KS, VS, OUT, LSE, ROUNDS, DQ0, DQ, DELTA,
     s_qb, s_qh, s_ql, s_qd, s_kb, s_kh, s_kl, s_kd, s_vb, s_vh, s_vl, s_vd,
     Hq, G, L, D, Dv, S, scale,
-    HAS_DLSE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_DLSE: tl.constexpr, HAS_DQ0: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Pass 1 of the split backward: dq and the row term D (for pass 2). DOUT, OUT, DQ:
     contiguous [B, Hq, L, *]; DLSE, LSE, DELTA: contiguous [B, Hq, L]."""
@@ -227,7 +254,10 @@ def _suffix_dq_kernel(
     tl.store(DELTA + bh * L + i, delta, mask=i_ok)
     q = _tile(Q + b * s_qb + h * s_qh, s_ql, s_qd, i, i_ok, d, d < D)
     lse = tl.load(LSE + bh * L + i, mask=i_ok, other=0.0)
-    dq = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+    if HAS_DQ0:
+        dq = _tile(DQ0 + bh * L * D, D, 1, i, i_ok, d, d < D)
+    else:
+        dq = tl.zeros([BLOCK, BLOCK_D], tl.float32)
     k_base = KS + b * s_kb + hk * s_kh
     v_base = VS + b * s_vb + hk * s_vh
     for s in tl.range(0, _live_suffix(ROUNDS, S), num_stages=PIPELINE):
@@ -244,10 +274,11 @@ def _suffix_dq_kernel(
 def _suffix_dkv_kernel(
     DOUT, Q, KS, VS, LSE, DELTA, ROUNDS, DKS, DVS,
     s_qb, s_qh, s_ql, s_qd, s_kb, s_kh, s_kl, s_kd, s_vb, s_vh, s_vl, s_vd,
-    Hq, Hkv, G, L, D, Dv, S, scale,
+    Hq, Hkv, G, L, D, Dv, S, kv_rows, scale,
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """Pass 2 of the split backward: DKS, DVS (contiguous [B, Hkv, S * L, *]) rows of suffix
+    """Pass 2 of the split backward: DKS, DVS ([B, Hkv, S * L, *], kv_rows rows per (batch,
+    kv-head), unit strides otherwise) rows of suffix
     round s = program_id(0) (the fastest grid axis: the rounds reading the same q and dO tiles
     run together), summed over the group's q-heads; a dead round gets zeros."""
     s = tl.program_id(0)
@@ -272,7 +303,7 @@ def _suffix_dkv_kernel(
         ds = p * (tl.sum(dout * v, axis=1) - delta) * scale
         dk += ds[:, None] * q
         dv += p[:, None] * dout
-    row = (bhk * S + s) * L + i
+    row = bhk * kv_rows + s * L + i
     tl.store(DKS + row[:, None] * D + d[None, :], dk.to(DKS.dtype.element_ty), mask=i_ok[:, None] & (d < D)[None, :])
     tl.store(DVS + row[:, None] * Dv + e[None, :], dv.to(DVS.dtype.element_ty), mask=i_ok[:, None] & (e < Dv)[None, :])
 
@@ -372,35 +403,44 @@ def _grouped_blocks(G: int, D: int, Dv: int, config: dict) -> dict:
 
 
 def suffix_forward_triton(q: Tensor, ks: Tensor, vs: Tensor, rounds: Tensor, scale: float,
-                          variant: str | None = None, config: dict | None = None) -> tuple[Tensor, Tensor]:
-    """``_suffix._suffix_reference`` on CUDA. ``variant``: "grouped" (the default where the group
-    fits, ``_MAX_GROUP``) or "heads"; ``config``: the grouped kernel's launch parameters
-    (default ``GROUPED_FORWARD``)."""
+                          part: tuple[Tensor, Tensor] | None = None, variant: str | None = None,
+                          config: dict | None = None) -> tuple[Tensor, Tensor]:
+    """``_suffix._suffix_reference`` on CUDA, or with ``part`` ``(out_c, lse_c)`` its merge with
+    that part (``_suffix._suffix_merge_reference``; out then in q's dtype). ``variant``:
+    "grouped" (the default where the group fits, ``_MAX_GROUP``) or "heads"; ``config``: the
+    grouped kernel's launch parameters (default ``GROUPED_FORWARD``)."""
     if q.dtype == torch.float64:
         raise NotImplementedError("suffix kernels: float64 is a CPU path (the kernels keep float32 state).")
     B, Hq, L, D = q.shape
     Hkv, Dv = ks.shape[1], vs.shape[-1]
     S, G = ks.shape[2] // L, Hq // Hkv
-    out = q.new_empty(B, Hq, L, Dv, dtype=torch.float32)
+    out = q.new_empty(B, Hq, L, Dv, dtype=torch.float32 if part is None else q.dtype)
     lse = q.new_empty(B, Hq, L, dtype=torch.float32)
+    out_c, lse_c = (out, lse) if part is None else (part[0].contiguous(), part[1].float().contiguous())
     strides = (*q.stride(), *ks.stride(), *vs.stride())
     if _variant(variant, "grouped", "heads", G) == "grouped":
         blocks = _grouped_blocks(G, D, Dv, config or GROUPED_FORWARD)
         _suffix_forward_grouped_kernel[(triton.cdiv(L, blocks["BLOCK"]), B * Hkv)](
-            q, ks, vs, rounds, out, lse, *strides, Hq, Hkv, G, L, D, Dv, S, scale, **blocks,
+            q, ks, vs, rounds, out_c, lse_c, out, lse, *strides, Hq, Hkv, G, L, D, Dv, S, scale,
+            HAS_PART=part is not None, **blocks,
         )
     else:
         _suffix_forward_heads_kernel[(B * Hq, triton.cdiv(L, BLOCK_L))](
-            q, ks, vs, rounds, out, lse, *strides, Hq, G, L, D, Dv, S, scale, **_heads_blocks(D, Dv),
+            q, ks, vs, rounds, out_c, lse_c, out, lse, *strides, Hq, G, L, D, Dv, S, scale,
+            HAS_PART=part is not None, **_heads_blocks(D, Dv),
         )
     return out, lse
 
 
 def suffix_backward_triton(dout: Tensor, dlse: Tensor | None, q: Tensor, ks: Tensor, vs: Tensor, out: Tensor,
-                           lse: Tensor, rounds: Tensor, scale: float, variant: str | None = None,
+                           lse: Tensor, rounds: Tensor, scale: float, dq0: Tensor | None = None,
+                           dks: Tensor | None = None, dvs: Tensor | None = None, variant: str | None = None,
                            config: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """``_suffix._suffix_backward_reference`` on CUDA. ``variant``: "fused" (the default where the
-    group fits) or "split"; ``config``: the fused kernel's launch parameters (default
+    """``_suffix._suffix_backward_reference`` on CUDA, ``(dq, dks, dvs)``. With ``dq0`` (``[B, Hq,
+    L, D]``), dq is ``dq0`` plus the suffix part's, summed in float32; ``dks``/``dvs``, when given,
+    are written in place (views of rows ``[L, (S + 1) * L)`` of a contiguous ``[B, Hkv, (S + 1) *
+    L, *]`` buffer: the whole K/V gradient of the split op). ``variant``: "fused" (the default
+    where the group fits) or "split"; ``config``: the fused kernel's launch parameters (default
     ``FUSED_BACKWARD``)."""
     B, Hq, L, D = q.shape
     Hkv, Dv = ks.shape[1], vs.shape[-1]
@@ -409,24 +449,28 @@ def suffix_backward_triton(dout: Tensor, dlse: Tensor | None, q: Tensor, ks: Ten
     has_dlse = dlse is not None
     dlse = lse if dlse is None else dlse.contiguous()  # not read without HAS_DLSE
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dks = ks.new_empty(ks.shape)
-    dvs = vs.new_empty(vs.shape)
+    dq0 = dq if dq0 is None else dq0.contiguous()  # not read without HAS_DQ0
+    dks = ks.new_empty(ks.shape) if dks is None else dks
+    dvs = vs.new_empty(vs.shape) if dvs is None else dvs
+    kv_rows = dks.stride(1) // D  # rows from one (batch, kv-head) to the next: S * L, or (S + 1) * L
+    assert dks.stride(0) == Hkv * dks.stride(1) and dks.stride()[2:] == (D, 1) and dvs.stride() == (
+        kv_rows * Hkv * Dv, kv_rows * Dv, Dv, 1), "dks/dvs: contiguous, or row views of a contiguous buffer"
     strides = (*q.stride(), *ks.stride(), *vs.stride())
     if _variant(variant, "fused", "split", G) == "fused":
         blocks = _grouped_blocks(G, D, Dv, config or FUSED_BACKWARD)
         _suffix_backward_fused_kernel[(triton.cdiv(L, blocks["BLOCK"]), B * Hkv)](
-            dout, dlse, q, ks, vs, out, lse, rounds, dq, dks, dvs, *strides, Hq, Hkv, G, L, D, Dv, S, scale,
-            HAS_DLSE=has_dlse, **blocks,
+            dout, dlse, q, ks, vs, out, lse, rounds, dq0, dq, dks, dvs, *strides, Hq, Hkv, G, L, D, Dv, S, kv_rows,
+            scale, HAS_DLSE=has_dlse, HAS_DQ0=dq0 is not dq, **blocks,
         )
         return dq, dks, dvs
     delta = torch.empty_like(lse)
     _suffix_dq_kernel[(B * Hq, triton.cdiv(L, BLOCK_L))](
-        dout, dlse, q, ks, vs, out, lse, rounds, dq, delta, *strides, Hq, G, L, D, Dv, S, scale,
-        HAS_DLSE=has_dlse, **_heads_blocks(D, Dv),
+        dout, dlse, q, ks, vs, out, lse, rounds, dq0, dq, delta, *strides, Hq, G, L, D, Dv, S, scale,
+        HAS_DLSE=has_dlse, HAS_DQ0=dq0 is not dq, **_heads_blocks(D, Dv),
     )
     if S > 0:
         _suffix_dkv_kernel[(S, triton.cdiv(L, BLOCK_L), B * Hkv)](
-            dout, q, ks, vs, lse, delta, rounds, dks, dvs, *strides, Hq, Hkv, G, L, D, Dv, S, scale,
+            dout, q, ks, vs, lse, delta, rounds, dks, dvs, *strides, Hq, Hkv, G, L, D, Dv, S, kv_rows, scale,
             **_heads_blocks(D, Dv),
         )
     return dq, dks, dvs

@@ -21,6 +21,8 @@ from helpers import (
 )
 
 from compiled_mask import Eagle3Attention, _causal
+from compiled_mask._op import _first_keys
+from compiled_mask._split import _split_attention, _split_attention_backward
 from compiled_mask.inspect import GraphCounter, compile_summary, watch_recompiles
 
 
@@ -208,3 +210,40 @@ def test_value_head_dim_differs(compiled, D, Dv):
     assert rel_err(out, want) < 1e-5
     for name, got, ref in zip("qkv", grads, want_grads):
         assert got.shape == ref.shape and rel_err(got, ref) < 1e-5, name
+
+
+@pytest.mark.parametrize("documents", [False, True])
+def test_split_op_opcheck_and_lse_gradcheck(documents):
+    """``compiled_mask::split_attention`` and its backward op: fakes state the real outputs and
+    autograd is registered (opcheck, q/k/v in a projection's layout); gradcheck in float64 of
+    out and lse together (the op returns its lse; an lse gradient must be exact too: Note [lse
+    gradient through the row term] in _causal.py), with and without packed documents, a dead
+    round and a scale of 0 (Note [a scale of 0 or below])."""
+
+    q_len, max_rounds, B, Hq, Hkv, D = 6, 3, 2, 4, 2, 4
+    g = torch.Generator().manual_seed(3)
+    make = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    q = make(B, q_len, Hq, D).transpose(1, 2).requires_grad_()
+    k = make(B, q_len * max_rounds, Hkv, D).transpose(1, 2).requires_grad_()
+    v = make(B, q_len * max_rounds, Hkv, D).transpose(1, 2).requires_grad_()
+    doc_ids = torch.tensor([[0, 0, 1, 1, 1, -1], [0, 1, 1, 2, 2, 2]])
+    first_key = _first_keys(q_len, None, doc_ids) if documents else None
+    rounds = torch.tensor(2)  # round 2 of 3 dead
+    torch.library.opcheck(_split_attention, (q, k, v, rounds, first_key, q_len, 0.5))
+    out, lse = _split_attention(q, k, v, rounds, first_key, q_len, 0.5)
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    for g_lse in (None, dlse):
+        args = (dout, g_lse, *(t.detach() for t in (q, k, v, out, lse)), rounds, first_key, q_len, 0.5)
+        torch.library.opcheck(_split_attention_backward, args)
+    valid = None if first_key is None else (doc_ids >= 0)[:, None, :, None]  # padding rows: no gradient
+
+    def merged_like(q, k, v, scale):
+        out, lse = _split_attention(q, k, v, rounds, first_key, q_len, scale)
+        y = out * torch.sigmoid(lse).unsqueeze(-1)  # each element depends on its row's out and lse
+        return y if valid is None else y * valid
+
+    for scale in (0.5, 0.0):
+        assert torch.autograd.gradcheck(lambda q, k, v: merged_like(q, k, v, scale), (q, k, v))
+    grads = torch.autograd.grad(merged_like(q, k, v, 0.5).sum(), (k, v))
+    for grad in grads:  # the dead round's keys
+        assert (grad[:, :, 2 * q_len:] == 0).all()

@@ -29,7 +29,7 @@ import triton  # noqa: F401  (the test extra installs it; a missing triton must 
 from helpers import load_tool
 
 from compiled_mask._causal import _merge_backward_reference, _merge_reference
-from compiled_mask._suffix import _suffix_backward_reference, _suffix_reference
+from compiled_mask._suffix import _suffix_backward_reference, _suffix_merge_reference, _suffix_reference
 from compiled_mask._blocks import eagle3_block_tensors
 from compiled_mask._checks import _live_rounds
 from compiled_mask._op import _first_keys, _live_kv_len
@@ -245,7 +245,7 @@ def _assert_suffix_kernels_match(suffix, case, dtype, strided, variants, config=
     rounds, scale = _live_rounds(torch.tensor(live), max_rounds, CPU), D**-0.5
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
 
-    out, lse = suffix.suffix_forward_triton(q, ks, vs, rounds, scale, fwd, config)
+    out, lse = suffix.suffix_forward_triton(q, ks, vs, rounds, scale, variant=fwd, config=config)
     want_out, want_lse = _suffix_reference(q, ks, vs, rounds, scale)
     torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
@@ -254,10 +254,37 @@ def _assert_suffix_kernels_match(suffix, case, dtype, strided, variants, config=
     dout = torch.randn(out.shape, generator=g)
     for dlse in (None, torch.randn(lse.shape, generator=g)):
         args = (dout, dlse, q, ks, vs, want_out, want_lse, rounds, scale)
-        got = suffix.suffix_backward_triton(*args, bwd, config)
+        got = suffix.suffix_backward_triton(*args, variant=bwd, config=config)
         want = _suffix_backward_reference(*args)
         for name, x, y in zip(("dq", "dks", "dvs"), got, want):
             torch.testing.assert_close(x, y, **tol, msg=lambda m: f"{name}: {m}")
+
+    # As a part of a merged softmax (the split op): the forward folded into a part (out_c in q's
+    # dtype, lse_c with a row of the lowest float: nothing causal to attend), the backward given
+    # the merged out/lse, adding into dq0 and writing rows [L, (S + 1) * L) of whole K/V gradients
+    # whose first L rows it must leave alone.
+    B, Hq, L, _ = q.shape
+    out_c = torch.randn(B, Hq, L, Dv, generator=g).to(dtype)
+    lse_c = torch.randn(B, Hq, L, generator=g)
+    lse_c[:, :, 0] = torch.finfo(torch.float32).min
+    out_c[:, :, 0] = 0
+    out, lse = suffix.suffix_forward_triton(q, ks, vs, rounds, scale, part=(out_c, lse_c), variant=fwd, config=config)
+    want_out, want_lse = _suffix_merge_reference(q, ks, vs, rounds, scale, out_c, lse_c)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    torch.testing.assert_close(out, want_out, **tol)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+    dout = torch.randn(out.shape, generator=g).to(dtype)
+    dq0 = torch.randn(q.shape, generator=g).to(dtype)
+    for dlse in (None, torch.randn(lse.shape, generator=g)):
+        args = (dout, dlse, q, ks, vs, want_out, want_lse, rounds, scale)
+        dk = torch.full((B, ks.shape[1], ks.shape[2] + L, D), 7.0, dtype=dtype)
+        dv = torch.full((B, vs.shape[1], vs.shape[2] + L, Dv), 7.0, dtype=dtype)
+        dq = suffix.suffix_backward_triton(*args, dq0=dq0, dks=dk[:, :, L:], dvs=dv[:, :, L:], variant=bwd,
+                                           config=config)[0]
+        want = _suffix_backward_reference(*args, dq0=dq0)
+        for name, x, y in zip(("dq", "dks", "dvs"), (dq, dk[:, :, L:], dv[:, :, L:]), want):
+            torch.testing.assert_close(x, y, **tol, msg=lambda m: f"{name} (part): {m}")
+        assert (dk[:, :, :L] == 7).all() and (dv[:, :, :L] == 7).all()
 
 
 @in_interpreter
@@ -305,9 +332,9 @@ def test_bench_suffix_table(suffix, monkeypatch):
 
     real = suffix.suffix_backward_triton
 
-    def off_by_a_little(*args):  # the fused variant's dq, 1e-3 off
-        dq, *rest = real(*args)
-        return (dq + 1e-3 if args[-2] == "fused" else dq), *rest
+    def off_by_a_little(*args, variant, config):  # the fused variant's dq, 1e-3 off
+        dq, *rest = real(*args, variant=variant, config=config)
+        return (dq + 1e-3 if variant == "fused" else dq), *rest
 
     monkeypatch.setattr(suffix, "suffix_backward_triton", off_by_a_little)
     rows, failed = table.suffix_rows(*args, sweep=False)
@@ -397,8 +424,8 @@ def test_norm_kernels_match_torch(x_dtype, param_dtype, H):
         for grad_x, grad_w in ((True, True), (True, False), (False, True)):
             got_dx = torch.full((n, 2 * H), 7.0, dtype=x_dtype)[:, :H] if grad_x else None  # rows of stride 2H
             want_dx = torch.empty(n, H, dtype=x_dtype) if grad_x else None
-            got_dw = rms_norm_rows_backward_triton(d_normed, x, want_inv, counted, weight, got_dx, grad_w)
-            want_dw = _rms_norm_rows_backward_torch(d_normed, x, want_inv, counted, weight, want_dx, grad_w)
+            got_dw = rms_norm_rows_backward_triton(d_normed, x, got_inv, counted, weight, got_dx, grad_w)
+            want_dw = _rms_norm_rows_backward_torch(d_normed, x, got_inv, counted, weight, want_dx, grad_w)
             if grad_x:
                 torch.testing.assert_close(got_dx, want_dx, **tol)
                 assert not got_dx[~counted].any()

@@ -161,7 +161,7 @@ def _norm_forward_kernel(X, W, COUNTED, NORMED, INV, N, H, x_stride, x_col, eps,
         ok = counted[:, None] & (cols < H)[None, :]
         x = tl.load(X + r[:, None] * x_stride + cols[None, :] * x_col, mask=ok, other=0.0).to(tl.float32)
         sq += tl.sum(x * x, 1)
-    inv = tl.math.rsqrt(sq / H + eps)
+    inv = tl.math.rsqrt(tl.where(counted, sq / H + eps, 1.0))  # 1 in rows that do not count
     tl.store(INV + r, inv, mask=r_ok)
     for h0 in range(0, H, BLOCK_H):
         cols = h0 + cols0

@@ -203,7 +203,8 @@ def _rms_norm_rows_torch(x: Tensor, counted: Tensor, weight: Tensor, eps: float,
 
     Returns:
         ``(normed [n, H] in dtype, inv [n])``: ``weight * (x * inv)`` with ``x * inv`` rounded to
-        x's dtype, and ``inv = rsqrt(mean(x^2) + eps)`` in float32 (float64 for float64 x).
+        x's dtype, and ``inv = rsqrt(mean(x^2) + eps)`` in float32 (float64 for float64 x),
+        unspecified in rows that do not count.
     """
     c_col = counted[:, None]  # [n, 1]
     x32 = torch.where(c_col, x, 0).to(_f32_or_wider(x.dtype))  # [n, H]

@@ -86,7 +86,7 @@ def suffix_rows(device, dtype, q_len, rounds_list, heads, D, reps, peaks, sweep=
             row = dict(table="suffix", op=op, variant=label, Q_LEN=q_len, rounds=rounds, heads=f"{Hq}/{Hkv}", D=D,
                        dtype=str(dtype).removeprefix("torch."), MB=float(f"{nbytes[op] / 1e6:.4g}"))
             if kernels:
-                fn = lambda f=ops[op], a=args[op], variant=variant, config=config: f(*a, variant, config)  # noqa: E731
+                fn = lambda f=ops[op], a=args[op], variant=variant, config=config: f(*a, variant=variant, config=config)  # noqa: E731
             else:
                 fn = lambda f=ops[op], a=args[op]: f(*a)  # noqa: E731
             got = fn()
