@@ -399,8 +399,8 @@ def test_norm_kernels_match_torch(x_dtype, param_dtype, H):
     against ``loss._rms_norm_rows_torch`` and its backward: normalised rows, inv, the hidden
     states' gradient (zeros in rows that do not count, written into a strided row view) and the
     weight's; 7 rows (not a multiple of the kernels' 4 rows per program), rows that do not count
-    hold NaN, the hidden states have a column stride of 2, eps = 0 with an all-zero row that
-    does not count."""
+    hold NaN, the hidden states and the weight have a column stride of 2 (the gradient's rows too,
+    once), eps = 0 with an all-zero row that does not count."""
     from compiled_mask.draft._triton_loss import rms_norm_rows_backward_triton, rms_norm_rows_triton
     from compiled_mask.draft.loss import _rms_norm_rows_backward_torch, _rms_norm_rows_torch
 
@@ -411,7 +411,7 @@ def test_norm_kernels_match_torch(x_dtype, param_dtype, H):
     x[4] = 0
     x = torch.stack([x, x], -1).flatten(-2)[:, ::2]  # a column stride of 2
     counted = torch.tensor([1, 1, 0, 1, 0, 1, 1], dtype=torch.bool)
-    weight = (1 + torch.randn(H, generator=g)).to(param_dtype)
+    weight = (1 + torch.randn(H, 2, generator=g)).to(param_dtype)[:, 0]  # a stride of 2
     d_normed = torch.randn(n, H, generator=g).to(param_dtype)
     for eps in (1e-5, 0.0):
         got_normed, got_inv = rms_norm_rows_triton(x, counted, weight, eps, param_dtype)
@@ -423,6 +423,8 @@ def test_norm_kernels_match_torch(x_dtype, param_dtype, H):
         torch.testing.assert_close(got_inv[counted], want_inv[counted], rtol=1e-5, atol=0)
         for grad_x, grad_w in ((True, True), (True, False), (False, True)):
             got_dx = torch.full((n, 2 * H), 7.0, dtype=x_dtype)[:, :H] if grad_x else None  # rows of stride 2H
+            if grad_x and eps == 0.0:  # a column stride of 2 as well
+                got_dx = torch.full((n, 2 * H), 7.0, dtype=x_dtype)[:, ::2]
             want_dx = torch.empty(n, H, dtype=x_dtype) if grad_x else None
             got_dw = rms_norm_rows_backward_triton(d_normed, x, got_inv, counted, weight, got_dx, grad_w)
             want_dw = _rms_norm_rows_backward_torch(d_normed, x, got_inv, counted, weight, want_dx, grad_w)

@@ -226,6 +226,7 @@ def rms_norm_rows_triton(x: Tensor, counted: Tensor, weight: Tensor, eps: float,
                          ) -> tuple[Tensor, Tensor]:
     """``loss._rms_norm_rows_torch``'s contract (arguments and results as there)."""
     n, H = x.shape
+    weight = weight.contiguous()  # read at W + column
     normed = x.new_empty((n, H), dtype=dtype)
     inv = x.new_empty((n,), dtype=torch.float32)
     grid, config = _norm_config(n, H)
@@ -238,12 +239,16 @@ def rms_norm_rows_backward_triton(d_normed: Tensor, x: Tensor, inv: Tensor, coun
                                   d_x: Tensor | None, grad_weight: bool) -> Tensor | None:
     """``loss._rms_norm_rows_backward_torch``'s contract (arguments and results as there)."""
     n, H = x.shape
+    weight = weight.contiguous()  # read at W + column
     if d_normed.stride(1) != 1:
         d_normed = d_normed.contiguous()
     grid, config = _norm_config(n, H)
     part = x.new_empty((grid[0], H) if grad_weight else (0,), dtype=torch.float32)
-    dx = d_x if d_x is not None else x.new_empty((0, H))
+    dx = x.new_empty((0, H)) if d_x is None else d_x if d_x.stride(1) == 1 else torch.empty_like(
+        d_x, memory_format=torch.contiguous_format)  # written at DX + row * stride + column
     _norm_backward_kernel[grid](d_normed, x, weight, counted.contiguous().view(torch.uint8), inv, dx, part, n, H,
                                 x.stride(0), x.stride(1), d_normed.stride(0), dx.stride(0),
                                 GRAD_X=d_x is not None, GRAD_W=grad_weight, **config)
+    if d_x is not None and dx is not d_x:
+        d_x.copy_(dx)
     return part.sum(0) if grad_weight else None
