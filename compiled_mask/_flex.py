@@ -29,6 +29,7 @@ def flex_eagle3_attention(
     if q.device.type == "cpu":
         k, v, block_mask = _whole_kv_blocks(k, v, block_mask)
     q, k, scale = _qk_as_wide_as_v(q, k, v, scale)  # Note [flex tiles follow the q/k head dim]
+    kernel_options = _flex_kernel_options(q, k, block_mask, kernel_options)
     return flex_attention(
         q,
         k,
@@ -38,6 +39,34 @@ def flex_eagle3_attention(
         enable_gqa=q.size(1) != k.size(1),
         kernel_options=kernel_options,
     )
+
+
+def _flex_kernel_options(q: Tensor, k: Tensor, block_mask: BlockMask, kernel_options: dict | None) -> dict | None:
+    """The caller's ``kernel_options``, asking for the main kernel on CUDA where Inductor's
+    decoding kernel would have no tile (Note [flex decoding and grouped heads])."""
+    if q.device.type != "cuda" or _decoding_tiles_fit(q.shape[2], q.size(1) // k.size(1), block_mask):
+        return kernel_options
+    return {"FORCE_USE_FLEX_ATTENTION": True, **(kernel_options or {})}
+
+
+def _decoding_tiles_fit(q_len: int, group: int, block_mask: BlockMask) -> bool:
+    """Whether Inductor's flex decoding kernel, if it picks it, can tile these queries.
+
+    Note [flex decoding and grouped heads]
+        For Q_LEN < 128 with a power-of-two group G of q-heads per K/V head (1 included),
+        Inductor lowers flex_attention to its decoding kernel, which tiles the G heads of a
+        group and their queries together: ``BLOCK_M = max(16, next_power_of_2(Q_LEN * G))``
+        (torch's ``flex_decoding.py``). Where that does not divide the BlockMask's Q block size,
+        every kernel config is skipped and compiling fails with ``NoValidChoicesError`` (torch
+        2.11 on an H200: Q_LEN 122 and 123 with 2/1 and 4/2 heads and a 128-row Q block;
+        Q_LEN 64 with 2/1 heads, 123 with 1/1, or a 256-row Q block compiled). There the main
+        kernel is asked for (``FORCE_USE_FLEX_ATTENTION``), which takes any Q_LEN; a caller's
+        own ``kernel_options`` still win.
+    """
+    if q_len >= 128 or group & (group - 1):  # the decoding kernel takes power-of-two groups only
+        return True
+    tile = max(16, 1 << max(0, q_len * group - 1).bit_length())  # its BLOCK_M: next power of two, >= 16
+    return block_mask.BLOCK_SIZE[0] % tile == 0
 
 
 def _whole_kv_blocks(k: Tensor, v: Tensor, block_mask: BlockMask) -> tuple[Tensor, Tensor, BlockMask]:

@@ -12,17 +12,18 @@ and its backward hands each part's backward the merged output, log-sum-exp and d
 suffix first] in ``_causal.py``): the causal kernel's backward, then the suffix kernel, which adds
 its dq to the causal one and writes its rows of dk, dv into the whole K/V gradient. Nothing of
 the suffix part is stored between the two directions, and no float32 ``[B, H, L, Dv]`` tensor
-crosses an op boundary. The context-parallel all-gather mode (``distributed.py``) and packed
-documents on CUDA (below) compose the same kernels through the differentiable ops
-``causal_attention`` and ``suffix_attention`` instead, whose parts do cross.
+crosses an op boundary. The context-parallel all-gather mode (``distributed.py``) composes the
+same kernels through the differentiable ops ``causal_attention`` and ``suffix_attention``
+instead, and packed documents on CUDA merge ``suffix_attention``'s part with flex_attention's
+(below): there the float32 part does cross.
 
 Note [documents in the split backend]
     Packed documents need a causal part that stops at each document's start. cuDNN and flash
     cannot do that per position without a host sync (varlen needs the number of documents), so
     on CUDA the causal part is flex_attention over the per-document causal BlockMask
     (``eagle3_block_mask`` with KV_LEN = Q_LEN: only the blocks inside documents), whose
-    log-sum-exp autograd differentiates; on CPU it is the causal op with the layout table, which
-    runs the CPU flash kernel under a dense document mask (Note [which causal kernel] in
+    log-sum-exp autograd differentiates; on CPU the split op's causal kernel takes the layout
+    table and runs the CPU flash kernel under a dense document mask (Note [which causal kernel] in
     ``_causal.py``). A row with nothing to attend (padding) gets a finite lowest-float lse so the
     merge stays finite; the caller zeroes padding rows.
 """
@@ -34,7 +35,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 
 from compiled_mask._causal import _kernel_backward, _kernel_forward, _lse_dtype, _merge_reference, _row_output
-from compiled_mask._flex import _qk_as_wide_as_v
+from compiled_mask._flex import _flex_kernel_options, _qk_as_wide_as_v
 from compiled_mask._suffix import suffix_attention, suffix_backward, suffix_forward
 
 __all__: list[str] = []
@@ -124,6 +125,7 @@ def split_attention(q: Tensor, k: Tensor, v: Tensor, rounds: Tensor, *, q_len: i
     suffix = suffix_attention(q, k[:, :, q_len:], v[:, :, q_len:], rounds, scale)  # (out_s, lse_s)
     q_c, k_c, _ = _qk_as_wide_as_v(q, k0, v0, scale)  # Note [flex tiles follow the q/k head dim]
     out_c, aux = flex_attention(q_c, k_c, v0, block_mask=document_mask, scale=scale,
-                                enable_gqa=q.size(1) != k.size(1), return_aux=AuxRequest(lse=True))
+                                enable_gqa=q.size(1) != k.size(1), return_aux=AuxRequest(lse=True),
+                                kernel_options=_flex_kernel_options(q_c, k_c, document_mask, None))
     lse_c = aux.lse.clamp(min=torch.finfo(aux.lse.dtype).min)  # -inf on empty rows
     return _merge_reference(out_c, lse_c, *suffix, q.dtype)[0]

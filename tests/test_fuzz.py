@@ -311,6 +311,24 @@ def test_api_fuzz_cuda(case):
     check_attention(case, compiled=True, device="cuda")
 
 
+@pytest.mark.gpu
+@pytest.mark.usefixtures("fresh_compile_state")
+@pytest.mark.parametrize("backend, q_len, Hq, Hkv, block_size", [
+    ("flex", 123, 2, 1, (128, 128)), ("flex", 122, 4, 2, (128, 128)), ("split", 123, 2, 1, (128, 128)),
+    ("flex", 64, 2, 1, (128, 128)), ("flex", 123, 2, 1, (256, 128))])
+def test_flex_short_q_len_grouped_heads_cuda(backend, q_len, Hq, Hkv, block_size):
+    """Q_LEN < 128 with grouped heads, where Inductor's flex decoding kernel has no tile that
+    divides the Q block (the first three: flex failed to compile, NoValidChoicesError, found by
+    test_api_fuzz_cuda on an H100; split with documents runs flex for its causal part) and where
+    it has (the last two): compiled, forward and backward, exact (Note [flex decoding and grouped
+    heads] in _flex.py)."""
+    doc_ids = torch.tensor([[0] * 50 + [1] * (q_len - 50)]) if backend == "split" else None
+    case = Case(backend=backend, q_len=q_len, max_rounds=2, block_size=block_size, B=1, Hq=Hq, Hkv=Hkv, D=64,
+                Dv=64, dtype=torch.bfloat16, views=("contiguous",) * 3, rounds=2, rounds_dtype=torch.int8,
+                seq_lens=None, doc_ids=doc_ids, seed=0)
+    check_attention(case, compiled=True, device="cuda", grads=True)
+
+
 def _once_wrong_cases(backend: str) -> list[Case]:
     """The three inputs that gave wrong attention with no error on an H200 (issue 12), on CUDA:
     seq_lens as a strided column, rounds in a narrow dtype (uint8 3; int32 2**31 - 1, which must
