@@ -1,27 +1,31 @@
-"""The causal attention op ``compiled_mask::causal_attention``: a fused kernel that returns its
-log-sum-exp, merged with another softmax part, differentiable in everything.
+"""The fused causal attention kernel (forward and backward, :func:`_kernel_forward` and
+:func:`_kernel_backward`), and the op ``compiled_mask::causal_attention``: that kernel's attention
+merged with another softmax part, differentiable in everything.
 
-The split backend (``_split.py``) and the context-parallel all-gather mode (``distributed.py``)
-need the causal part of the Eagle3 mask (or a plain, non-causal prefix) merged by log-sum-exp
-with other parts over disjoint keys (the suffix rounds, ``_suffix.py``; other chunks' keys). The
-op takes such a part, ``(out_p, lse_p)``, and returns the merged ``(out, lse)``:
+The split op (``_split.py``) runs the kernel for the causal part of the Eagle3 mask and folds the
+suffix rounds into it. The context-parallel all-gather mode (``distributed.py``) needs the causal
+part of a chunk (or a plain, non-causal prefix) merged by log-sum-exp with other parts over
+disjoint keys (its suffix rounds, ``_suffix.py``; other chunks' keys), each a differentiable op:
+this op takes such a part, ``(out_p, lse_p)``, and returns the merged ``(out, lse)``:
 
     out_c, lse_c = kernel(q, k, v)                     causal (or every key), fused
     lse          = logaddexp(lse_c, lse_p)
     out          = exp(lse_c - lse) * out_c + exp(lse_p - lse) * out_p
 
-The op runs on real tensors, so it can see what compiled code cannot (data pointers, strides) and
-hand each kernel the layout it needs (Note [aligned kernel inputs]).
+Both run on real tensors, so they can see what compiled code cannot (data pointers, strides) and
+hand the kernel the layout it needs (Note [aligned kernel inputs]).
 
 Note [the suffix first]
     The kernels' backward takes dO, the output and the log-sum-exp. Given the *merged* ones it
-    returns the exact gradients of the causal part of the merged softmax (its probabilities are
-    then those of the full softmax, and its row term rowsum(dO * out) too: the identity ring
-    attention uses). So the other part is computed first and merged in here, and the kernel's
-    backward sees the caller's dO itself. Composed the other way, the kernel would get the
-    causal part's gradient, exp(lse_c - lse) * dO, rounded to bf16 on its way: an extra rounding
-    of every element that made the bf16 gradients ~1.2x less accurate. The part's own gradients,
-    ``exp(lse_p - lse) * dO`` and its lse's, stay in the part's dtype (float32 for the suffix).
+    returns the exact gradients of this part of the merged softmax (its probabilities are then
+    those of the full softmax, and its row term rowsum(dO * out) too: the identity ring attention
+    uses). So every part's backward is handed the merged out, lse and dO: in the split op
+    directly; in this op by computing the other part first and merging it in here, so that the
+    kernel's backward sees the caller's dO itself. Composed the other way, the kernel would get
+    the causal part's gradient, exp(lse_c - lse) * dO, rounded to bf16 on its way: an extra
+    rounding of every element that made the bf16 gradients ~1.2x less accurate. The part's own
+    gradients, ``exp(lse_p - lse) * dO`` and its lse's, stay in the part's dtype (float32 for
+    the suffix).
 
 Note [which causal kernel]
     On CUDA the kernel is cuDNN's fused attention, the one SDPA itself picks for causal attention

@@ -7,10 +7,11 @@ suffix round s >= 1: key ``s * Q_LEN + i``. Those keys cost one dot product per 
     lse_s   = logsumexp_s score_s                 (the lowest float when no round is live)
     out_s   = sum_s exp(score_s - lse_s) * v_s[i]  (0 when no round is live)
 
-``(out_s, lse_s)`` is a softmax part over disjoint keys: the causal op (``_causal.py``) merges it
-with the causal keys by log-sum-exp, so every variant of the split backend composes the two ops
-and autograd chains them (Note [the suffix first]). The part comes back in float32 (float64 for
-float64 inputs), so its gradients, which the merge scales per row, lose nothing to rounding.
+``(out_s, lse_s)`` is a softmax part over disjoint keys. The op ``suffix_attention`` returns it,
+in float32 (float64 for float64 inputs), for callers that merge it with other parts by
+log-sum-exp and let autograd chain the two (context parallel's causal op, ``_causal.py``; flex's
+document part, ``_split.py``): its gradients, which the merge scales per row, lose nothing to
+rounding. The split op folds it into the causal part instead (:func:`suffix_forward`).
 Backward, for incoming gradients ``dO`` (of out_s) and ``dL`` (of lse_s), with
 ``D = rowsum(dO * out_s) - dL``:
 

@@ -55,9 +55,10 @@ _MAX_GROUP = 16
 #     normalised output is out_c) instead of the empty one, and the result is stored in q's dtype.
 #     So the suffix part never exists as a tensor of its own. Its backward needs no such state:
 #     given the merged out, lse and dO it is exact as it is (Note [the suffix first] in
-#     ``_causal.py``); there the kernels add into the causal kernel's dq (``DQ0``, in float32,
-#     rounded once) and write their rows of the whole K/V gradient (``kv_rows`` rows per
-#     (batch, kv-head)), so neither is summed or concatenated again outside.
+#     ``_causal.py``); there the kernels start their float32 dq from the causal kernel's (``DQ0``,
+#     as that kernel rounded it) and round the sum once, and write their rows of the whole K/V
+#     gradient (``kv_rows`` rows per (batch, kv-head)), so neither is summed or concatenated
+#     again outside.
 
 
 @triton.jit
