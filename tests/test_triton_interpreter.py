@@ -259,8 +259,8 @@ def _assert_suffix_kernels_match(suffix, case, dtype, strided, variants, config=
         for name, x, y in zip(("dq", "dks", "dvs"), got, want):
             torch.testing.assert_close(x, y, **tol, msg=lambda m: f"{name}: {m}")
 
-    # As a part of a merged softmax (the split op): the forward folded into a part (out_c in q's
-    # dtype, lse_c with a row of the lowest float: nothing causal to attend), the backward given
+    # As a part of a merged softmax (the split op), with a negative scale: the forward folded into a
+    # part (out_c in q's dtype, lse_c with a row of the lowest float: nothing causal to attend), the backward given
     # the merged out/lse, adding into dq0 and writing rows [L, (S + 1) * L) of whole K/V gradients
     # whose first L rows it must leave alone.
     B, Hq, L, _ = q.shape
@@ -268,6 +268,7 @@ def _assert_suffix_kernels_match(suffix, case, dtype, strided, variants, config=
     lse_c = torch.randn(B, Hq, L, generator=g)
     lse_c[:, :, 0] = torch.finfo(torch.float32).min
     out_c[:, :, 0] = 0
+    scale = -0.3  # any finite scale: the kernels scale the scores themselves (the causal kernel's is positive)
     out, lse = suffix.suffix_forward_triton(q, ks, vs, rounds, scale, part=(out_c, lse_c), variant=fwd, config=config)
     want_out, want_lse = _suffix_merge_reference(q, ks, vs, rounds, scale, out_c, lse_c)
     assert out.dtype == dtype and lse.dtype == torch.float32
