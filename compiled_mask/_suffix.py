@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from compiled_mask._causal import _merge_reference
 from compiled_mask._dtypes import _f32_or_wider
 
 __all__: list[str] = []
@@ -106,8 +107,6 @@ def _suffix_merge_reference(q: Tensor, ks: Tensor, vs: Tensor, rounds: Tensor, s
                             lse_c: Tensor) -> tuple[Tensor, Tensor]:
     """The suffix part merged into the part ``(out_c, lse_c)`` over other keys (torch ops):
     ``(out in out_c's dtype, lse)``."""
-    from compiled_mask._causal import _merge_reference
-
     return _merge_reference(out_c, lse_c, *_suffix_reference(q, ks, vs, rounds, scale), out_c.dtype)
 
 

@@ -181,10 +181,16 @@ def _xent_rows_torch(z: Tensor, kind: str, target: Tensor, counted: Tensor, grad
     return nll, hit, d_z.to(z.dtype)  # as autograd casts
 
 
+def _triton_rows(x: Tensor, *dtypes: torch.dtype) -> bool:
+    """Whether a chunk's row kernels run in Triton (``_triton_loss.py``): on CUDA, with no
+    float64 among ``x`` and ``dtypes`` (the kernels keep float32 state)."""
+    return x.is_cuda and torch.float64 not in (x.dtype, *dtypes)
+
+
 def _xent_rows(z: Tensor, kind: str, target: Tensor, counted: Tensor, grad: bool
                ) -> tuple[Tensor, Tensor, Tensor | None]:
     """:func:`_xent_rows_torch`, or on CUDA, without float64, its Triton kernel."""
-    if z.is_cuda and torch.float64 not in (z.dtype, target.dtype):
+    if _triton_rows(z, target.dtype):
         from compiled_mask.draft._triton_loss import xent_rows_triton
 
         return xent_rows_triton(z, kind, target, counted, grad)
@@ -236,15 +242,10 @@ def _rms_norm_rows_backward_torch(d_normed: Tensor, x: Tensor, inv: Tensor, coun
     return d_weight
 
 
-def _fused_norm(x: Tensor, *dtypes: torch.dtype) -> bool:
-    """The Triton norm kernels run on CUDA without float64 (Note [the norm in two kernels])."""
-    return x.is_cuda and torch.float64 not in (x.dtype, *dtypes)
-
-
 def _rms_norm_rows(x: Tensor, counted: Tensor, weight: Tensor, eps: float, dtype: torch.dtype
                    ) -> tuple[Tensor, Tensor]:
     """:func:`_rms_norm_rows_torch`, or on CUDA its Triton kernel."""
-    if _fused_norm(x, weight.dtype, dtype):
+    if _triton_rows(x, weight.dtype, dtype):
         from compiled_mask.draft._triton_loss import rms_norm_rows_triton
 
         return rms_norm_rows_triton(x, counted, weight, eps, dtype)
@@ -254,7 +255,7 @@ def _rms_norm_rows(x: Tensor, counted: Tensor, weight: Tensor, eps: float, dtype
 def _rms_norm_rows_backward(d_normed: Tensor, x: Tensor, inv: Tensor, counted: Tensor, weight: Tensor,
                             d_x: Tensor | None, grad_weight: bool) -> Tensor | None:
     """:func:`_rms_norm_rows_backward_torch`, or on CUDA its Triton kernel."""
-    if _fused_norm(x, weight.dtype, d_normed.dtype):
+    if _triton_rows(x, weight.dtype, d_normed.dtype):
         from compiled_mask.draft._triton_loss import rms_norm_rows_backward_triton
 
         return rms_norm_rows_backward_triton(d_normed, x, inv, counted, weight, d_x, grad_weight)
