@@ -314,12 +314,13 @@ def test_api_fuzz_cuda(case):
 @pytest.mark.gpu
 @pytest.mark.usefixtures("fresh_compile_state")
 @pytest.mark.parametrize("backend, q_len, Hq, Hkv, block_size", [
-    ("flex", 123, 2, 1, (128, 128)), ("flex", 122, 4, 2, (128, 128)), ("split", 123, 2, 1, (128, 128)),
+    ("flex", 123, 2, 1, (128, 128)), ("flex", 122, 4, 2, (128, 128)), ("split", 123, 2, 1, None),
     ("flex", 64, 2, 1, (128, 128)), ("flex", 123, 2, 1, (256, 128))])
 def test_flex_short_q_len_grouped_heads_cuda(backend, q_len, Hq, Hkv, block_size):
     """Q_LEN < 128 with grouped heads, where Inductor's flex decoding kernel has no tile that
     divides the Q block (the first three: flex failed to compile, NoValidChoicesError, found by
-    test_api_fuzz_cuda on an H100; split with documents runs flex for its causal part) and where
+    test_api_fuzz_cuda on an H100; split with documents runs flex, at its default block, for its
+    causal part: split takes no block_size) and where
     it has (the last two): compiled, forward and backward, exact (Note [flex decoding and grouped
     heads] in _flex.py)."""
     doc_ids = torch.tensor([[0] * 50 + [1] * (q_len - 50)]) if backend == "split" else None
