@@ -148,7 +148,7 @@ def grads(model, loss):
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-@pytest.mark.parametrize("memory", ["save", "recompute", "recompute_tiled"])
+@pytest.mark.parametrize("memory", ["save", "recompute", "recompute_tiled", "staged", "staged_tiled"])
 @pytest.mark.parametrize("layout", ["dense", "seq_lens", "doc_ids", "ids_target"])
 def test_eager_matches_float64_reference(layout, memory):
     """The model (eager, split backend, float64, each memory policy) against the written-out
@@ -233,12 +233,13 @@ recompiles: none""")
         torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("memory", ["recompute", "recompute_tiled"])
+@pytest.mark.parametrize("memory", ["recompute", "recompute_tiled", "staged", "staged_tiled"])
 def test_compiled_recompute_saves_no_layer_activations(memory):
     """A recomputing policy, compiled (AOTAutograd's min-cut partitioner, as Inductor's): one
     graph, equal to eager, and nothing of the decoder layer's width is kept for backward, neither
     the MLP's ``[B, T, intermediate]`` activations nor q/k/v of ``[B, H, T, D]`` beyond each
-    round's K/V (Note [memory policies]); "save" keeps them (the control)."""
+    round's K/V (Note [memory policies]); "save" keeps them (the control). (The staged policies
+    run the layer inside an op, so the partitioner sees only the op's inputs.)"""
     saved_shapes = {}
     for policy in ("save", memory):
         torch._dynamo.reset()
@@ -260,6 +261,60 @@ def test_compiled_recompute_saves_no_layer_activations(memory):
     assert mlp not in saved_shapes[memory] and (2, 64, 80) not in saved_shapes[memory]
     assert sum(torch.Size(s).numel() for s in saved_shapes[memory]) < sum(
         torch.Size(s).numel() for s in saved_shapes["save"]) / 2
+    torch._dynamo.reset()
+
+
+def test_staged_backward_replays_each_step_in_its_op():
+    """memory="staged", compiled: the backward graph holds one staged_step_backward per TTT step,
+    each fed by the gradient the next step's returns (so no replay can run early), and none of
+    the layer's own work (no MLP-wide matmul: the replay is inside the ops); the ops pass
+    torch.library.opcheck (schema, fake, autograd registration, AOT dispatch)."""
+    torch._dynamo.reset()
+    length, inter = 3, 80
+    model = make_model(length=length, seed=6, memory="staged", intermediate_size=inter)
+    cfg = model.draft_model.config
+    graphs = []
+
+    def partition(joint, inputs, **kwargs):
+        fw, bw = min_cut_rematerialization_partition(joint, inputs, **kwargs)
+        graphs.append(bw)
+        return fw, bw
+
+    nop = lambda gm, _: make_boxed_func(gm.forward)  # noqa: E731
+    backend = aot_autograd(fw_compiler=nop, bw_compiler=nop, partition_fn=partition)
+    batch = make_batch(2, 64, cfg, seed=7)
+    out = torch.compile(model, backend=backend, fullgraph=True)(*batch)
+    got = grads(model, out.loss)
+    want = grads(model, model(*batch).loss)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    (bw,) = graphs
+    steps = [n for n in bw.graph.nodes if n.target is torch.ops.compiled_mask.staged_step_backward.default]
+    assert len(steps) == length
+    def ancestors(node):
+        seen, todo = set(), [node]
+        while todo:
+            for a in todo.pop().all_input_nodes:
+                if a not in seen:
+                    seen.add(a)
+                    todo.append(a)
+        return seen
+
+    d_hidden = [ancestors(n.args[1]) for n in steps]  # what each op's d_hidden is computed from
+    assert [sum(other in deps for other in steps) for deps in d_hidden] == list(range(length))  # a chain
+    widths = {n.meta["val"].shape[-1] for n in bw.graph.nodes
+              if n.op == "call_function" and n.target in (torch.ops.aten.mm.default, torch.ops.aten.bmm.default)}
+    assert inter not in widths
+
+    from compiled_mask.draft import staged
+
+    ids, hidden = batch[0], torch.randn(2, 64, cfg.hidden_size)
+    cos, sin = model.draft_model.rope_cos_sin(torch.arange(64), hidden.dtype)
+    rounds = [torch.randn(2, cfg.num_key_value_heads, 64, cfg.head_dim) for _ in range(2)]
+    weights = [p.detach().requires_grad_(True) for _, p in model._staged_params()]
+    args = (model._staged_key, ids, hidden.requires_grad_(), cos, sin, None, False, torch.tensor(2),
+            torch.arange(64, 128), rounds[:1], rounds[1:], weights, [w.requires_grad for w in weights])
+    torch.library.opcheck(staged._staged_step, args)
     torch._dynamo.reset()
 
 
@@ -416,7 +471,7 @@ def test_gpu_train_step_bf16_matches_float64(backend):
 
 @pytest.mark.gpu
 @pytest.mark.usefixtures("fresh_compile_state")
-@pytest.mark.parametrize("memory", ["recompute", "recompute_tiled"])
+@pytest.mark.parametrize("memory", ["recompute", "recompute_tiled", "staged", "staged_tiled"])
 def test_gpu_memory_policies_match_save(memory):
     """The recomputing policies, compiled in bf16 with the split backend: the same losses and
     gradients as "save" (to bf16 rounding), against the float64 unroll, one graph."""

@@ -29,6 +29,7 @@ from compiled_mask._inputs import Layout, normalize_layout
 from compiled_mask._layout import _valid_queries
 from compiled_mask.draft.loss import TargetHead, TargetLogits, head_loss
 from compiled_mask.draft.model import Eagle3DraftModel
+from compiled_mask.draft import staged
 from compiled_mask.draft.tiled import tiled_mlp
 from compiled_mask.modules import Eagle3Attention
 
@@ -148,7 +149,8 @@ class WholeSequence:
 #         ``[T, intermediate]`` activations at once.
 #     The LM head and loss never keep ``[T, V]`` whatever the policy (``loss.py``). Each policy
 #     computes the same numbers (tests/test_draft.py); they differ in memory and time only.
-MEMORY_POLICIES = ("save", "recompute", "recompute_tiled")
+MEMORY_POLICIES = ("save", "recompute", "recompute_tiled", "staged", "staged_tiled")
+_STAGED = ("staged", "staged_tiled")
 _AUTO_RECOMPUTE_TOKENS = 16384  # "auto": recompute above this many tokens per sample
 _AUTO_TILE_TOKENS = 65536  # "auto": and tile the MLP above this many
 _MLP_TILE_ROWS = 8192  # rows per MLP tile ("recompute_tiled")
@@ -233,6 +235,11 @@ class Eagle3Model(nn.Module):
         self.chunk_rows = chunk_rows
         self.sequence = WholeSequence() if sequence is None else sequence
         self.attn = self.sequence.bind(q_len, length, attention_backend)
+        if self.memory in _STAGED:
+            if not isinstance(self.sequence, WholeSequence):
+                raise ValueError(f"{where}: memory={memory!r} runs on one process; with context parallel "
+                                 f"use 'save', 'recompute' or 'recompute_tiled'.")
+            self._staged_key = staged.register(self)
         self.register_buffer("live_rounds", torch.arange(1, length + 1), persistent=False)  # [length]
 
     def forward(self, input_ids: Tensor, hidden_states: Tensor, target: Tensor | TargetLogits | TargetHead,
@@ -305,7 +312,7 @@ class Eagle3Model(nn.Module):
         nll_sums, hit_sums = [], []
         for s in range(self.length):
             step = (s, seq.at(ids_pad, s), hidden, seq.at(cos_all, s, dim=0), seq.at(sin_all, s, dim=0), layout)
-            if self.memory != "save" and torch.is_grad_enabled():  # Note [memory policies]
+            if self.memory in ("recompute", "recompute_tiled") and torch.is_grad_enabled():  # Note [memory policies]
                 hidden, k, v = torch.utils.checkpoint.checkpoint(self._step, *step, *rounds, use_reentrant=False)
             else:
                 hidden, k, v = self._step(*step, *rounds)
@@ -325,6 +332,23 @@ class Eagle3Model(nn.Module):
               *rounds: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """TTT step s's decoder layer: ``(next hidden states [B, L, H], k_s, v_s)``; ``rounds``:
         the K/V rounds of the earlier steps, ``k_0..k_{s-1}, v_0..v_{s-1}``."""
+        if self.memory in _STAGED:  # Note [memory policies]
+            L = hidden.shape[1]
+            index = torch.arange(s * L, (s + 1) * L, device=hidden.device)  # round s's key rows
+            weights = [p for _, p in self._staged_params()]
+            return staged.staged_step(self._staged_key, ids, hidden, cos, sin, layout.first_key, layout.documents,
+                                      self.live_rounds[s], index, list(rounds[:s]), list(rounds[s:]), weights)
+
+        def buffers(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+            return self._buffer([*rounds[:s], k]), self._buffer([*rounds[s:], v])
+
+        return self._layer(ids, hidden, cos, sin, layout, self.live_rounds[s], buffers)
+
+    def _layer(self, ids: Tensor, hidden: Tensor, cos: Tensor, sin: Tensor, layout: Layout, live: Tensor,
+               buffers) -> tuple[Tensor, Tensor, Tensor]:
+        """The decoder layer of a TTT step: ``(next hidden states, k, v)`` of the step;
+        ``buffers(k, v)`` gives the static K/V buffers with the step's round written in, ``live``
+        the live rounds (0-d)."""
         draft = self.draft_model
         layer = draft.midlayer
         B, L, _ = hidden.shape
@@ -332,19 +356,24 @@ class Eagle3Model(nn.Module):
         residual = hidden
         x = torch.cat((layer.input_layernorm(embeds), layer.hidden_norm(hidden)), dim=-1)  # [B, L, 2H]
         q, k, v = layer.self_attn.project(x, cos, sin)
-        k_buf = self._buffer([*rounds[:s], k])  # [B, Hkv, L * length, D]
-        v_buf = self._buffer([*rounds[s:], v])
-        out = self.attn._attend(q, k_buf, v_buf, self.live_rounds[s], layout, finite_padding=True)
+        k_buf, v_buf = buffers(k, v)  # [B, Hkv, L * length, D] each
+        out = self.attn._attend(q, k_buf, v_buf, live, layout, finite_padding=True)
         out = out.transpose(1, 2).reshape(B, L, -1)  # [B, L, Hq * D]
         hidden = residual + layer.self_attn.o_proj(out)
         normed = layer.post_attention_layernorm(hidden)
-        if self.memory == "recompute_tiled":
+        if self.memory in ("recompute_tiled", "staged_tiled"):
             mlp = layer.mlp
             hidden = hidden + tiled_mlp(normed, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
                                         chunk_rows=_MLP_TILE_ROWS)
         else:
             hidden = hidden + layer.mlp(normed)  # [B, L, H]
         return hidden, k, v
+
+    def _staged_params(self) -> list[tuple[str, Tensor]]:
+        """The parameters a step's layer reads (the staged ops take them as inputs)."""
+        draft = self.draft_model
+        return [("draft_model.embed_tokens.weight", draft.embed_tokens.weight),
+                *(("draft_model.midlayer." + n, p) for n, p in draft.midlayer.named_parameters())]
 
     def _buffer(self, rounds: list[Tensor]) -> Tensor:
         """The static K/V buffer of the rounds so far (Note [writing a round]); inside a

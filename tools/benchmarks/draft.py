@@ -100,7 +100,7 @@ def _draft_method(spec: str) -> str:
     if backend not in ("split", "flex", "fa4") or target not in ("probs", "head") or not memory:
         raise argparse.ArgumentTypeError(
             f"got {spec!r}: expected 'today' or BACKEND:MEMORY:TARGET, e.g. split:recompute:head "
-            "(BACKEND split|flex|fa4, MEMORY auto|save|recompute|recompute_tiled, TARGET probs|head)")
+            "(BACKEND split|flex|fa4, MEMORY auto|save|recompute|recompute_tiled|staged|staged_tiled, TARGET probs|head)")
     return spec
 
 
