@@ -312,8 +312,8 @@ def test_staged_backward_replays_each_step_in_its_op():
     cos, sin = model.draft_model.rope_cos_sin(torch.arange(64), hidden.dtype)
     rounds = [torch.randn(2, cfg.num_key_value_heads, 64, cfg.head_dim) for _ in range(2)]
     weights = [p.detach().requires_grad_(True) for _, p in model._staged_params()]
-    args = (model._staged_key, ids, hidden.requires_grad_(), cos, sin, None, False, torch.tensor(2),
-            torch.arange(64, 128), rounds[:1], rounds[1:], weights, [w.requires_grad for w in weights])
+    args = (model._staged_key, ids, hidden.requires_grad_(), cos, sin, None, False, torch.tensor(2), rounds[:1],
+            rounds[1:], weights, [w.requires_grad for w in weights])
     torch.library.opcheck(staged._staged_step, args)
     torch._dynamo.reset()
 

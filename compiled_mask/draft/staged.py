@@ -3,16 +3,16 @@
 ``compiled_mask::staged_step`` runs one TTT step's decoder layer (``Eagle3Model._layer``) and
 keeps only its inputs; ``compiled_mask::staged_step_backward`` replays the step and returns its
 gradients. In the one compiled graph of the unroll, the backward op of step s reads the gradient
-of step s's outputs, so it cannot run before step s + 1's backward has produced it: the replays
-run one after another, each just before its gradients are needed, as eager autograd runs a
-checkpoint. Under ``torch.utils.checkpoint`` instead, the replayed ops depend only on what was
-saved, and the partitioner and Inductor's scheduler move (and fuse) parts of every step's replay
-to the start of the backward, holding them all at once (Note [memory policies] in ``unroll.py``).
+of step s's outputs, which step s + 1's backward op returns, so the replays run one after
+another, each just before its gradients are needed, as eager autograd runs a checkpoint. Under
+``torch.utils.checkpoint`` instead, the replayed ops depend only on what was saved, and the
+partitioner and Inductor's scheduler move (and fuse) parts of every step's replay to the start of
+the backward, holding them all at once (Note [memory policies] in ``unroll.py``).
 
 Inside the ops the layer runs eagerly (its matmuls and the attention are the same kernels as
-compiled; its norms, RoPE and SwiGLU are unfused), the backward as ``torch.autograd.grad`` of the
-replay. The ops find the model by a key it registers, and take every tensor the layer reads as an
-input, the weights included, so the graph orders them like any op and the replay uses the
+compiled; its norms, RoPE and SwiGLU are unfused), the backward as ``torch.autograd.grad`` of
+the replay. The ops find the model by a key it registers, and take every tensor the layer reads
+as an input, the weights included, so the graph orders them like any op and the replay uses the
 weights the forward used.
 """
 
@@ -23,6 +23,8 @@ import weakref
 
 import torch
 from torch import Tensor, nn
+
+from compiled_mask._inputs import Layout
 
 __all__: list[str] = []
 
@@ -52,138 +54,119 @@ class _Layer(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, ids, hidden, cos, sin, first_key, documents, live, index, k_prev, v_prev):
-        from compiled_mask._inputs import Layout
+    def forward(self, ids, hidden, cos, sin, first_key, documents, live, k_rounds, v_rounds):
+        from compiled_mask.draft.unroll import _round_buffer
 
-        def buffers(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:  # round s written at its rows
-            return k_prev.index_copy(2, index, k), v_prev.index_copy(2, index, v)
+        length = self.model.length
+
+        def buffers(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:  # Note [writing a round]
+            return _round_buffer(length, *k_rounds, k), _round_buffer(length, *v_rounds, v)
 
         return self.model._layer(ids, hidden, cos, sin, Layout(first_key, documents), live, buffers)
 
 
-def _run(model: nn.Module, weights: list[Tensor], *args) -> tuple[Tensor, Tensor, Tensor]:
-    """The layer with ``weights`` (in ``model._staged_params()`` order) as its parameters."""
-    names = [name for name, _ in model._staged_params()]
-    return torch.func.functional_call(_Layer(model), {"model." + n: w for n, w in zip(names, weights)}, args)
-
-
-def _round_shape(model: nn.Module, hidden: Tensor) -> tuple[int, int, int, int]:
-    cfg = model.draft_model.config
-    return (hidden.shape[0], cfg.num_key_value_heads, hidden.shape[1], cfg.head_dim)
-
-
-def _prev_buffers(model: nn.Module, k_rounds: list[Tensor], v_rounds: list[Tensor], round_: Tensor
-                  ) -> tuple[Tensor, Tensor]:
-    """The static K/V buffers ``[B, Hkv, L * length, D]`` of the earlier rounds, zeros from round s."""
-    from compiled_mask.draft.unroll import _round_buffer
-
-    if not k_rounds:
-        B, Hkv, L, D = round_.shape
-        zeros = round_.new_zeros((B, Hkv, L * model.length, D))
-        return zeros, zeros
-    return _round_buffer(model.length, *k_rounds), _round_buffer(model.length, *v_rounds)
+def _run(key: int, weights: list[Tensor], *args) -> tuple[Tensor, Tensor, Tensor]:
+    """The layer of model ``key`` with ``weights`` (``Eagle3Model._staged_params`` order) as its
+    parameters."""
+    model = _model(key)
+    names = ["model." + name for name, _ in model._staged_params()]
+    return torch.func.functional_call(_Layer(model), dict(zip(names, weights)), args)
 
 
 @torch.library.custom_op("compiled_mask::staged_step", mutates_args=())
 def _staged_step(key: int, ids: Tensor, hidden: Tensor, cos: Tensor, sin: Tensor, first_key: Tensor | None,
-                 documents: bool, live: Tensor, index: Tensor, k_rounds: list[Tensor], v_rounds: list[Tensor],
+                 documents: bool, live: Tensor, k_rounds: list[Tensor], v_rounds: list[Tensor],
                  weights: list[Tensor], trained: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
-    """Private op: one TTT step's decoder layer, ``(next hidden states, k_s, v_s)``.
+    """Private op: one TTT step's decoder layer, ``(next hidden states, k_s, v_s)``, contiguous.
 
     Args:
         key: the model's key (:func:`register`).
         ids, hidden, cos, sin: the step's inputs (``Eagle3Model._layer``); first_key, documents:
-            its ``Layout``.
-        live: 0-d int, the live rounds of the step (s + 1); index: ``[L]`` int64, the key rows of
-            round s in the static buffer.
+            its ``Layout``; live: 0-d int, the live rounds of the step (s + 1).
         k_rounds, v_rounds: the K/V rounds of the earlier steps (none at step 0).
         weights: the layer's parameters (``Eagle3Model._staged_params`` order); trained: which of
             them the backward op returns gradients for.
     """
-    model = _model(key)
-    k_prev, v_prev = _prev_buffers(model, k_rounds, v_rounds, hidden.new_empty(_round_shape(model, hidden)))
     with torch.no_grad():
-        hidden, k, v = _run(model, weights, ids, hidden, cos, sin, first_key, documents, live, index, k_prev, v_prev)
-    return hidden.contiguous(), k.contiguous(), v.contiguous()  # as the fake states
+        out = _run(key, weights, ids, hidden, cos, sin, first_key, documents, live, k_rounds, v_rounds)
+    return tuple(t.contiguous() for t in out)
 
 
 @_staged_step.register_fake
-def _(key, ids, hidden, cos, sin, first_key, documents, live, index, k_rounds, v_rounds, weights, trained):
-    shape = _round_shape(_model(key), hidden)
-    return hidden.new_empty(hidden.shape), hidden.new_empty(shape), hidden.new_empty(shape)
+def _(key, ids, hidden, cos, sin, first_key, documents, live, k_rounds, v_rounds, weights, trained):
+    cfg = _model(key).draft_model.config
+    B, L, _ = hidden.shape
+    round_ = (B, cfg.num_key_value_heads, L, cfg.head_dim)
+    return hidden.new_empty(hidden.shape), hidden.new_empty(round_), hidden.new_empty(round_)
 
 
 # The backward op is defined with torch.library.Library rather than custom_op: its Autograd key
-# must fall through (no autograd of its own, and none excluded), so that autograd records the
-# replay inside it; custom_op's Autograd kernel runs the implementation below autograd, where no
-# graph is recorded (and torch.func.vjp refuses the custom ops inside the layer).
+# falls through, so that nothing excludes autograd inside it and autograd records the replay.
+# (custom_op's Autograd kernel runs the implementation below autograd, where no graph is
+# recorded; torch.func.vjp refuses the custom ops inside the layer.)
 _lib = torch.library.Library("compiled_mask", "FRAGMENT")
 _lib.define("staged_step_backward(int key, Tensor d_hidden, Tensor d_k, Tensor d_v, Tensor ids, Tensor hidden, "
-            "Tensor cos, Tensor sin, Tensor? first_key, bool documents, Tensor live, Tensor index, "
-            "Tensor[] k_rounds, Tensor[] v_rounds, Tensor[] weights, bool[] trained) -> Tensor[]")
+            "Tensor cos, Tensor sin, Tensor? first_key, bool documents, Tensor live, Tensor[] k_rounds, "
+            "Tensor[] v_rounds, Tensor[] weights, bool[] trained) -> Tensor[]")
 
 
-def _staged_step_backward_impl(key: int, d_hidden: Tensor, d_k: Tensor, d_v: Tensor, ids: Tensor, hidden: Tensor,
-                               cos: Tensor, sin: Tensor, first_key: Tensor | None, documents: bool, live: Tensor,
-                               index: Tensor, k_rounds: list[Tensor], v_rounds: list[Tensor],
-                               weights: list[Tensor], trained: list[bool]) -> list[Tensor]:
+def _staged_step_backward(key: int, d_hidden: Tensor, d_k: Tensor, d_v: Tensor, ids: Tensor, hidden: Tensor,
+                          cos: Tensor, sin: Tensor, first_key: Tensor | None, documents: bool, live: Tensor,
+                          k_rounds: list[Tensor], v_rounds: list[Tensor], weights: list[Tensor],
+                          trained: list[bool]) -> list[Tensor]:
     """The gradients of :func:`_staged_step`, its forward replayed first:
-    ``[d hidden, *d k_rounds, *d v_rounds, *d weights (the trained ones)]``."""
-    model = _model(key)
+    ``[d hidden, *d k_rounds, *d v_rounds, *d weights (the trained ones)]``, contiguous."""
     s = len(k_rounds)
     with torch.enable_grad():
         hidden = hidden.detach().requires_grad_()
-        k_prev, v_prev = _prev_buffers(model, [r.detach().requires_grad_() for r in k_rounds],
-                                       [r.detach().requires_grad_() for r in v_rounds], d_k)
+        rounds = [r.detach().requires_grad_() for r in (*k_rounds, *v_rounds)]
         leaves = [w.detach().requires_grad_(t) for w, t in zip(weights, trained)]
-        out = _run(model, leaves, ids, hidden, cos, sin, first_key, documents, live, index, k_prev, v_prev)
-        rounds = [k_prev, v_prev] if s else []
+        out = _run(key, leaves, ids, hidden, cos, sin, first_key, documents, live, rounds[:s], rounds[s:])
         wrt = [hidden, *rounds, *(w for w, t in zip(leaves, trained) if t)]
         grads = torch.autograd.grad(out, wrt, (d_hidden, d_k, d_v), allow_unused=True)
-    d_in, d_weights = grads[0], grads[1 + len(rounds):]
-    L = hidden.shape[1]
-    d_rounds = [d[:, :, r * L:(r + 1) * L].clone() for d in grads[1:1 + len(rounds)] for r in range(s)]
-    d_weights = [torch.zeros_like(w) if g is None else g for g, w in zip(d_weights, (w for w, t in zip(weights, trained) if t))]
-    return [g.contiguous() for g in (d_in, *d_rounds, *d_weights)]  # as the fake states
+    # Each in its own storage (a round's gradient is a slice of its buffer's gradient); zeros for
+    # a weight the layer did not use.
+    return [torch.zeros_like(x) if g is None else g.clone(memory_format=torch.contiguous_format)
+            for g, x in zip(grads, wrt)]
 
 
-_lib.impl("staged_step_backward", _staged_step_backward_impl, "CompositeExplicitAutograd")
+_lib.impl("staged_step_backward", _staged_step_backward, "CompositeExplicitAutograd")
 _lib.impl("staged_step_backward", torch.library.fallthrough_kernel, "Autograd")
 
 
 @torch.library.register_fake("compiled_mask::staged_step_backward")
-def _(key, d_hidden, d_k, d_v, ids, hidden, cos, sin, first_key, documents, live, index, k_rounds, v_rounds,
-      weights, trained):
-    return [t.new_empty(t.shape) for t in (hidden, *k_rounds, *v_rounds, *(w for w, t in zip(weights, trained) if t))]
+def _(key, d_hidden, d_k, d_v, ids, hidden, cos, sin, first_key, documents, live, k_rounds, v_rounds, weights,
+      trained):
+    wrt = (hidden, *k_rounds, *v_rounds, *(w for w, t in zip(weights, trained) if t))
+    return [x.new_empty(x.shape) for x in wrt]
 
 
 def _setup(ctx, inputs, output) -> None:
-    key, ids, hidden, cos, sin, first_key, documents, live, index, k_rounds, v_rounds, weights, trained = inputs
+    key, ids, hidden, cos, sin, first_key, documents, live, k_rounds, v_rounds, weights, trained = inputs
     ctx.args = (key, documents, trained, len(k_rounds), len(weights), first_key is not None)
-    ctx.save_for_backward(ids, hidden, cos, sin, live, index, *k_rounds, *v_rounds, *weights,
+    ctx.save_for_backward(ids, hidden, cos, sin, live, *k_rounds, *v_rounds, *weights,
                           *([first_key] if first_key is not None else []))
 
 
 def _backward(ctx, d_hidden: Tensor, d_k: Tensor, d_v: Tensor):
     key, documents, trained, s, n, has_first_key = ctx.args
-    ids, hidden, cos, sin, live, index, *rest = ctx.saved_tensors
+    ids, hidden, cos, sin, live, *rest = ctx.saved_tensors
     k_rounds, v_rounds, weights = rest[:s], rest[s:2 * s], rest[2 * s:2 * s + n]
     first_key = rest[-1] if has_first_key else None
-    grads = torch.ops.compiled_mask.staged_step_backward(key, d_hidden.contiguous(), d_k.contiguous(), d_v.contiguous(), ids, hidden, cos,
-                                  sin, first_key, documents, live, index, k_rounds, v_rounds, weights, trained)
+    grads = torch.ops.compiled_mask.staged_step_backward(
+        key, d_hidden.contiguous(), d_k.contiguous(), d_v.contiguous(), ids, hidden, cos, sin, first_key, documents,
+        live, k_rounds, v_rounds, weights, trained)
     d_trained = iter(grads[1 + 2 * s:])
     d_weights = [next(d_trained) if t else None for t in trained]
-    return (None, None, grads[0], None, None, None, None, None, None, grads[1:1 + s], grads[1 + s:1 + 2 * s],
-            d_weights, None)
+    return (None, None, grads[0], None, None, None, None, None, grads[1:1 + s], grads[1 + s:1 + 2 * s], d_weights,
+            None)
 
 
 _staged_step.register_autograd(_backward, setup_context=_setup)
 
 
-def staged_step(key: int, ids: Tensor, hidden: Tensor, cos: Tensor, sin: Tensor, first_key: Tensor | None,
-                documents: bool, live: Tensor, index: Tensor, k_rounds: list[Tensor], v_rounds: list[Tensor],
-                weights: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+def staged_step(key: int, ids: Tensor, hidden: Tensor, cos: Tensor, sin: Tensor, layout: Layout, live: Tensor,
+                k_rounds: list[Tensor], v_rounds: list[Tensor], weights: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`_staged_step`; the trained weights are those that require grad."""
-    trained = [w.requires_grad for w in weights]
-    return _staged_step(key, ids, hidden, cos, sin, first_key, documents, live, index, k_rounds, v_rounds,
-                        weights, trained)
+    return _staged_step(key, ids, hidden, cos, sin, layout.first_key, layout.documents, live, k_rounds, v_rounds,
+                        weights, [w.requires_grad for w in weights])

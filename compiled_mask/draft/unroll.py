@@ -143,10 +143,18 @@ class WholeSequence:
 #         step's replay (e.g. the [T, 2H] input of the QKV projection) are computed at the start
 #         of the backward and held until their step (tools/memory_peak.py lists what is alive at
 #         the peak). On CPU, eager "recompute" holds 4.1x less than "save", compiled 2.3x less
-#         (docs/benchmarks.md, 2026-12-06);
+#         (docs/benchmarks.md, 2026-12-06; ``tools/memory_peak.py --device cpu --size tiny
+#         --q-len 1024``: Inductor "save" 223.8 [T, H], "recompute" 104.8, eager "recompute" 70.4);
 #       - "recompute_tiled": as "recompute", with the MLP tiled over the sequence
 #         (``tiled.py``), so that replaying a step at 128K tokens does not hold three
-#         ``[T, intermediate]`` activations at once.
+#         ``[T, intermediate]`` activations at once;
+#       - "staged" / "staged_tiled": as "recompute" / "recompute_tiled", with each step's layer
+#         one op of the graph (``staged.py``) whose backward op replays it. That op reads the
+#         gradient of the step's outputs, which the next step's backward op returns, so the
+#         replays run in order, one step's at a time, wherever Inductor schedules them: eager
+#         recompute's memory inside the one compiled graph (CPU probe above: 76.7 [T, H] against
+#         Inductor's 104.8 for "recompute"). The layer's own elementwise ops (norms, RoPE,
+#         SwiGLU) run unfused inside the op; its matmuls and attention are the same kernels.
 #     The LM head and loss never keep ``[T, V]`` whatever the policy (``loss.py``). Each policy
 #     computes the same numbers (tests/test_draft.py); they differ in memory and time only.
 MEMORY_POLICIES = ("save", "recompute", "recompute_tiled", "staged", "staged_tiled")
@@ -333,11 +341,9 @@ class Eagle3Model(nn.Module):
         """TTT step s's decoder layer: ``(next hidden states [B, L, H], k_s, v_s)``; ``rounds``:
         the K/V rounds of the earlier steps, ``k_0..k_{s-1}, v_0..v_{s-1}``."""
         if self.memory in _STAGED:  # Note [memory policies]
-            L = hidden.shape[1]
-            index = torch.arange(s * L, (s + 1) * L, device=hidden.device)  # round s's key rows
             weights = [p for _, p in self._staged_params()]
-            return staged.staged_step(self._staged_key, ids, hidden, cos, sin, layout.first_key, layout.documents,
-                                      self.live_rounds[s], index, list(rounds[:s]), list(rounds[s:]), weights)
+            return staged.staged_step(self._staged_key, ids, hidden, cos, sin, layout, self.live_rounds[s],
+                                      list(rounds[:s]), list(rounds[s:]), weights)
 
         def buffers(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
             return self._buffer([*rounds[:s], k]), self._buffer([*rounds[s:], v])
