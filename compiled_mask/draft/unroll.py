@@ -195,8 +195,9 @@ class Eagle3Model(nn.Module):
         attention_backend: ``Eagle3Attention``'s backend: "split", "flex" or "fa4".
         loss_decay: step s's loss weight is ``loss_decay ** s`` (Eagle3: 0.8).
         memory: what each step keeps for the backward (Note [memory policies]): "save",
-            "recompute", "recompute_tiled", or "auto" (the default): "save" up to 16384 tokens
-            per sample, "recompute" up to 65536, "recompute_tiled" beyond.
+            "recompute", "recompute_tiled", "staged", "staged_tiled" (one process only), or
+            "auto" (the default): "save" up to 16384 tokens per sample, "recompute" up to 65536,
+            "recompute_tiled" beyond.
         chunk_rows: rows per chunk of the fused LM head and loss (``head_loss``; default from the
             draft vocabulary, ~256 MiB per float32 ``[rows, V]`` buffer).
         sequence: which positions this process holds (:class:`Sequence`); default
