@@ -379,6 +379,10 @@ def test_input_errors_name_the_fix():
         model(input_ids, hidden, target, loss_mask, seq_lens=torch.tensor([64, 3]))
     with pytest.raises(ValueError, match=r"doc_ids must be an int tensor \[B, Q_LEN\], got shape \(1, 64\) and dtype torch.float32"):
         model(input_ids, hidden, target, loss_mask, doc_ids=torch.zeros(1, 64))
+    with pytest.raises(ValueError, match=r"only the 'split' backend .* got attention_backend='flex'"):
+        Eagle3Model(model.draft_model, 64, 3, attention_backend="flex", memory="staged")
+    with pytest.raises(ValueError, match=r"unknown memory='stage'; choose 'auto' or one of"):
+        Eagle3Model(model.draft_model, 64, 3, memory="stage")
 
 
 def test_vocab_mapping_round_trip():
@@ -434,10 +438,12 @@ def test_gpu_train_step_one_graph(backend):
     assert compile_summary(counter, reasons) == "graphs: 1\nrecompiles: none"
 
 
-def _float64_reference(model, T):
-    """The first of :func:`_gpu_calls` and the float64 written-out unroll of ``model`` on it
-    (the model is left in float64): ``(inputs, seq_lens, doc_ids, (loss, plosses, ...), grads)``."""
+def _float64_reference(model, T, documents=True):
+    """The first of :func:`_gpu_calls` (without its doc_ids unless ``documents``) and the float64
+    written-out unroll of ``model`` on it (the model is left in float64):
+    ``(inputs, seq_lens, doc_ids, (loss, plosses, ...), grads)``."""
     inputs, seq_lens, doc_ids = _gpu_calls(model.draft_model.config, T)[0]
+    doc_ids = doc_ids if documents else None
     input_ids, hidden, target, loss_mask = inputs
     model.double()
     want = reference_unroll(model, input_ids, hidden.double(), target.double(), loss_mask,
@@ -474,11 +480,18 @@ def test_gpu_train_step_bf16_matches_float64(backend):
 @pytest.mark.parametrize("memory", ["recompute", "recompute_tiled", "staged", "staged_tiled"])
 def test_gpu_memory_policies_match_save(memory):
     """The recomputing policies, compiled in bf16 with the split backend: the same losses and
-    gradients as "save" (to bf16 rounding), against the float64 unroll, one graph."""
+    gradients as "save" (to bf16 rounding), against the float64 unroll, one graph (the staged
+    ones with seq_lens only: they refuse doc_ids on CUDA)."""
     T = 256
     model = make_model(q_len=T, length=3, seed=15, memory=memory, **GPU_CFG).cuda()
-    (input_ids, hidden, target, loss_mask), seq_lens, doc_ids, want, want_grads = _float64_reference(model, T)
+    staged = memory.startswith("staged")  # doc_ids on CUDA are refused there (flex would run eagerly)
+    (input_ids, hidden, target, loss_mask), seq_lens, doc_ids, want, want_grads = _float64_reference(
+        model, T, documents=not staged)
     model = model.bfloat16()
+    if staged:
+        docs = torch.zeros_like(input_ids)
+        with pytest.raises(ValueError, match="seq_lens \\(padding\\) instead of doc_ids"):
+            model(input_ids, hidden, target, loss_mask, doc_ids=docs)
     counter = GraphCounter()
     out = torch.compile(model, backend=counter, fullgraph=True)(input_ids, hidden, target, loss_mask,
                                                                  seq_lens=seq_lens, doc_ids=doc_ids)

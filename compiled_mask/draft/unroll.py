@@ -244,10 +244,14 @@ class Eagle3Model(nn.Module):
         self.chunk_rows = chunk_rows
         self.sequence = WholeSequence() if sequence is None else sequence
         self.attn = self.sequence.bind(q_len, length, attention_backend)
-        if self.memory in _STAGED:
+        if self.memory in _STAGED:  # Note [memory policies]: the layer runs eagerly inside an op
             if not isinstance(self.sequence, WholeSequence):
                 raise ValueError(f"{where}: memory={memory!r} runs on one process; with context parallel "
                                  f"use 'save', 'recompute' or 'recompute_tiled'.")
+            if attention_backend != "split":
+                raise ValueError(f"{where}: memory={memory!r} runs the attention eagerly, which only the 'split' "
+                                 f"backend does without flex_attention's dense fallback; got "
+                                 f"attention_backend={attention_backend!r}. Use 'split', or memory='recompute'.")
             self._staged_key = staged.register(self)
         self.register_buffer("live_rounds", torch.arange(1, length + 1), persistent=False)  # [length]
 
@@ -285,6 +289,12 @@ class Eagle3Model(nn.Module):
         draft, seq = self.draft_model, self.sequence
         T, ahead = self.q_len, self.length - 1  # step s reads position t + s, up to t + ahead
         self._check_inputs(input_ids, hidden_states, target, loss_mask)
+        if self.memory in _STAGED and doc_ids is not None and input_ids.device.type == "cuda":
+            raise ValueError(
+                f"Eagle3Model: memory={self.memory!r} runs the attention eagerly, and with doc_ids on CUDA the "
+                f"split backend's causal part is flex_attention, which eagerly is a dense O(T^2) fallback. Pass "
+                f"seq_lens (padding) instead of doc_ids, or use memory='recompute'."
+            )
         layout = normalize_layout("Eagle3Model", T, seq_lens, doc_ids, input_ids.device, input_ids.size(0),
                                   name="input_ids")  # Note [one layout table]: once per training step
         mask = loss_mask.bool()  # [B, T]
