@@ -385,6 +385,20 @@ def test_input_errors_name_the_fix():
         Eagle3Model(model.draft_model, 64, 3, memory="stage")
 
 
+def test_auto_memory_policy_by_q_len():
+    """memory="auto": "save" up to 16384 tokens, "recompute" up to 65536, then "staged_tiled" (one
+    process, split) or "recompute_tiled" (another backend); the model names what auto chose when
+    it refuses an input for it."""
+    draft = Eagle3DraftModel(Eagle3DraftConfig(**TINY))
+    chosen = {(T, backend): Eagle3Model(draft, T, 7, attention_backend=backend).memory
+              for T in (16384, 16385, 65536, 65537) for backend in ("split", "flex")}
+    assert chosen == {(16384, "split"): "save", (16384, "flex"): "save", (16385, "split"): "recompute",
+                      (16385, "flex"): "recompute", (65536, "split"): "recompute", (65536, "flex"): "recompute",
+                      (65537, "split"): "staged_tiled", (65537, "flex"): "recompute_tiled"}
+    assert Eagle3Model(draft, 65537, 7)._chosen() == " (chosen by memory='auto' for q_len=65537)"
+    assert Eagle3Model(draft, 64, 3, memory="staged")._chosen() == ""
+
+
 def test_vocab_mapping_round_trip():
     draft = Eagle3DraftModel(Eagle3DraftConfig(**TINY))
     kept = torch.randperm(300)[:120].sort().values

@@ -160,14 +160,14 @@ class WholeSequence:
 MEMORY_POLICIES = ("save", "recompute", "recompute_tiled", "staged", "staged_tiled")
 _STAGED = ("staged", "staged_tiled")
 _AUTO_RECOMPUTE_TOKENS = 16384  # "auto": recompute above this many tokens per sample
-_AUTO_TILE_TOKENS = 65536  # "auto": and tile the MLP above this many
+_AUTO_TILE_TOKENS = 65536  # "auto": stage the recompute and tile the MLP above this many
 _MLP_TILE_ROWS = 8192  # rows per MLP tile ("recompute_tiled")
 
 
-def _memory_policy(where: str, memory: str, q_len: int) -> str:
+def _memory_policy(where: str, memory: str, q_len: int, can_stage: bool) -> str:
     if memory == "auto":
         if q_len > _AUTO_TILE_TOKENS:
-            return "recompute_tiled"
+            return "staged_tiled" if can_stage else "recompute_tiled"
         return "recompute" if q_len > _AUTO_RECOMPUTE_TOKENS else "save"
     if memory not in MEMORY_POLICIES:
         raise ValueError(f"{where}: unknown memory={memory!r}; choose 'auto' or one of {list(MEMORY_POLICIES)}.")
@@ -197,7 +197,7 @@ class Eagle3Model(nn.Module):
         memory: what each step keeps for the backward (Note [memory policies]): "save",
             "recompute", "recompute_tiled", "staged", "staged_tiled" (one process only), or
             "auto" (the default): "save" up to 16384 tokens per sample, "recompute" up to 65536,
-            "recompute_tiled" beyond.
+            "staged_tiled" beyond ("recompute_tiled" with context parallel or another backend).
         chunk_rows: rows per chunk of the fused LM head and loss (``head_loss``; default from the
             draft vocabulary, ~256 MiB per float32 ``[rows, V]`` buffer).
         sequence: which positions this process holds (:class:`Sequence`); default
@@ -240,9 +240,11 @@ class Eagle3Model(nn.Module):
         self.length = length
         self.attention_backend = attention_backend
         self.loss_decay = float(loss_decay)
-        self.memory = _memory_policy(where, memory, q_len)
-        self.chunk_rows = chunk_rows
         self.sequence = WholeSequence() if sequence is None else sequence
+        can_stage = attention_backend == "split" and isinstance(self.sequence, WholeSequence)
+        self.memory = _memory_policy(where, memory, q_len, can_stage)
+        self.memory_arg = memory
+        self.chunk_rows = chunk_rows
         self.attn = self.sequence.bind(q_len, length, attention_backend)
         if self.memory in _STAGED:  # Note [memory policies]: the layer runs eagerly inside an op
             if not isinstance(self.sequence, WholeSequence):
@@ -291,9 +293,9 @@ class Eagle3Model(nn.Module):
         self._check_inputs(input_ids, hidden_states, target, loss_mask)
         if self.memory in _STAGED and doc_ids is not None and input_ids.device.type == "cuda":
             raise ValueError(
-                f"Eagle3Model: memory={self.memory!r} runs the attention eagerly, and with doc_ids on CUDA the "
-                f"split backend's causal part is flex_attention, which eagerly is a dense O(T^2) fallback. Pass "
-                f"seq_lens (padding) instead of doc_ids, or use memory='recompute'."
+                f"Eagle3Model: memory={self.memory!r}{self._chosen()} runs the attention eagerly, and with doc_ids "
+                f"on CUDA the split backend's causal part is flex_attention, which eagerly is a dense O(T^2) "
+                f"fallback. Pass seq_lens (padding) instead of doc_ids, or memory='recompute' or 'recompute_tiled'."
             )
         layout = normalize_layout("Eagle3Model", T, seq_lens, doc_ids, input_ids.device, input_ids.size(0),
                                   name="input_ids")  # Note [one layout table]: once per training step
@@ -385,6 +387,9 @@ class Eagle3Model(nn.Module):
         else:
             hidden = hidden + layer.mlp(normed)  # [B, L, H]
         return hidden, k, v
+
+    def _chosen(self) -> str:
+        return f" (chosen by memory='auto' for q_len={self.q_len})" if self.memory_arg == "auto" else ""
 
     def _staged_params(self) -> list[tuple[str, Tensor]]:
         """The parameters a step's layer reads (the staged ops take them as inputs)."""
