@@ -8,7 +8,9 @@ tools/train.py end to end. GPU (marked gpu): one graph with each backend, and bf
 
 from __future__ import annotations
 
+import copy
 import doctest
+import gc
 import re
 import subprocess
 import sys
@@ -316,6 +318,13 @@ def test_staged_backward_replays_each_step_in_its_op():
             rounds[1:], weights, [w.requires_grad for w in weights])
     torch.library.opcheck(staged._staged_step, args)
     torch._dynamo.reset()
+
+    # A deep copy finds its own layer once the original is gone (the ops look models up by key).
+    copied = copy.deepcopy(model)
+    assert copied._staged_key != model._staged_key
+    del model
+    gc.collect()
+    copied(*batch).loss.backward()
 
 
 class TestNames(TestCase):

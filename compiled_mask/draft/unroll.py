@@ -388,6 +388,11 @@ class Eagle3Model(nn.Module):
             hidden = hidden + layer.mlp(normed)  # [B, L, H]
         return hidden, k, v
 
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        if self.memory in _STAGED:  # a copy (deepcopy, unpickling) is a model of its own
+            self._staged_key = staged.register(self)
+
     def _chosen(self) -> str:
         return f" (chosen by memory='auto' for q_len={self.q_len})" if self.memory_arg == "auto" else ""
 
