@@ -398,12 +398,15 @@ def test_auto_memory_policy_by_q_len():
     """memory="auto": "save" up to 16384 tokens, "recompute" up to 65536, then "staged_tiled" (one
     process, split) or "recompute_tiled" (another backend); the model names what auto chose when
     it refuses an input for it."""
+    from compiled_mask.draft.unroll import auto_memory_policy
+
     draft = Eagle3DraftModel(Eagle3DraftConfig(**TINY))
     chosen = {(T, backend): Eagle3Model(draft, T, 7, attention_backend=backend).memory
               for T in (16384, 16385, 65536, 65537) for backend in ("split", "flex")}
     assert chosen == {(16384, "split"): "save", (16384, "flex"): "save", (16385, "split"): "recompute",
                       (16385, "flex"): "recompute", (65536, "split"): "recompute", (65536, "flex"): "recompute",
                       (65537, "split"): "staged_tiled", (65537, "flex"): "recompute_tiled"}
+    assert [auto_memory_policy(65537, staged=staged) for staged in (True, False)] == ["staged_tiled", "recompute_tiled"]
     assert Eagle3Model(draft, 65537, 7)._chosen() == " (chosen by memory='auto' for q_len=65537)"
     assert Eagle3Model(draft, 64, 3, memory="staged")._chosen() == ""
 

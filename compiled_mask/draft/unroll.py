@@ -33,7 +33,7 @@ from compiled_mask.draft import staged
 from compiled_mask.draft.tiled import tiled_mlp
 from compiled_mask.modules import Eagle3Attention
 
-__all__ = ["Eagle3Model", "Eagle3Output", "MEMORY_POLICIES", "Sequence", "WholeSequence"]
+__all__ = ["Eagle3Model", "Eagle3Output", "MEMORY_POLICIES", "Sequence", "WholeSequence", "auto_memory_policy"]
 
 
 class Eagle3Output(NamedTuple):
@@ -164,11 +164,17 @@ _AUTO_TILE_TOKENS = 65536  # "auto": stage the recompute and tile the MLP above 
 _MLP_TILE_ROWS = 8192  # rows per MLP tile ("recompute_tiled")
 
 
+def auto_memory_policy(q_len: int, *, staged: bool) -> str:
+    """The policy ``memory="auto"`` picks for ``q_len`` tokens per sample; ``staged``: whether the
+    staged policies may run (the split backend on one process, no doc_ids on CUDA)."""
+    if q_len > _AUTO_TILE_TOKENS:
+        return "staged_tiled" if staged else "recompute_tiled"
+    return "recompute" if q_len > _AUTO_RECOMPUTE_TOKENS else "save"
+
+
 def _memory_policy(where: str, memory: str, q_len: int, can_stage: bool) -> str:
     if memory == "auto":
-        if q_len > _AUTO_TILE_TOKENS:
-            return "staged_tiled" if can_stage else "recompute_tiled"
-        return "recompute" if q_len > _AUTO_RECOMPUTE_TOKENS else "save"
+        return auto_memory_policy(q_len, staged=can_stage)
     if memory not in MEMORY_POLICIES:
         raise ValueError(f"{where}: unknown memory={memory!r}; choose 'auto' or one of {list(MEMORY_POLICIES)}.")
     return memory
