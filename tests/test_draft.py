@@ -274,6 +274,7 @@ def test_staged_backward_replays_each_step_in_its_op():
     torch._dynamo.reset()
     length, inter = 3, 80
     model = make_model(length=length, seed=6, memory="staged", intermediate_size=inter)
+    model.draft_model.freeze_embedding()  # a weight the ops take but return no gradient for
     cfg = model.draft_model.config
     graphs = []
 
@@ -313,7 +314,7 @@ def test_staged_backward_replays_each_step_in_its_op():
     ids, hidden = batch[0], torch.randn(2, 64, cfg.hidden_size)
     cos, sin = model.draft_model.rope_cos_sin(torch.arange(64), hidden.dtype)
     rounds = [torch.randn(2, cfg.num_key_value_heads, 64, cfg.head_dim) for _ in range(2)]
-    weights = [p.detach().requires_grad_(True) for _, p in model._staged_params()]
+    weights = [p.detach().requires_grad_(p.requires_grad) for _, p in model._staged_params()]
     args = (model._staged_key, ids, hidden.requires_grad_(), cos, sin, None, False, torch.tensor(2), rounds[:1],
             rounds[1:], weights, [w.requires_grad for w in weights])
     torch.library.opcheck(staged._staged_step, args)
