@@ -152,16 +152,17 @@ class WholeSequence:
 #         one op of the graph (``staged.py``) whose backward op replays it. That op reads the
 #         gradient of the step's outputs, which the next step's backward op returns, so the
 #         replays run in order, one step's at a time, wherever Inductor schedules them: eager
-#         recompute's memory inside the one compiled graph (CPU probe above: 76.7 [T, H] against
+#         recompute's memory inside the one compiled graph (CPU probe above: 69.6 [T, H] against
 #         Inductor's 104.8 for "recompute"). The layer's own elementwise ops (norms, RoPE,
 #         SwiGLU) run unfused inside the op; its matmuls and attention are the same kernels.
 #     The LM head and loss never keep ``[T, V]`` whatever the policy (``loss.py``). Each policy
 #     computes the same numbers (tests/test_draft.py); they differ in memory and time only.
 MEMORY_POLICIES = ("save", "recompute", "recompute_tiled", "staged", "staged_tiled")
-_STAGED = ("staged", "staged_tiled")
+_CHECKPOINTED, _STAGED = ("recompute", "recompute_tiled"), ("staged", "staged_tiled")
+_TILED = ("recompute_tiled", "staged_tiled")
 _AUTO_RECOMPUTE_TOKENS = 16384  # "auto": recompute above this many tokens per sample
 _AUTO_TILE_TOKENS = 65536  # "auto": stage the recompute and tile the MLP above this many
-_MLP_TILE_ROWS = 8192  # rows per MLP tile ("recompute_tiled")
+_MLP_TILE_ROWS = 8192  # rows per MLP tile (the tiled policies)
 
 
 def auto_memory_policy(q_len: int, *, staged: bool) -> str:
@@ -249,7 +250,7 @@ class Eagle3Model(nn.Module):
         self.sequence = WholeSequence() if sequence is None else sequence
         can_stage = attention_backend == "split" and isinstance(self.sequence, WholeSequence)
         self.memory = _memory_policy(where, memory, q_len, can_stage)
-        self.memory_arg = memory
+        self._memory_arg = memory
         self.chunk_rows = chunk_rows
         self.attn = self.sequence.bind(q_len, length, attention_backend)
         if self.memory in _STAGED:  # Note [memory policies]: the layer runs eagerly inside an op
@@ -339,7 +340,7 @@ class Eagle3Model(nn.Module):
         nll_sums, hit_sums = [], []
         for s in range(self.length):
             step = (s, seq.at(ids_pad, s), hidden, seq.at(cos_all, s, dim=0), seq.at(sin_all, s, dim=0), layout)
-            if self.memory in ("recompute", "recompute_tiled") and torch.is_grad_enabled():  # Note [memory policies]
+            if self.memory in _CHECKPOINTED and torch.is_grad_enabled():  # Note [memory policies]
                 hidden, k, v = torch.utils.checkpoint.checkpoint(self._step, *step, *rounds, use_reentrant=False)
             else:
                 hidden, k, v = self._step(*step, *rounds)
@@ -386,7 +387,7 @@ class Eagle3Model(nn.Module):
         out = out.transpose(1, 2).reshape(B, L, -1)  # [B, L, Hq * D]
         hidden = residual + layer.self_attn.o_proj(out)
         normed = layer.post_attention_layernorm(hidden)
-        if self.memory in ("recompute_tiled", "staged_tiled"):
+        if self.memory in _TILED:
             mlp = layer.mlp
             hidden = hidden + tiled_mlp(normed, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
                                         chunk_rows=_MLP_TILE_ROWS)
@@ -400,7 +401,7 @@ class Eagle3Model(nn.Module):
             self._staged_key = staged.register(self)
 
     def _chosen(self) -> str:
-        return f" (chosen by memory='auto' for q_len={self.q_len})" if self.memory_arg == "auto" else ""
+        return f" (chosen by memory='auto' for q_len={self.q_len})" if self._memory_arg == "auto" else ""
 
     def _staged_params(self) -> list[tuple[str, Tensor]]:
         """The parameters a step's layer reads (the staged ops take them as inputs)."""
