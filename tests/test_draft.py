@@ -270,7 +270,8 @@ def test_staged_backward_replays_each_step_in_its_op():
     """memory="staged", compiled: the backward graph holds one staged_step_backward per TTT step,
     each fed by the gradient the next step's returns (so no replay can run early), and none of
     the layer's own work (no MLP-wide matmul: the replay is inside the ops); the ops pass
-    torch.library.opcheck (schema, fake, autograd registration, AOT dispatch)."""
+    torch.library.opcheck (schema, fake, autograd registration, AOT dispatch); the backward works
+    under a TorchDispatchMode; autocast is refused; a deep copy runs on its own."""
     torch._dynamo.reset()
     length, inter = 3, 80
     model = make_model(length=length, seed=6, memory="staged", intermediate_size=inter)
@@ -319,6 +320,20 @@ def test_staged_backward_replays_each_step_in_its_op():
             rounds[1:], weights, [w.requires_grad for w in weights])
     torch.library.opcheck(staged._staged_step, args)
     torch._dynamo.reset()
+
+    # Under a TorchDispatchMode the backward op's replay still records autograd.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class PassThrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with PassThrough():
+        got = grads(model, model(*batch).loss)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="where autocast does not reach"), torch.autocast("cpu", torch.bfloat16):
+        model(*batch)
 
     # A deep copy finds its own layer once the original is gone (the ops look models up by key).
     copied = copy.deepcopy(model)

@@ -18,8 +18,10 @@ weights the forward used.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import weakref
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -110,6 +112,19 @@ _lib.define("staged_step_backward(int key, Tensor d_hidden, Tensor d_k, Tensor d
             "Tensor[] v_rounds, Tensor[] weights, bool[] trained) -> Tensor[]")
 
 
+@contextlib.contextmanager
+def _autograd_recording() -> Iterator[None]:
+    """Grad mode on, and autograd not excluded from dispatch: the op's kernel runs with autograd
+    excluded when a TorchDispatchMode handled the call, and the replay would then record nothing.
+    (``FlopCounterMode`` still fails: its module hooks refuse an ``autograd.grad`` inside a
+    backward.)"""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.ADInplaceOrView):
+        exclude = exclude.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad():
+        yield
+
+
 def _staged_step_backward(key: int, d_hidden: Tensor, d_k: Tensor, d_v: Tensor, ids: Tensor, hidden: Tensor,
                           cos: Tensor, sin: Tensor, first_key: Tensor | None, documents: bool, live: Tensor,
                           k_rounds: list[Tensor], v_rounds: list[Tensor], weights: list[Tensor],
@@ -117,7 +132,7 @@ def _staged_step_backward(key: int, d_hidden: Tensor, d_k: Tensor, d_v: Tensor, 
     """The gradients of :func:`_staged_step`, its forward replayed first:
     ``[d hidden, *d k_rounds, *d v_rounds, *d weights (the trained ones)]``, contiguous."""
     s = len(k_rounds)
-    with torch.enable_grad():
+    with _autograd_recording():
         hidden = hidden.detach().requires_grad_()
         rounds = [r.detach().requires_grad_() for r in (*k_rounds, *v_rounds)]
         leaves = [w.detach().requires_grad_(t) for w, t in zip(weights, trained)]

@@ -298,6 +298,12 @@ class Eagle3Model(nn.Module):
         draft, seq = self.draft_model, self.sequence
         T, ahead = self.q_len, self.length - 1  # step s reads position t + s, up to t + ahead
         self._check_inputs(input_ids, hidden_states, target, loss_mask)
+        if self.memory in _STAGED and torch.is_autocast_enabled(input_ids.device.type):
+            raise ValueError(
+                f"Eagle3Model: memory={self.memory!r}{self._chosen()} runs each step's layer inside an op, where "
+                f"autocast does not reach; cast the model instead (model.to(torch.bfloat16)), or use "
+                f"memory='recompute' or 'recompute_tiled' under autocast."
+            )
         if self.memory in _STAGED and doc_ids is not None and input_ids.device.type == "cuda":
             raise ValueError(
                 f"Eagle3Model: memory={self.memory!r}{self._chosen()} runs the attention eagerly, and with doc_ids "
