@@ -271,7 +271,8 @@ def test_staged_backward_replays_each_step_in_its_op():
     each fed by the gradient the next step's returns (so no replay can run early), and none of
     the layer's own work (no MLP-wide matmul: the replay is inside the ops); the ops pass
     torch.library.opcheck (schema, fake, autograd registration, AOT dispatch); the backward works
-    under a TorchDispatchMode; autocast is refused; a deep copy runs on its own."""
+    under a TorchDispatchMode; autocast and double backward are refused; a deep copy runs on its
+    own."""
     torch._dynamo.reset()
     length, inter = 3, 80
     model = make_model(length=length, seed=6, memory="staged", intermediate_size=inter)
@@ -334,6 +335,8 @@ def test_staged_backward_replays_each_step_in_its_op():
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="where autocast does not reach"), torch.autocast("cpu", torch.bfloat16):
         model(*batch)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(model(*batch).loss, [p for p in model.parameters() if p.requires_grad], create_graph=True)
 
     # A deep copy finds its own layer once the original is gone (the ops look models up by key).
     copied = copy.deepcopy(model)
