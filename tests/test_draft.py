@@ -415,19 +415,23 @@ def test_input_errors_name_the_fix():
 
 def test_auto_memory_policy_by_q_len():
     """memory="auto": "save" up to 16384 tokens, "recompute" up to 65536, then "staged_tiled" (one
-    process, split) or "recompute_tiled" (another backend); the model names what auto chose when
-    it refuses an input for it."""
-    from compiled_mask.draft.unroll import auto_memory_policy
-
+    process, split) or "recompute_tiled" (another backend), which is also what a call with doc_ids
+    on CUDA gets (the staged policies cannot take them there); an explicit staged policy refuses
+    that call, and a refusal names what auto chose."""
     draft = Eagle3DraftModel(Eagle3DraftConfig(**TINY))
     chosen = {(T, backend): Eagle3Model(draft, T, 7, attention_backend=backend).memory
               for T in (16384, 16385, 65536, 65537) for backend in ("split", "flex")}
     assert chosen == {(16384, "split"): "save", (16384, "flex"): "save", (16385, "split"): "recompute",
                       (16385, "flex"): "recompute", (65536, "split"): "recompute", (65536, "flex"): "recompute",
                       (65537, "split"): "staged_tiled", (65537, "flex"): "recompute_tiled"}
-    assert [auto_memory_policy(65537, staged=staged) for staged in (True, False)] == ["staged_tiled", "recompute_tiled"]
-    assert Eagle3Model(draft, 65537, 7)._chosen() == " (chosen by memory='auto' for q_len=65537)"
-    assert Eagle3Model(draft, 64, 3, memory="staged")._chosen() == ""
+    auto, explicit = Eagle3Model(draft, 65537, 7), Eagle3Model(draft, 64, 3, memory="staged")
+    docs, cuda, cpu = torch.zeros(1, 4, dtype=torch.int64), torch.device("cuda"), torch.device("cpu")
+    assert [auto._call_policy(d, dev) for d, dev in ((docs, cuda), (None, cuda), (docs, cpu))] == [
+        "recompute_tiled", "staged_tiled", "staged_tiled"]
+    assert [explicit._call_policy(d, dev) for d, dev in ((None, cuda), (docs, cpu))] == ["staged", "staged"]
+    with pytest.raises(ValueError, match=r"memory='staged' runs the attention eagerly, and with doc_ids on CUDA"):
+        explicit._call_policy(docs, cuda)
+    assert auto._chosen() == " (chosen by memory='auto' for q_len=65537)" and explicit._chosen() == ""
 
 
 def test_vocab_mapping_round_trip():

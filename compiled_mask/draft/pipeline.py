@@ -31,7 +31,7 @@ from compiled_mask.draft.model import Eagle3DraftConfig, Eagle3DraftModel
 from compiled_mask.draft.offline import OfflineBatches, write_features
 from compiled_mask.draft.target import TargetModel
 from compiled_mask.draft.trainer import StepResult, TrainConfig, Trainer, TrainLog, plot_log, progress_line
-from compiled_mask.draft.unroll import Eagle3Model, auto_memory_policy
+from compiled_mask.draft.unroll import Eagle3Model
 from compiled_mask.draft.vocab import draft_vocabulary, token_counts
 
 __all__ = ["RunConfig", "RunResult", "run"]
@@ -238,10 +238,7 @@ def run(config: RunConfig, say: Callable[..., None] = print) -> RunResult:
     say(f"rows: {len(docs)} conversations in {len(rows)} rows of {config.q_len} positions "
         f"({'packed' if config.packed else 'one per row'}, {filled:.1%} of positions hold tokens)")
 
-    # Packed rows pass doc_ids, which the staged policies refuse on CUDA (Note [memory policies]).
-    staged = config.backend == "split" and not (config.packed and device.type == "cuda")
-    memory = auto_memory_policy(config.q_len, staged=staged)
-    model = Eagle3Model(draft, config.q_len, config.ttt_steps, attention_backend=config.backend, memory=memory)
+    model = Eagle3Model(draft, config.q_len, config.ttt_steps, attention_backend=config.backend)
     model.to(device, dtype)
     if config.offline:
         features = write_features(out / "features", target, docs, rows, draft_to_target, config.q_len,

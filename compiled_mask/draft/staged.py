@@ -64,7 +64,8 @@ class _Layer(nn.Module):
         def buffers(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:  # Note [writing a round]
             return _round_buffer(length, *k_rounds, k), _round_buffer(length, *v_rounds, v)
 
-        return self.model._layer(ids, hidden, cos, sin, Layout(first_key, documents), live, buffers)
+        return self.model._layer(self.model.memory, ids, hidden, cos, sin, Layout(first_key, documents), live,
+                                 buffers)
 
 
 def _run(key: int, weights: list[Tensor], *args) -> tuple[Tensor, Tensor, Tensor]:

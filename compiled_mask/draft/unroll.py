@@ -33,7 +33,7 @@ from compiled_mask.draft import staged
 from compiled_mask.draft.tiled import tiled_mlp
 from compiled_mask.modules import Eagle3Attention
 
-__all__ = ["Eagle3Model", "Eagle3Output", "MEMORY_POLICIES", "Sequence", "WholeSequence", "auto_memory_policy"]
+__all__ = ["Eagle3Model", "Eagle3Output", "MEMORY_POLICIES", "Sequence", "WholeSequence"]
 
 
 class Eagle3Output(NamedTuple):
@@ -165,17 +165,11 @@ _AUTO_TILE_TOKENS = 65536  # "auto": stage the recompute and tile the MLP above 
 _MLP_TILE_ROWS = 8192  # rows per MLP tile (the tiled policies)
 
 
-def auto_memory_policy(q_len: int, *, staged: bool) -> str:
-    """The policy ``memory="auto"`` picks for ``q_len`` tokens per sample; ``staged``: whether the
-    staged policies may run (the split backend on one process, no doc_ids on CUDA)."""
-    if q_len > _AUTO_TILE_TOKENS:
-        return "staged_tiled" if staged else "recompute_tiled"
-    return "recompute" if q_len > _AUTO_RECOMPUTE_TOKENS else "save"
-
-
 def _memory_policy(where: str, memory: str, q_len: int, can_stage: bool) -> str:
     if memory == "auto":
-        return auto_memory_policy(q_len, staged=can_stage)
+        if q_len > _AUTO_TILE_TOKENS:
+            return "staged_tiled" if can_stage else "recompute_tiled"
+        return "recompute" if q_len > _AUTO_RECOMPUTE_TOKENS else "save"
     if memory not in MEMORY_POLICIES:
         raise ValueError(f"{where}: unknown memory={memory!r}; choose 'auto' or one of {list(MEMORY_POLICIES)}.")
     return memory
@@ -204,7 +198,8 @@ class Eagle3Model(nn.Module):
         memory: what each step keeps for the backward (Note [memory policies]): "save",
             "recompute", "recompute_tiled", "staged", "staged_tiled" (one process only), or
             "auto" (the default): "save" up to 16384 tokens per sample, "recompute" up to 65536,
-            "staged_tiled" beyond ("recompute_tiled" with context parallel or another backend).
+            "staged_tiled" beyond ("recompute_tiled" with context parallel, another backend, or
+            for a call with doc_ids on CUDA).
         chunk_rows: rows per chunk of the fused LM head and loss (``head_loss``; default from the
             draft vocabulary, ~256 MiB per float32 ``[rows, V]`` buffer).
         sequence: which positions this process holds (:class:`Sequence`); default
@@ -298,17 +293,12 @@ class Eagle3Model(nn.Module):
         draft, seq = self.draft_model, self.sequence
         T, ahead = self.q_len, self.length - 1  # step s reads position t + s, up to t + ahead
         self._check_inputs(input_ids, hidden_states, target, loss_mask)
-        if self.memory in _STAGED and torch.is_autocast_enabled(input_ids.device.type):
+        policy = self._call_policy(doc_ids, input_ids.device)
+        if policy in _STAGED and torch.is_autocast_enabled(input_ids.device.type):
             raise ValueError(
                 f"Eagle3Model: memory={self.memory!r}{self._chosen()} runs each step's layer inside an op, where "
                 f"autocast does not reach; cast the model instead (model.to(torch.bfloat16)), or use "
                 f"memory='recompute' or 'recompute_tiled' under autocast."
-            )
-        if self.memory in _STAGED and doc_ids is not None and input_ids.device.type == "cuda":
-            raise ValueError(
-                f"Eagle3Model: memory={self.memory!r}{self._chosen()} runs the attention eagerly, and with doc_ids "
-                f"on CUDA the split backend's causal part is flex_attention, which eagerly is a dense O(T^2) "
-                f"fallback. Pass seq_lens (padding) instead of doc_ids, or memory='recompute' or 'recompute_tiled'."
             )
         layout = normalize_layout("Eagle3Model", T, seq_lens, doc_ids, input_ids.device, input_ids.size(0),
                                   name="input_ids")  # Note [one layout table]: once per training step
@@ -346,10 +336,11 @@ class Eagle3Model(nn.Module):
         nll_sums, hit_sums = [], []
         for s in range(self.length):
             step = (s, seq.at(ids_pad, s), hidden, seq.at(cos_all, s, dim=0), seq.at(sin_all, s, dim=0), layout)
-            if self.memory in _CHECKPOINTED and torch.is_grad_enabled():  # Note [memory policies]
-                hidden, k, v = torch.utils.checkpoint.checkpoint(self._step, *step, *rounds, use_reentrant=False)
+            if policy in _CHECKPOINTED and torch.is_grad_enabled():  # Note [memory policies]
+                hidden, k, v = torch.utils.checkpoint.checkpoint(self._step, policy, *step, *rounds,
+                                                                 use_reentrant=False)
             else:
-                hidden, k, v = self._step(*step, *rounds)
+                hidden, k, v = self._step(policy, *step, *rounds)
             rounds = [*rounds[: s], k, *rounds[s:], v]
             # Step s predicts, at position t, what step 0 predicts at t + s.
             nll_sum, hit_sum = self._loss(hidden, target, soft, halo, target_pad, step_masks[s], s)
@@ -362,21 +353,21 @@ class Eagle3Model(nn.Module):
         loss = sum(self.loss_decay**s * plosses[s] for s in range(self.length))
         return Eagle3Output(loss, plosses, acces)
 
-    def _step(self, s: int, ids: Tensor, hidden: Tensor, cos: Tensor, sin: Tensor, layout: Layout,
+    def _step(self, policy: str, s: int, ids: Tensor, hidden: Tensor, cos: Tensor, sin: Tensor, layout: Layout,
               *rounds: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """TTT step s's decoder layer: ``(next hidden states [B, L, H], k_s, v_s)``; ``rounds``:
         the K/V rounds of the earlier steps, ``k_0..k_{s-1}, v_0..v_{s-1}``."""
-        if self.memory in _STAGED:  # Note [memory policies]
+        if policy in _STAGED:  # Note [memory policies]
             weights = [p for _, p in self._staged_params()]
             return staged.staged_step(self._staged_key, ids, hidden, cos, sin, layout, self.live_rounds[s],
                                       list(rounds[:s]), list(rounds[s:]), weights)
 
         def buffers(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-            return self._buffer([*rounds[:s], k]), self._buffer([*rounds[s:], v])
+            return self._buffer(policy, [*rounds[:s], k]), self._buffer(policy, [*rounds[s:], v])
 
-        return self._layer(ids, hidden, cos, sin, layout, self.live_rounds[s], buffers)
+        return self._layer(policy, ids, hidden, cos, sin, layout, self.live_rounds[s], buffers)
 
-    def _layer(self, ids: Tensor, hidden: Tensor, cos: Tensor, sin: Tensor, layout: Layout, live: Tensor,
+    def _layer(self, policy: str, ids: Tensor, hidden: Tensor, cos: Tensor, sin: Tensor, layout: Layout, live: Tensor,
                buffers) -> tuple[Tensor, Tensor, Tensor]:
         """The decoder layer of a TTT step: ``(next hidden states, k, v)`` of the step;
         ``buffers(k, v)`` gives the static K/V buffers with the step's round written in, ``live``
@@ -393,7 +384,7 @@ class Eagle3Model(nn.Module):
         out = out.transpose(1, 2).reshape(B, L, -1)  # [B, L, Hq * D]
         hidden = residual + layer.self_attn.o_proj(out)
         normed = layer.post_attention_layernorm(hidden)
-        if self.memory in _TILED:
+        if policy in _TILED:
             mlp = layer.mlp
             hidden = hidden + tiled_mlp(normed, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
                                         chunk_rows=_MLP_TILE_ROWS)
@@ -406,6 +397,21 @@ class Eagle3Model(nn.Module):
         if self.memory in _STAGED:  # a copy (deepcopy, unpickling) is a model of its own
             self._staged_key = staged.register(self)
 
+    def _call_policy(self, doc_ids: Tensor | None, device: torch.device) -> str:
+        """This call's memory policy: ``self.memory``, but the staged policies cannot take doc_ids
+        on CUDA (split's document part is flex_attention there, which eagerly, inside the op,
+        would be a dense O(T^2) fallback): "auto" then falls back to "recompute_tiled" for the
+        call, an explicit staged policy is refused."""
+        if self.memory not in _STAGED or doc_ids is None or device.type != "cuda":
+            return self.memory
+        if self._memory_arg == "auto":
+            return "recompute_tiled"
+        raise ValueError(
+            f"Eagle3Model: memory={self.memory!r} runs the attention eagerly, and with doc_ids on CUDA the split "
+            f"backend's causal part is flex_attention, which eagerly is a dense O(T^2) fallback. Pass seq_lens "
+            f"(padding) instead of doc_ids, or memory='recompute', 'recompute_tiled' or 'auto'."
+        )
+
     def _chosen(self) -> str:
         return f" (chosen by memory='auto' for q_len={self.q_len})" if self._memory_arg == "auto" else ""
 
@@ -415,10 +421,10 @@ class Eagle3Model(nn.Module):
         return [("draft_model.embed_tokens.weight", draft.embed_tokens.weight),
                 *(("draft_model.midlayer." + n, p) for n, p in draft.midlayer.named_parameters())]
 
-    def _buffer(self, rounds: list[Tensor]) -> Tensor:
+    def _buffer(self, policy: str, rounds: list[Tensor]) -> Tensor:
         """The static K/V buffer of the rounds so far (Note [writing a round]); inside a
         recomputed step nothing is saved anyway, so the buffer is built plainly there."""
-        if self.memory == "save":
+        if policy == "save":
             return _build_buffer(rounds, self.length)
         return _round_buffer(self.length, *rounds)
 
