@@ -431,7 +431,10 @@ def test_auto_memory_policy_by_q_len():
     assert [explicit._call_policy(d, dev) for d, dev in ((None, cuda), (docs, cpu))] == ["staged", "staged"]
     with pytest.raises(ValueError, match=r"memory='staged' runs the attention eagerly, and with doc_ids on CUDA"):
         explicit._call_policy(docs, cuda)
-    assert auto._chosen() == " (chosen by memory='auto' for q_len=65537)" and explicit._chosen() == ""
+    with torch.autocast("cpu", torch.bfloat16):
+        assert auto._call_policy(None, cpu) == "recompute_tiled"
+        with pytest.raises(ValueError, match=r"memory='staged' runs each step's layer inside an op, where autocast"):
+            explicit._call_policy(None, cpu)
 
 
 def test_vocab_mapping_round_trip():

@@ -199,7 +199,7 @@ class Eagle3Model(nn.Module):
             "recompute", "recompute_tiled", "staged", "staged_tiled" (one process only), or
             "auto" (the default): "save" up to 16384 tokens per sample, "recompute" up to 65536,
             "staged_tiled" beyond ("recompute_tiled" with context parallel, another backend, or
-            for a call with doc_ids on CUDA).
+            for a call with doc_ids on CUDA or under autocast).
         chunk_rows: rows per chunk of the fused LM head and loss (``head_loss``; default from the
             draft vocabulary, ~256 MiB per float32 ``[rows, V]`` buffer).
         sequence: which positions this process holds (:class:`Sequence`); default
@@ -294,12 +294,6 @@ class Eagle3Model(nn.Module):
         T, ahead = self.q_len, self.length - 1  # step s reads position t + s, up to t + ahead
         self._check_inputs(input_ids, hidden_states, target, loss_mask)
         policy = self._call_policy(doc_ids, input_ids.device)
-        if policy in _STAGED and torch.is_autocast_enabled(input_ids.device.type):
-            raise ValueError(
-                f"Eagle3Model: memory={self.memory!r}{self._chosen()} runs each step's layer inside an op, where "
-                f"autocast does not reach; cast the model instead (model.to(torch.bfloat16)), or use "
-                f"memory='recompute' or 'recompute_tiled' under autocast."
-            )
         layout = normalize_layout("Eagle3Model", T, seq_lens, doc_ids, input_ids.device, input_ids.size(0),
                                   name="input_ids")  # Note [one layout table]: once per training step
         mask = loss_mask.bool()  # [B, T]
@@ -398,22 +392,25 @@ class Eagle3Model(nn.Module):
             self._staged_key = staged.register(self)
 
     def _call_policy(self, doc_ids: Tensor | None, device: torch.device) -> str:
-        """This call's memory policy: ``self.memory``, but the staged policies cannot take doc_ids
-        on CUDA (split's document part is flex_attention there, which eagerly, inside the op,
-        would be a dense O(T^2) fallback): "auto" then falls back to "recompute_tiled" for the
-        call, an explicit staged policy is refused."""
-        if self.memory not in _STAGED or doc_ids is None or device.type != "cuda":
+        """This call's memory policy: ``self.memory``, but a staged policy cannot take doc_ids on
+        CUDA (split's document part is flex_attention there, which eagerly, inside the op, would be
+        a dense O(T^2) fallback) nor run under autocast (which does not reach inside the op):
+        "auto" then falls back to "recompute_tiled" for the call, an explicit staged policy is
+        refused."""
+        if self.memory not in _STAGED:
+            return self.memory
+        if doc_ids is not None and device.type == "cuda":
+            why = ("runs the attention eagerly, and with doc_ids on CUDA the split backend's causal part is "
+                   "flex_attention, which eagerly is a dense O(T^2) fallback. Pass seq_lens (padding) instead of "
+                   "doc_ids, or")
+        elif torch.is_autocast_enabled(device.type):
+            why = ("runs each step's layer inside an op, where autocast does not reach. Cast the model instead "
+                   "(model.to(torch.bfloat16)), or under autocast use")
+        else:
             return self.memory
         if self._memory_arg == "auto":
             return "recompute_tiled"
-        raise ValueError(
-            f"Eagle3Model: memory={self.memory!r} runs the attention eagerly, and with doc_ids on CUDA the split "
-            f"backend's causal part is flex_attention, which eagerly is a dense O(T^2) fallback. Pass seq_lens "
-            f"(padding) instead of doc_ids, or memory='recompute', 'recompute_tiled' or 'auto'."
-        )
-
-    def _chosen(self) -> str:
-        return f" (chosen by memory='auto' for q_len={self.q_len})" if self._memory_arg == "auto" else ""
+        raise ValueError(f"Eagle3Model: memory={self.memory!r} {why} memory='recompute', 'recompute_tiled' or 'auto'.")
 
     def _staged_params(self) -> list[tuple[str, Tensor]]:
         """The parameters a step's layer reads (the staged ops take them as inputs)."""
