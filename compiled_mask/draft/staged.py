@@ -57,15 +57,9 @@ class _Layer(nn.Module):
         self.model = model
 
     def forward(self, ids, hidden, cos, sin, first_key, documents, live, k_rounds, v_rounds):
-        from compiled_mask.draft.unroll import _round_buffer
-
-        length = self.model.length
-
-        def buffers(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:  # Note [writing a round]
-            return _round_buffer(length, *k_rounds, k), _round_buffer(length, *v_rounds, v)
-
-        return self.model._layer(self.model.memory, ids, hidden, cos, sin, Layout(first_key, documents), live,
-                                 buffers)
+        model = self.model
+        return model._layer(model.memory, ids, hidden, cos, sin, Layout(first_key, documents), live, k_rounds,
+                            v_rounds)
 
 
 def _run(key: int, weights: list[Tensor], *args) -> tuple[Tensor, Tensor, Tensor]:

@@ -355,17 +355,13 @@ class Eagle3Model(nn.Module):
             weights = [p for _, p in self._staged_params()]
             return staged.staged_step(self._staged_key, ids, hidden, cos, sin, layout, self.live_rounds[s],
                                       list(rounds[:s]), list(rounds[s:]), weights)
-
-        def buffers(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-            return self._buffer(policy, [*rounds[:s], k]), self._buffer(policy, [*rounds[s:], v])
-
-        return self._layer(policy, ids, hidden, cos, sin, layout, self.live_rounds[s], buffers)
+        return self._layer(policy, ids, hidden, cos, sin, layout, self.live_rounds[s], rounds[:s], rounds[s:])
 
     def _layer(self, policy: str, ids: Tensor, hidden: Tensor, cos: Tensor, sin: Tensor, layout: Layout, live: Tensor,
-               buffers) -> tuple[Tensor, Tensor, Tensor]:
-        """The decoder layer of a TTT step: ``(next hidden states, k, v)`` of the step;
-        ``buffers(k, v)`` gives the static K/V buffers with the step's round written in, ``live``
-        the live rounds (0-d)."""
+               k_rounds: list[Tensor] | tuple[Tensor, ...], v_rounds: list[Tensor] | tuple[Tensor, ...]
+               ) -> tuple[Tensor, Tensor, Tensor]:
+        """The decoder layer of a TTT step: ``(next hidden states, k, v)`` of the step; ``live``:
+        the live rounds (0-d); k_rounds, v_rounds: the earlier steps' K/V rounds."""
         draft = self.draft_model
         layer = draft.midlayer
         B, L, _ = hidden.shape
@@ -373,7 +369,8 @@ class Eagle3Model(nn.Module):
         residual = hidden
         x = torch.cat((layer.input_layernorm(embeds), layer.hidden_norm(hidden)), dim=-1)  # [B, L, 2H]
         q, k, v = layer.self_attn.project(x, cos, sin)
-        k_buf, v_buf = buffers(k, v)  # [B, Hkv, L * length, D] each
+        k_buf = self._buffer(policy, [*k_rounds, k])  # [B, Hkv, L * length, D]
+        v_buf = self._buffer(policy, [*v_rounds, v])
         out = self.attn._attend(q, k_buf, v_buf, live, layout, finite_padding=True)
         out = out.transpose(1, 2).reshape(B, L, -1)  # [B, L, Hq * D]
         hidden = residual + layer.self_attn.o_proj(out)
