@@ -415,7 +415,8 @@ def test_input_errors_name_the_fix():
 
 def test_auto_memory_policy_by_q_len():
     """memory="auto": "save" up to 16384 tokens, "recompute" up to 65536, then "staged_tiled" (one
-    process, split) or "recompute_tiled" (another backend), which is also what a call with doc_ids
+    process, split) or "recompute_tiled" (another backend or sequence strategy, where an explicit
+    staged policy is refused), which is also what a call with doc_ids
     on CUDA gets (the staged policies cannot take them there); an explicit staged policy refuses
     that call, and a refusal names what auto chose."""
     draft = Eagle3DraftModel(Eagle3DraftConfig(**TINY))
@@ -424,6 +425,16 @@ def test_auto_memory_policy_by_q_len():
     assert chosen == {(16384, "split"): "save", (16384, "flex"): "save", (16385, "split"): "recompute",
                       (16385, "flex"): "recompute", (65536, "split"): "recompute", (65536, "flex"): "recompute",
                       (65537, "split"): "staged_tiled", (65537, "flex"): "recompute_tiled"}
+    class Elsewhere:  # a sequence strategy other than the whole sequence in this process
+        def __init__(self):
+            self.whole = compiled_mask.draft.unroll.WholeSequence()
+
+        def bind(self, *args):
+            return self.whole.bind(*args)
+
+    assert Eagle3Model(draft, 65537, 7, sequence=Elsewhere()).memory == "recompute_tiled"
+    with pytest.raises(ValueError, match=r"memory='staged' runs on one process; with context parallel use"):
+        Eagle3Model(draft, 64, 3, memory="staged", sequence=Elsewhere())
     auto, explicit = Eagle3Model(draft, 65537, 7), Eagle3Model(draft, 64, 3, memory="staged")
     docs, cuda, cpu = torch.zeros(1, 4, dtype=torch.int64), torch.device("cuda"), torch.device("cpu")
     assert [auto._call_policy(d, dev) for d, dev in ((docs, cuda), (None, cuda), (docs, cpu))] == [
