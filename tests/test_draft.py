@@ -266,6 +266,35 @@ def test_compiled_recompute_saves_no_layer_activations(memory):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("memory", ["staged", "staged_tiled"])
+def test_staged_ops_compile_the_layer_halves(memory, monkeypatch):
+    """On CUDA the staged ops run the layer's two halves compiled by Inductor (around the eager K/V
+    buffer): forced here on CPU, float64, the step equals "save" (losses, accuracies, every
+    gradient), and each half compiles once for the forward op and once for the backward op's
+    replay, for all TTT steps and both calls."""
+    from compiled_mask.draft import staged
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    monkeypatch.setattr(staged, "_COMPILED_ON", ("cpu",))
+    model, ref = (make_model(seed=1, memory=m).double() for m in (memory, "save"))
+    cfg = model.draft_model.config
+    for seed in (2, 3):
+        input_ids, hidden, target, loss_mask = make_batch(2, 64, cfg, seed=seed)
+        batch = (input_ids, hidden.double(), target.double(), loss_mask)
+        with watch_recompiles() as reasons:
+            out = model(*batch, seq_lens=torch.tensor([64, 41]))
+            got = grads(model, out.loss)
+        want = ref(*batch, seq_lens=torch.tensor([64, 41]))
+        torch.testing.assert_close(out.plosses, want.plosses, rtol=1e-10, atol=0)
+        torch.testing.assert_close(out.acces, want.acces)
+        for g, w in zip(got, grads(ref, want.loss)):
+            assert rel_err(g, w) < 1e-9
+        assert len(reasons) == (2 if seed == 2 else 0), reasons  # each half: no_grad, then grad
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 4
+    torch._dynamo.reset()
+
+
 def test_staged_backward_replays_each_step_in_its_op():
     """memory="staged", compiled: the backward graph holds one staged_step_backward per TTT step,
     each fed by the gradient the next step's returns (so no replay can run early), and none of

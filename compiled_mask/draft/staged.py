@@ -49,6 +49,15 @@ def _model(key: int) -> nn.Module:
     return model
 
 
+# Where the ops run the layer's two halves compiled (Inductor fuses their norms, RoPE, SwiGLU
+# and casts, which eagerly are a dozen memory-bound kernels each): on CUDA. The K/V buffer between
+# them is built eagerly, so both halves have one shape at every TTT step, one graph each (and
+# one more each for the backward op's replay, with autograd). (A module attribute, for the tests.)
+_COMPILED_ON = ("cuda",)
+_project = torch.compile(lambda model, *args: model._project(*args), dynamic=False)
+_finish = torch.compile(lambda model, *args: model._finish(*args), dynamic=False)
+
+
 class _Layer(nn.Module):
     """``Eagle3Model._layer`` as a module's forward, for ``torch.func.functional_call``."""
 
@@ -58,8 +67,9 @@ class _Layer(nn.Module):
 
     def forward(self, ids, hidden, cos, sin, first_key, documents, live, k_rounds, v_rounds):
         model = self.model
+        parts = (_project, _finish) if hidden.device.type in _COMPILED_ON else (None, None)
         return model._layer(model.memory, ids, hidden, cos, sin, Layout(first_key, documents), live, k_rounds,
-                            v_rounds)
+                            v_rounds, *parts)
 
 
 def _run(key: int, weights: list[Tensor], *args) -> tuple[Tensor, Tensor, Tensor]:

@@ -358,30 +358,37 @@ class Eagle3Model(nn.Module):
         return self._layer(policy, ids, hidden, cos, sin, layout, self.live_rounds[s], rounds[:s], rounds[s:])
 
     def _layer(self, policy: str, ids: Tensor, hidden: Tensor, cos: Tensor, sin: Tensor, layout: Layout, live: Tensor,
-               k_rounds: list[Tensor] | tuple[Tensor, ...], v_rounds: list[Tensor] | tuple[Tensor, ...]
-               ) -> tuple[Tensor, Tensor, Tensor]:
+               k_rounds: list[Tensor] | tuple[Tensor, ...], v_rounds: list[Tensor] | tuple[Tensor, ...],
+               project=None, finish=None) -> tuple[Tensor, Tensor, Tensor]:
         """The decoder layer of a TTT step: ``(next hidden states, k, v)`` of the step; ``live``:
-        the live rounds (0-d); k_rounds, v_rounds: the earlier steps' K/V rounds."""
-        draft = self.draft_model
-        layer = draft.midlayer
-        B, L, _ = hidden.shape
-        embeds = draft.embed_input_ids(ids).to(hidden.dtype)  # [B, L, H]
-        residual = hidden
-        x = torch.cat((layer.input_layernorm(embeds), layer.hidden_norm(hidden)), dim=-1)  # [B, L, 2H]
-        q, k, v = layer.self_attn.project(x, cos, sin)
+        the live rounds (0-d); k_rounds, v_rounds: the earlier steps' K/V rounds. ``project`` and
+        ``finish`` replace :meth:`_project` and :meth:`_finish` (the staged ops pass them compiled)."""
+        q, k, v = (project or Eagle3Model._project)(self, ids, hidden, cos, sin)
         k_buf = self._buffer(policy, [*k_rounds, k])  # [B, Hkv, L * length, D]
         v_buf = self._buffer(policy, [*v_rounds, v])
+        return (finish or Eagle3Model._finish)(self, policy, hidden, q, k_buf, v_buf, live, layout), k, v
+
+    def _project(self, ids: Tensor, hidden: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The layer up to its attention: q, and the step's K/V round."""
+        layer = self.draft_model.midlayer
+        embeds = self.draft_model.embed_input_ids(ids).to(hidden.dtype)  # [B, L, H]
+        x = torch.cat((layer.input_layernorm(embeds), layer.hidden_norm(hidden)), dim=-1)  # [B, L, 2H]
+        return layer.self_attn.project(x, cos, sin)
+
+    def _finish(self, policy: str, hidden: Tensor, q: Tensor, k_buf: Tensor, v_buf: Tensor, live: Tensor,
+                layout: Layout) -> Tensor:
+        """The layer from its attention on: the next hidden states (``hidden``: the step's input)."""
+        layer = self.draft_model.midlayer
+        B, L, _ = hidden.shape
         out = self.attn._attend(q, k_buf, v_buf, live, layout, finite_padding=True)
         out = out.transpose(1, 2).reshape(B, L, -1)  # [B, L, Hq * D]
-        hidden = residual + layer.self_attn.o_proj(out)
+        hidden = hidden + layer.self_attn.o_proj(out)
         normed = layer.post_attention_layernorm(hidden)
         if policy in _TILED:
             mlp = layer.mlp
-            hidden = hidden + tiled_mlp(normed, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
-                                        chunk_rows=_MLP_TILE_ROWS)
-        else:
-            hidden = hidden + layer.mlp(normed)  # [B, L, H]
-        return hidden, k, v
+            return hidden + tiled_mlp(normed, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
+                                      chunk_rows=_MLP_TILE_ROWS)
+        return hidden + layer.mlp(normed)  # [B, L, H]
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
