@@ -20,6 +20,7 @@ weights the forward used.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import weakref
 from collections.abc import Iterator
@@ -55,8 +56,14 @@ def _model(key: int) -> nn.Module:
 # them is built eagerly, so both halves have one shape at every TTT step, one graph each (and
 # one more each for the backward op's replay, with autograd). (A module attribute, for the tests.)
 _COMPILED_ON = ("cuda",)
-_project = torch.compile(lambda model, *args: model._project(*args), dynamic=False)
-_finish = torch.compile(lambda model, *args: model._finish(*args), dynamic=False)
+
+
+@functools.cache
+def _compiled_halves() -> tuple:
+    """``Eagle3Model._project`` and ``_finish`` under ``torch.compile`` (made at first use: importing
+    the library does not import dynamo)."""
+    return (torch.compile(lambda model, *args: model._project(*args), dynamic=False),
+            torch.compile(lambda model, *args: model._finish(*args), dynamic=False))
 
 
 class _Layer(nn.Module):
@@ -68,7 +75,7 @@ class _Layer(nn.Module):
 
     def forward(self, ids, hidden, cos, sin, first_key, documents, live, k_rounds, v_rounds):
         model = self.model
-        parts = (_project, _finish) if hidden.device.type in _COMPILED_ON else (None, None)
+        parts = _compiled_halves() if hidden.device.type in _COMPILED_ON else (None, None)
         return model._layer(model.memory, ids, hidden, cos, sin, Layout(first_key, documents), live, k_rounds,
                             v_rounds, *parts)
 
