@@ -469,7 +469,7 @@ def test_auto_memory_policy_by_q_len():
     assert [auto._call_policy(d, dev) for d, dev in ((docs, cuda), (None, cuda), (docs, cpu))] == [
         "recompute_tiled", "staged_tiled", "staged_tiled"]
     assert [explicit._call_policy(d, dev) for d, dev in ((None, cuda), (docs, cpu))] == ["staged", "staged"]
-    with pytest.raises(ValueError, match=r"memory='staged' runs each step's layer inside an op, which does not take doc_ids on CUDA"):
+    with pytest.raises(ValueError, match=r"memory='staged' runs the attention eagerly, and with doc_ids on CUDA"):
         explicit._call_policy(docs, cuda)
     with torch.autocast("cpu", torch.bfloat16):
         assert auto._call_policy(None, cpu) == "recompute_tiled"

@@ -9,11 +9,10 @@ another, each just before its gradients are needed, as eager autograd runs a che
 partitioner and Inductor's scheduler move (and fuse) parts of every step's replay to the start of
 the backward, holding them all at once (Note [memory policies] in ``unroll.py``).
 
-Inside the ops the layer runs in two halves, up to its attention and from it on, each compiled
-by Inductor on CUDA (eagerly elsewhere) around the K/V buffer, which is built eagerly: both halves
-then have one shape at every TTT step. The backward op runs ``torch.autograd.grad`` of the
-replay. The ops find the model by a key it registers, and take every tensor the layer reads as an
-input, the weights included, so the graph orders them like any op and the replay uses the
+Inside the ops the layer runs eagerly (its matmuls and the attention are the same kernels as
+compiled; its norms, RoPE and SwiGLU are unfused), the backward as ``torch.autograd.grad`` of
+the replay. The ops find the model by a key it registers, and take every tensor the layer reads
+as an input, the weights included, so the graph orders them like any op and the replay uses the
 weights the forward used.
 """
 

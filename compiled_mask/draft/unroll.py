@@ -153,8 +153,8 @@ class WholeSequence:
 #         gradient of the step's outputs, which the next step's backward op returns, so the
 #         replays run in order, one step's at a time, wherever Inductor schedules them: eager
 #         recompute's memory inside the one compiled graph (CPU probe above: 69.6 [T, H] against
-#         Inductor's 104.8 for "recompute"). Inside the ops the layer runs as two compiled
-#         halves on CUDA (its norms, RoPE and SwiGLU fused by Inductor), eagerly elsewhere.
+#         Inductor's 104.8 for "recompute"). The layer's own elementwise ops (norms, RoPE,
+#         SwiGLU) run unfused inside the op; its matmuls and attention are the same kernels.
 #     The LM head and loss never keep ``[T, V]`` whatever the policy (``loss.py``). Each policy
 #     computes the same numbers (tests/test_draft.py); they differ in memory and time only.
 MEMORY_POLICIES = ("save", "recompute", "recompute_tiled", "staged", "staged_tiled")
@@ -248,14 +248,13 @@ class Eagle3Model(nn.Module):
         self._memory_arg = memory
         self.chunk_rows = chunk_rows
         self.attn = self.sequence.bind(q_len, length, attention_backend)
-        if self.memory in _STAGED:  # Note [memory policies]: the layer runs inside an op
+        if self.memory in _STAGED:  # Note [memory policies]: the layer runs eagerly inside an op
             if not isinstance(self.sequence, WholeSequence):
                 raise ValueError(f"{where}: memory={memory!r} runs on one process; with context parallel "
                                  f"use 'save', 'recompute' or 'recompute_tiled'.")
             if attention_backend != "split":
-                raise ValueError(f"{where}: memory={memory!r} runs each step's layer inside an op, built for "
-                                 f"only the 'split' backend (off CUDA the op runs the layer eagerly, where "
-                                 f"flex_attention would be a dense fallback); got "
+                raise ValueError(f"{where}: memory={memory!r} runs the attention eagerly, which only the 'split' "
+                                 f"backend does without flex_attention's dense fallback; got "
                                  f"attention_backend={attention_backend!r}. Use 'split', or memory='recompute'.")
             self._staged_key = staged.register(self)
         self.register_buffer("live_rounds", torch.arange(1, length + 1), persistent=False)  # [length]
@@ -397,16 +396,17 @@ class Eagle3Model(nn.Module):
             self._staged_key = staged.register(self)
 
     def _call_policy(self, doc_ids: Tensor | None, device: torch.device) -> str:
-        """This call's memory policy: ``self.memory``, but a staged policy does not take doc_ids on
-        CUDA (split's document part is flex_attention there, which the ops have not been checked
-        with on a GPU) nor run under autocast (which does not reach inside the op):
+        """This call's memory policy: ``self.memory``, but a staged policy cannot take doc_ids on
+        CUDA (split's document part is flex_attention there, which eagerly, inside the op, would be
+        a dense O(T^2) fallback) nor run under autocast (which does not reach inside the op):
         "auto" then falls back to "recompute_tiled" for the call, an explicit staged policy is
         refused."""
         if self.memory not in _STAGED:
             return self.memory
         if doc_ids is not None and device.type == "cuda":
-            why = ("runs each step's layer inside an op, which does not take doc_ids on CUDA yet (the split "
-                   "backend's causal part is flex_attention there). Pass seq_lens (padding) instead of doc_ids, or")
+            why = ("runs the attention eagerly, and with doc_ids on CUDA the split backend's causal part is "
+                   "flex_attention, which eagerly is a dense O(T^2) fallback. Pass seq_lens (padding) instead of "
+                   "doc_ids, or")
         elif torch.is_autocast_enabled(device.type):
             why = ("runs each step's layer inside an op, where autocast does not reach. Cast the model instead "
                    "(model.to(torch.bfloat16)), or under autocast use")
