@@ -268,10 +268,10 @@ def test_compiled_recompute_saves_no_layer_activations(memory):
 
 @pytest.mark.parametrize("memory", ["staged", "staged_tiled"])
 def test_staged_ops_compile_the_layer_halves(memory, monkeypatch):
-    """On CUDA the staged ops run the layer's two halves compiled by Inductor (around the eager K/V
-    buffer): forced here on CPU, float64, the step equals "save" (losses, accuracies, every
-    gradient), and each half compiles once for the forward op and once for the backward op's
-    replay, for all TTT steps and both calls."""
+    """The staged ops with the layer's two halves compiled by Inductor (around the eager K/V
+    buffer; ``staged._COMPILED_ON``, on CPU here), float64: the step equals "save" (losses,
+    accuracies, every gradient), and each half compiles once for the forward op and once for the
+    backward op's replay, for all TTT steps and both calls."""
     from compiled_mask.draft import staged
 
     torch._dynamo.reset()
