@@ -61,8 +61,9 @@ _COMPILED_ON: tuple[str, ...] = ()
 
 @functools.cache
 def _compiled_halves() -> tuple:
-    """``Eagle3Model._project`` and ``_finish`` under ``torch.compile`` (made at first use: importing
-    the library does not import dynamo)."""
+    """``Eagle3Model._project`` and ``_finish`` under ``torch.compile``, made at first use: making
+    them warns (torch 2.13: fourteen "torch.jit.script_method is deprecated"), which importing the
+    library must not."""
     return (torch.compile(lambda model, *args: model._project(*args), dynamic=False),
             torch.compile(lambda model, *args: model._finish(*args), dynamic=False))
 
