@@ -445,15 +445,16 @@ def test_input_errors_name_the_fix():
 def test_auto_memory_policy_by_q_len():
     """memory="auto": "save" up to 16384 tokens, "recompute" up to 65536, then "staged_tiled" (one
     process, split) or "recompute_tiled" (another backend or sequence strategy, where an explicit
-    staged policy is refused), which is also what a call with doc_ids
-    on CUDA gets (the staged policies cannot take them there); an explicit staged policy refuses
-    that call, and a refusal names what auto chose."""
+    staged policy is refused), which is also what a call with doc_ids on CUDA gets (the staged
+    policies cannot take them there); an explicit staged policy refuses that call, and a refusal
+    names what auto chose."""
     draft = Eagle3DraftModel(Eagle3DraftConfig(**TINY))
     chosen = {(T, backend): Eagle3Model(draft, T, 7, attention_backend=backend).memory
               for T in (16384, 16385, 65536, 65537) for backend in ("split", "flex")}
     assert chosen == {(16384, "split"): "save", (16384, "flex"): "save", (16385, "split"): "recompute",
                       (16385, "flex"): "recompute", (65536, "split"): "recompute", (65536, "flex"): "recompute",
                       (65537, "split"): "staged_tiled", (65537, "flex"): "recompute_tiled"}
+
     class Elsewhere:  # a sequence strategy other than the whole sequence in this process
         def __init__(self):
             self.whole = compiled_mask.draft.unroll.WholeSequence()
