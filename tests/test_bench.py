@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from helpers import load_tool
 
@@ -67,3 +68,12 @@ def test_kernel_table_of_a_step():
     x = torch.randn(8, 8)
     table = bench.common._kernel_table(lambda: (x @ x).relu(), torch.device("cpu"), steps=2)
     assert "aten::mm" in table and "aten::relu" in table, table
+
+
+def test_draft_reps_below_one_is_refused(capsys):
+    """--draft-reps 0 (or not an int) stops at the parser, naming the value, before any row runs."""
+    bench = _load_bench()
+    for bad in ("0", "-2", "two"):
+        with pytest.raises(SystemExit):
+            bench.main(["--only", "draft", "--draft-reps", bad])
+        assert f"--draft-reps: expected an int >= 1, got {bad!r}" in capsys.readouterr().err

@@ -38,6 +38,12 @@ from benchmarks import attention, common, compile_cost, draft, mask, suffix  # n
 from compiled_mask._fa4 import fa4_available  # noqa: E402
 
 
+def _at_least_one(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
@@ -66,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draft-row", help=argparse.SUPPRESS)  # internal: one draft-step row
     parser.add_argument("--draft-q-lens", type=int, nargs="+",
                         help="Q_LEN values of the draft table (default: 8192 32768; --smoke: 64)")
+    parser.add_argument("--draft-reps", type=_at_least_one, default=None,
+                        help="timed steps per draft row, after a cold and a warm one (default: 5; --smoke: 2)")
     parser.add_argument("--draft-methods", nargs="+", type=draft._draft_method, default=None,
                         help="draft-table rows: 'today' or BACKEND:MEMORY:TARGET, e.g. split:recompute:head "
                              f"(default: {' '.join(draft.DRAFT_METHODS)}; --smoke: split:auto:probs split:auto:head)")
@@ -140,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         q_lens_draft = args.draft_q_lens or ([64] if args.smoke else [8192, 32768])
         methods = args.draft_methods or (draft.DRAFT_METHODS[1:] if args.smoke else draft.DRAFT_METHODS)
         rows += draft.draft_rows(device, q_lens_draft, methods, length=3 if args.smoke else 7,
-                                 smoke=args.smoke, reps=2 if args.smoke else 5, profiles=draft_profiles)
+                                 smoke=args.smoke, reps=args.draft_reps or (2 if args.smoke else 5), profiles=draft_profiles)
 
     args.out.mkdir(parents=True, exist_ok=True)
     if args.profile:
