@@ -28,6 +28,7 @@ import compiled_mask.draft.unroll
 from compiled_mask import Eagle3DraftConfig, Eagle3DraftModel, Eagle3Model
 from compiled_mask._fa4 import fa4_available
 from compiled_mask.inspect import GraphCounter, compile_summary, watch_recompiles
+from compiled_mask.draft.unroll import MEMORY_POLICIES
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
@@ -295,6 +296,28 @@ def test_staged_ops_compile_the_layer_halves(memory, monkeypatch):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("memory", MEMORY_POLICIES)
+def test_recomputing_policies_recompute_the_loss(memory):
+    """Every policy but "save" asks each step's loss to recompute its gradients in the backward
+    (head_loss(recompute=True): it keeps its inputs, not [T, H] and [V, H] gradients per step)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LossCalls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.recompute = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.compiled_mask.head_loss.default:
+                self.recompute.append(args[12])
+            return func(*args, **(kwargs or {}))
+
+    model = make_model(length=3, seed=6, memory=memory)
+    with LossCalls() as calls:
+        model(*make_batch(2, 64, model.draft_model.config, seed=7))
+    assert calls.recompute == [memory != "save"] * 3
+
+
 def test_staged_backward_replays_each_step_in_its_op():
     """memory="staged", compiled: the backward graph holds one staged_step_backward per TTT step,
     each fed by the gradient the next step's returns (so no replay can run early), and none of
@@ -364,8 +387,10 @@ def test_staged_backward_replays_each_step_in_its_op():
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="where autocast does not reach"), torch.autocast("cpu", torch.bfloat16):
         model(*batch)
-    with pytest.raises(RuntimeError, match="no double backward"):
+    with pytest.raises(RuntimeError, match=r"head_loss has no double backward"):  # the last step's loss: first
         torch.autograd.grad(model(*batch).loss, [p for p in model.parameters() if p.requires_grad], create_graph=True)
+    with pytest.raises(RuntimeError, match=r"the staged ops have no double backward"):
+        torch.autograd.grad(staged._staged_step(*args)[0].sum(), hidden, create_graph=True)
 
     # A deep copy finds its own layer once the original is gone (the ops look models up by key).
     copied = copy.deepcopy(model)

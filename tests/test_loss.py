@@ -187,10 +187,11 @@ def test_opcheck(kind):
     elif isinstance(target, TargetLogits):
         target = target.logits
     for grads in ((True, True, True), (False, True, False), (False, False, False)):
-        leaves = [t.clone().requires_grad_(g) for t, g in zip((base, norm_weight, head_weight), grads)]
-        args = (hidden_view(leaves[0]), leaves[1], leaves[2], target, target_weight, counted, kind,
-                EPS, 4, *grads)
-        torch.library.opcheck(torch.ops.compiled_mask.head_loss.default, args)
+        for recompute in (False, True):
+            leaves = [t.clone().requires_grad_(g) for t, g in zip((base, norm_weight, head_weight), grads)]
+            args = (hidden_view(leaves[0]), leaves[1], leaves[2], target, target_weight, counted, kind,
+                    EPS, 4, *grads, recompute)
+            torch.library.opcheck(torch.ops.compiled_mask.head_loss.default, args)
 
 
 def compiled_step(base, norm_weight, head_weight, target, counted):
@@ -309,6 +310,55 @@ def test_computes_only_the_gradients_needed():
     assert mode.flags == [(False, False, True), (False, False, False), (True, False, False)]
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_recompute_gives_the_same_gradients_bit_for_bit(kind):
+    """recompute=True: the gradients are computed in the backward, from the saved inputs, by the
+    same chunk loop: equal bit for bit to those computed in the forward, on a view, with
+    uncounted rows, and with only some gradients asked for."""
+    case = make_case(kind, torch.float32)
+    assert_same(run(head_loss, *case, chunk_rows=6, recompute=True), run(head_loss, *case, chunk_rows=6))
+    base, norm_weight, head_weight, target, counted = case
+    got = [], []
+    for recompute, grads in zip((False, True), got):
+        hw = head_weight.clone().requires_grad_()
+        nll, _ = head_loss(hidden_view(base), norm_weight, hw, target, counted, eps=EPS, chunk_rows=6,
+                           recompute=recompute)
+        (GRAD_SCALE * nll).backward()
+        grads.append(hw.grad)
+    assert torch.equal(*got[0], *got[1])
+
+
+def test_recompute_saves_the_inputs_not_the_gradients():
+    """What autograd keeps from the forward: with recompute=True the op's tensor inputs (views of
+    the caller's tensors: no new memory), else the three gradients, new tensors of the inputs'
+    sizes. The backward computes with the gradient flags of the forward, only then."""
+    base, norm_weight, head_weight, target, counted = make_case("probs", torch.float32)
+    for recompute in (False, True):
+        saved = []
+        leaves = [t.clone().requires_grad_() for t in (base, norm_weight, head_weight)]
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t), _OpFlags() as mode:
+            nll, _ = head_loss(hidden_view(leaves[0]), leaves[1], leaves[2], target, counted, eps=EPS,
+                               recompute=recompute)
+        inputs = (leaves[0], leaves[1], leaves[2], target, counted)
+        shares = [any(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for x in inputs) for t in saved]
+        assert saved and all(shares) if recompute else not any(shares), (recompute, [tuple(t.shape) for t in saved])
+        with _OpFlags() as backward:
+            nll.backward()
+        assert backward.flags == ([(True, True, True)] if recompute else [])
+        assert mode.flags == [(True, True, True)]
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_no_double_backward(recompute):
+    """The op's gradients are constants to autograd, so create_graph=True is refused rather than
+    giving second derivatives without the loss's part."""
+    base, norm_weight, head_weight, target, counted = make_case("ids", torch.float64)
+    hidden = hidden_view(base.clone().requires_grad_())
+    nll, _ = head_loss(hidden, norm_weight, head_weight, target, counted, eps=EPS, recompute=recompute)
+    with pytest.raises(RuntimeError, match=r"head_loss has no double backward \(create_graph=True\)"):
+        torch.autograd.grad(nll, hidden, create_graph=True)
+
+
 @pytest.mark.parametrize("device, elements", [("cpu", 2**26), ("cuda", 2**28)])
 def test_default_chunk_rows(device, elements):
     """The largest power of two of rows within the device's element budget (Note [chunk size]):
@@ -361,6 +411,7 @@ def _error_cases():
         ((h, nw, w, ids, c), {"eps": -1e-6}, r"eps must be a finite number >= 0 .* got eps=-1e-06"),
         ((h, nw, w, ids, c), {"eps": float("nan")}, r"got eps=nan"),
         ((h, nw, w, ids, c), {"eps": "1e-5"}, r"got eps='1e-5'"),
+        ((h, nw, w, ids, c), {"recompute": 1}, r"recompute must be True or False, got recompute=1"),
     ]
 
 

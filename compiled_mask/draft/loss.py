@@ -17,12 +17,21 @@ Note [gradients in the forward]
     The op computes, chunk of rows by chunk of rows, the loss *and* the gradients of the hidden
     states, the norm weight and the head weight, and keeps only those (``[B, R, H]``, ``[H]``,
     ``[V, H]``: the sizes of its inputs); the backward multiplies them by the incoming gradient.
-    Nothing ``[rows, V]`` outlives its chunk, and the backward recomputes nothing. The cost is the
+    Nothing ``[rows, V]`` outlives its chunk, and the backward (by default) recomputes nothing. The cost is the
     gradient work done even for a loss that is never backpropagated: the public function passes
     the op which gradients are needed (``requires_grad`` and grad mode), so a forward under
     ``torch.no_grad()`` computes the loss alone. ``hit_sum`` has no gradient, and no gradient
     flows into any form of the target (probabilities, ids, target logits, the target's hidden
     state or lm_head rows): they are data, as in today's trainers.
+
+    Held from the forward to the backward, those gradients cost memory: per call ``[B, R, H]``
+    and ``[V, H]`` (a TTT step of an 8B-sized draft at 32768 tokens: 0.5 GiB in bf16, 3.4 GiB
+    over 7 steps). With ``recompute=True`` the op keeps its inputs instead (the hidden states, a
+    view of what the next TTT step keeps anyway, and the target, an input of the whole step) and
+    its backward runs the same chunk loop again, now with the gradients: one more head matmul
+    per chunk, and bit for bit the same gradients. Eagle3Model's recomputing memory policies
+    ask for it. The gradients are constants to autograd either way, so there is no double
+    backward (``create_graph=True`` is refused).
 """
 
 from __future__ import annotations
@@ -334,8 +343,8 @@ def _head_loss_chunks(hidden: Tensor, norm_weight: Tensor, head_weight: Tensor, 
 @torch.library.custom_op("compiled_mask::head_loss", mutates_args=())
 def _head_loss(hidden: Tensor, norm_weight: Tensor, head_weight: Tensor, target: Tensor,
                target_weight: Tensor | None, counted: Tensor, target_kind: str, eps: float,
-               chunk_rows: int, grad_hidden: bool, grad_norm_weight: bool, grad_head_weight: bool
-               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+               chunk_rows: int, grad_hidden: bool, grad_norm_weight: bool, grad_head_weight: bool,
+               recompute: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Fused RMSNorm + LM head + masked cross entropy, chunked over rows (private; arguments are
     unchecked: call :func:`head_loss`).
 
@@ -351,20 +360,25 @@ def _head_loss(hidden: Tensor, norm_weight: Tensor, head_weight: Tensor, target:
         target_kind: "probs", "ids", "logits" or "head".
         eps: RMSNorm epsilon.
         chunk_rows: rows per chunk (>= 1; clamped to R).
-        grad_hidden, grad_norm_weight, grad_head_weight: which gradients to compute.
+        grad_hidden, grad_norm_weight, grad_head_weight: which gradients the backward returns.
+        recompute: compute them in the backward, not here (Note [gradients in the forward]).
 
     Returns:
         ``(nll_sum, hit_sum, d_hidden, d_norm_weight, d_head_weight)``: the two 0-d sums in the
         loss dtype, and the gradients of ``nll_sum`` (Note [gradients in the forward]) in their
-        inputs' dtypes, contiguous, or empty ``[0]`` tensors for those not asked for.
+        inputs' dtypes, contiguous, or empty ``[0]`` tensors for those not asked for (all three
+        with ``recompute``).
     """
-    return _head_loss_chunks(hidden, norm_weight, head_weight, target, target_weight, counted,
-                             target_kind, eps, chunk_rows, grad_hidden, grad_norm_weight, grad_head_weight)
+    return _head_loss_chunks(hidden, norm_weight, head_weight, target, target_weight, counted, target_kind, eps,
+                             chunk_rows, *((False,) * 3 if recompute else (grad_hidden, grad_norm_weight,
+                                                                           grad_head_weight)))
 
 
 @_head_loss.register_fake
 def _head_loss_fake(hidden, norm_weight, head_weight, target, target_weight, counted, target_kind,
-                    eps, chunk_rows, grad_hidden, grad_norm_weight, grad_head_weight):
+                    eps, chunk_rows, grad_hidden, grad_norm_weight, grad_head_weight, recompute):
+    if recompute:
+        grad_hidden = grad_norm_weight = grad_head_weight = False
     loss_dtype = _loss_dtype(head_weight.dtype, target_kind, target.dtype)
     nll_sum = hidden.new_empty((), dtype=loss_dtype)
     hit_sum = hidden.new_empty((), dtype=loss_dtype)
@@ -376,16 +390,29 @@ def _head_loss_fake(hidden, norm_weight, head_weight, target, target_weight, cou
 
 def _head_loss_setup_context(ctx, inputs, output) -> None:
     _, hit_sum, d_hidden, d_norm, d_head = output
-    ctx.save_for_backward(d_hidden, d_norm, d_head)
+    ctx.recompute = inputs[-1]
+    if ctx.recompute:  # the tensor inputs, the others as they are
+        ctx.save_for_backward(*inputs[:6])
+        ctx.args = inputs[6:-1]
+    else:
+        ctx.save_for_backward(d_hidden, d_norm, d_head)
     ctx.computed = inputs[9:12]  # grad_hidden, grad_norm_weight, grad_head_weight
     ctx.mark_non_differentiable(hit_sum, d_hidden, d_norm, d_head)
 
 
 def _head_loss_backward(ctx, grad_nll, grad_hit, grad_d_hidden, grad_d_norm, grad_d_head):
-    """The saved gradients times the incoming gradient of ``nll_sum``; nothing for the target,
-    the mask or the non-tensor arguments (Note [gradients in the forward])."""
-    grads = tuple(g * grad_nll if computed else None for g, computed in zip(ctx.saved_tensors, ctx.computed))
-    return (*grads, None, None, None, None, None, None, None, None, None)
+    """The gradients computed in the forward (or now, with ``recompute``) times the incoming
+    gradient of ``nll_sum``; nothing for the target, the mask or the non-tensor arguments (Note
+    [gradients in the forward])."""
+    if torch.is_grad_enabled():  # backward(create_graph=True)
+        raise RuntimeError("head_loss has no double backward (create_graph=True): its gradients are computed "
+                           "as constants (Note [gradients in the forward] in compiled_mask/draft/loss.py), so "
+                           "their own gradients would be silently wrong.")
+    grads = ctx.saved_tensors
+    if ctx.recompute:
+        grads = _head_loss(*grads, *ctx.args, False)[2:]
+    grads = tuple(g * grad_nll if computed else None for g, computed in zip(grads, ctx.computed))
+    return (*grads, None, None, None, None, None, None, None, None, None, None)
 
 
 _head_loss.register_autograd(_head_loss_backward, setup_context=_head_loss_setup_context)
@@ -393,7 +420,7 @@ _head_loss.register_autograd(_head_loss_backward, setup_context=_head_loss_setup
 
 def head_loss(hidden: Tensor, norm_weight: Tensor, head_weight: Tensor,
               target: Tensor | TargetLogits | TargetHead, counted: Tensor, *, eps: float,
-              chunk_rows: int | None = None) -> tuple[Tensor, Tensor]:
+              chunk_rows: int | None = None, recompute: bool = False) -> tuple[Tensor, Tensor]:
     """``lm_head(norm(hidden))``, its cross entropy against ``target`` and its top-1 hits, summed
     over the counted rows, without ever holding ``[rows, V]`` beyond one chunk of rows.
 
@@ -430,6 +457,9 @@ def head_loss(hidden: Tensor, norm_weight: Tensor, head_weight: Tensor,
         eps: the RMSNorm epsilon (finite, >= 0).
         chunk_rows: rows per chunk; default: ``rows * V <= 2**26`` elements, a power of two
             (Note [chunk size]).
+        recompute: compute the gradients in the backward, from the inputs, instead of in the
+            forward: nothing ``[B, R, H]`` or ``[V, H]`` is held between them, for one more pass
+            over the chunks (the same numbers, bit for bit; Note [gradients in the forward]).
 
     Returns:
         ``(nll_sum, hit_sum)``, 0-d tensors in the loss dtype: float32, or float64 when the head
@@ -456,13 +486,15 @@ def head_loss(hidden: Tensor, norm_weight: Tensor, head_weight: Tensor,
     """
     target_kind, target_t, target_weight = _check_head_loss_args(
         hidden, norm_weight, head_weight, target, counted, eps, chunk_rows)
+    if not isinstance(recompute, bool):
+        raise ValueError(f"head_loss: recompute must be True or False, got recompute={recompute!r}.")
     if chunk_rows is None:
         chunk_rows = _default_chunk_rows(head_weight.shape[0], hidden.device)
     grad_on = torch.is_grad_enabled()
     nll_sum, hit_sum, *_ = _head_loss(
         hidden, norm_weight, head_weight, target_t, target_weight, counted, target_kind, float(eps),
         chunk_rows, grad_on and hidden.requires_grad, grad_on and norm_weight.requires_grad,
-        grad_on and head_weight.requires_grad,
+        grad_on and head_weight.requires_grad, recompute,
     )
     return nll_sum, hit_sum
 

@@ -180,8 +180,8 @@ def _setup(ctx, inputs, output) -> None:
 
 def _backward(ctx, d_hidden: Tensor, d_k: Tensor, d_v: Tensor):
     if torch.is_grad_enabled():  # backward(create_graph=True): the op's gradients have none of their own
-        raise RuntimeError("Eagle3Model: the staged memory policies have no double backward "
-                           "(create_graph=True); use memory='recompute' or 'save' for it.")
+        raise RuntimeError("Eagle3Model: the staged ops have no double backward (create_graph=True), and nor "
+                           "has the draft's loss (head_loss, compiled_mask/draft/loss.py).")
     key, documents, trained, s, n, has_first_key = ctx.args
     ids, hidden, cos, sin, live, *rest = ctx.saved_tensors
     k_rounds, v_rounds, weights = rest[:s], rest[s:2 * s], rest[2 * s:2 * s + n]
