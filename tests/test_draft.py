@@ -28,7 +28,6 @@ import compiled_mask.draft.unroll
 from compiled_mask import Eagle3DraftConfig, Eagle3DraftModel, Eagle3Model
 from compiled_mask._fa4 import fa4_available
 from compiled_mask.inspect import GraphCounter, compile_summary, watch_recompiles
-from compiled_mask.draft.unroll import MEMORY_POLICIES
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
@@ -294,28 +293,6 @@ def test_staged_ops_compile_the_layer_halves(memory, monkeypatch):
         assert len(reasons) == (2 if seed == 2 else 0), reasons  # each half: no_grad, then grad
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 4
     torch._dynamo.reset()
-
-
-@pytest.mark.parametrize("memory", MEMORY_POLICIES)
-def test_recomputing_policies_recompute_the_loss(memory):
-    """Every policy but "save" asks each step's loss to recompute its gradients in the backward
-    (head_loss(recompute=True): it keeps its inputs, not [T, H] and [V, H] gradients per step)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class LossCalls(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.recompute = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.compiled_mask.head_loss.default:
-                self.recompute.append(args[12])
-            return func(*args, **(kwargs or {}))
-
-    model = make_model(length=3, seed=6, memory=memory)
-    with LossCalls() as calls:
-        model(*make_batch(2, 64, model.draft_model.config, seed=7))
-    assert calls.recompute == [memory != "save"] * 3
 
 
 def test_staged_backward_replays_each_step_in_its_op():

@@ -29,9 +29,10 @@ Note [gradients in the forward]
     over 7 steps). With ``recompute=True`` the op keeps its inputs instead (the hidden states, a
     view of what the next TTT step keeps anyway, and the target, an input of the whole step) and
     its backward runs the same chunk loop again, now with the gradients: one more head matmul
-    per chunk, and bit for bit the same gradients. Eagle3Model's recomputing memory policies
-    ask for it. The gradients are constants to autograd either way, so there is no double
-    backward (``create_graph=True`` is refused).
+    per chunk, and bit for bit the same gradients. (Eagle3Model does not ask for it yet: on CPU
+    with Inductor it raised the staged policy's peak, docs/benchmarks.md, 2026-12-07.) The
+    gradients are constants to autograd either way, so there is no double backward
+    (``create_graph=True`` is refused).
 """
 
 from __future__ import annotations

@@ -155,11 +155,7 @@ class WholeSequence:
 #         recompute's memory inside the one compiled graph (CPU probe above: 69.6 [T, H] against
 #         Inductor's 104.8 for "recompute"). The layer's own elementwise ops (norms, RoPE,
 #         SwiGLU) run unfused inside the op; its matmuls and attention are the same kernels.
-#     The LM head and loss never keep ``[T, V]`` whatever the policy (``loss.py``). Under "save"
-#     each step's loss computes its gradients in the forward and keeps them until the backward
-#     (``[T, H]`` and ``[V, H]`` per step, 3.4 GiB over 7 steps for the 8B-sized draft at 32768
-#     tokens); under every other policy it recomputes them in the backward from the inputs it
-#     keeps (``head_loss(recompute=True)``), for one more LM-head matmul per step. Each policy
+#     The LM head and loss never keep ``[T, V]`` whatever the policy (``loss.py``). Each policy
 #     computes the same numbers (tests/test_draft.py); they differ in memory and time only.
 MEMORY_POLICIES = ("save", "recompute", "recompute_tiled", "staged", "staged_tiled")
 _CHECKPOINTED, _STAGED = ("recompute", "recompute_tiled"), ("staged", "staged_tiled")
@@ -341,7 +337,7 @@ class Eagle3Model(nn.Module):
                 hidden, k, v = self._step(policy, *step, *rounds)
             rounds = [*rounds[: s], k, *rounds[s:], v]
             # Step s predicts, at position t, what step 0 predicts at t + s.
-            nll_sum, hit_sum = self._loss(hidden, target, soft, halo, target_pad, step_masks[s], s, policy)
+            nll_sum, hit_sum = self._loss(hidden, target, soft, halo, target_pad, step_masks[s], s)
             nll_sums.append(nll_sum)
             hit_sums.append(hit_sum)
         # Each step's masked mean over all positions (of all processes); 0 where none counts.
@@ -434,12 +430,11 @@ class Eagle3Model(nn.Module):
         return _round_buffer(self.length, *rounds)
 
     def _loss(self, hidden: Tensor, target, soft: Tensor | None, halo: Tensor | None, target_pad: Tensor | None,
-              counted: Tensor, s: int, policy: str) -> tuple[Tensor, Tensor]:
+              counted: Tensor, s: int) -> tuple[Tensor, Tensor]:
         """Step s's summed cross entropy and hits against the target at t + s (``head_loss``), over
-        this process's rows (Note [sequence shards]); every policy but "save" recomputes its
-        gradients in the backward (Note [memory policies])."""
+        this process's rows (Note [sequence shards])."""
         draft = self.draft_model
-        args = dict(eps=draft.config.rms_norm_eps, chunk_rows=self.chunk_rows, recompute=policy != "save")
+        args = dict(eps=draft.config.rms_norm_eps, chunk_rows=self.chunk_rows)
         norm, head = draft.norm.weight, draft.lm_head.weight
         if soft is None:  # int ids: global, read at t + s
             return head_loss(hidden, norm, head, self.sequence.at(target_pad, s), counted, **args)
