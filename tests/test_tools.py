@@ -297,9 +297,14 @@ def test_memory_peak_recompute_holds_less_than_save(capsys):
     out = capsys.readouterr().out
     assert "memory=save (save), Q_LEN 512 x 7 TTT steps, none, cpu" in out
     assert "memory=recompute (recompute)" in out
+    # --chunk-rows reaches the loss: 16-row chunks instead of all 512 rows in one (V = 1000)
+    (small_chunks,) = _memory_peak().main(["--device", "cpu", "--size", "tiny", "--q-len", "512", "--compiler", "none",
+                                           "--memory", "save", "--chunk-rows", "16"])
+    assert small_chunks["peak_bytes"] / small_chunks["unit_bytes"] < save - 10, (small_chunks, save)
 
 
 def test_memory_peak_usage_errors(capsys):
-    with pytest.raises(SystemExit):
-        _memory_peak().main(["--device", "cpu", "--q-len", "0"])
-    assert "--q-len and --ttt-steps must be >= 1" in capsys.readouterr().err
+    for bad in (["--q-len", "0"], ["--chunk-rows", "0"]):
+        with pytest.raises(SystemExit):
+            _memory_peak().main(["--device", "cpu", *bad])
+        assert "--q-len, --ttt-steps and --chunk-rows must be >= 1" in capsys.readouterr().err

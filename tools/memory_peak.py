@@ -9,6 +9,7 @@ the library names the op. On CPU the peak comes from the profiler's memory event
 
     python tools/memory_peak.py --q-len 32768 --memory recompute           # CUDA, 8B-sized draft
     python tools/memory_peak.py --device cpu --size tiny --q-len 1024 --memory save recompute
+    python tools/memory_peak.py --device cpu --size mid --q-len 2048 --chunk-rows 512 --memory staged
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ SIZES = {
     "llama3-8b": LLAMA3_8B_DRAFT,
     "tiny": dict(hidden_size=128, intermediate_size=448, num_attention_heads=4, num_key_value_heads=2,
                  vocab_size=2000, draft_vocab_size=1000),
+    # the 8B-sized draft's ratios (V / H ~ 8, I / H = 3.5) at a size a CPU runs in seconds
+    "mid": dict(hidden_size=512, intermediate_size=1792, num_attention_heads=8, num_key_value_heads=2,
+                vocab_size=4000, draft_vocab_size=4000),
 }
 
 
@@ -90,13 +94,13 @@ def _cpu_peak(run) -> int:
 
 
 def measure(device: torch.device, size: str, q_len: int, ttt_steps: int, memory: str, target_form: str,
-            compiler: str, top: int) -> dict:
+            compiler: str, top: int, chunk_rows: int | None = None) -> dict:
     """One policy: ``{"memory", "policy", "step_ms", "peak_bytes", "unit_bytes", "top"}``
     (``unit_bytes``: one ``[T, H]`` activation in the parameter dtype)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = Eagle3DraftConfig(**SIZES[size])
     draft, ids, hidden, target, loss_mask = draft_step_inputs(cfg, q_len, target_form, device, dtype)
-    model = Eagle3Model(draft, q_len, ttt_steps, memory=memory).to(device, dtype)
+    model = Eagle3Model(draft, q_len, ttt_steps, memory=memory, chunk_rows=chunk_rows).to(device, dtype)
     step = torch.compile(model, fullgraph=True) if compiler == "inductor" else model
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -145,15 +149,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--compiler", choices=["inductor", "none"], default="inductor",
                         help="torch.compile the whole step, or run it eagerly (default: inductor)")
     parser.add_argument("--top", type=int, default=25, help="lines listed at the peak (CUDA; default: 25)")
+    parser.add_argument("--chunk-rows", type=int, default=None,
+                        help="rows per chunk of the loss (default: the library's, Note [chunk size] in loss.py)")
     args = parser.parse_args(argv)
-    if args.q_len < 1 or args.ttt_steps < 1 or args.top < 0:
-        parser.error(f"--q-len and --ttt-steps must be >= 1 and --top >= 0, got {args.q_len}, "
-                     f"{args.ttt_steps}, {args.top}")
+    if args.q_len < 1 or args.ttt_steps < 1 or args.top < 0 or (args.chunk_rows is not None and args.chunk_rows < 1):
+        parser.error(f"--q-len, --ttt-steps and --chunk-rows must be >= 1 and --top >= 0, got {args.q_len}, "
+                     f"{args.ttt_steps}, {args.chunk_rows}, {args.top}")
     device = torch.device(args.device)
     rows = []
     for memory in args.memory:
         torch._dynamo.reset()
-        row = measure(device, args.size, args.q_len, args.ttt_steps, memory, args.target, args.compiler, args.top)
+        row = measure(device, args.size, args.q_len, args.ttt_steps, memory, args.target, args.compiler, args.top,
+                      args.chunk_rows)
         rows.append(row)
         print(f"memory={memory} ({row['policy']}), Q_LEN {args.q_len} x {args.ttt_steps} TTT steps, "
               f"{args.compiler}, {args.device}: step {row['step_ms']:.0f} ms, peak {row['peak_bytes'] / 2**30:.2f} "
