@@ -17,12 +17,12 @@ Note [gradients in the forward]
     The op computes, chunk of rows by chunk of rows, the loss *and* the gradients of the hidden
     states, the norm weight and the head weight, and keeps only those (``[B, R, H]``, ``[H]``,
     ``[V, H]``: the sizes of its inputs); the backward multiplies them by the incoming gradient.
-    Nothing ``[rows, V]`` outlives its chunk, and the backward (by default) recomputes nothing. The cost is the
-    gradient work done even for a loss that is never backpropagated: the public function passes
-    the op which gradients are needed (``requires_grad`` and grad mode), so a forward under
-    ``torch.no_grad()`` computes the loss alone. ``hit_sum`` has no gradient, and no gradient
-    flows into any form of the target (probabilities, ids, target logits, the target's hidden
-    state or lm_head rows): they are data, as in today's trainers.
+    Nothing ``[rows, V]`` outlives its chunk, and the backward (by default) recomputes nothing.
+    The cost is the gradient work done even for a loss that is never backpropagated: the public
+    function passes the op which gradients are needed (``requires_grad`` and grad mode), so a
+    forward under ``torch.no_grad()`` computes the loss alone. ``hit_sum`` has no gradient, and
+    no gradient flows into any form of the target (probabilities, ids, target logits, the
+    target's hidden state or lm_head rows): they are data, as in today's trainers.
 
     Held from the forward to the backward, those gradients cost memory: per call ``[B, R, H]``
     and ``[V, H]`` (a TTT step of an 8B-sized draft at 32768 tokens: 0.5 GiB in bf16, 3.4 GiB
@@ -370,9 +370,10 @@ def _head_loss(hidden: Tensor, norm_weight: Tensor, head_weight: Tensor, target:
         inputs' dtypes, contiguous, or empty ``[0]`` tensors for those not asked for (all three
         with ``recompute``).
     """
-    return _head_loss_chunks(hidden, norm_weight, head_weight, target, target_weight, counted, target_kind, eps,
-                             chunk_rows, *((False,) * 3 if recompute else (grad_hidden, grad_norm_weight,
-                                                                           grad_head_weight)))
+    if recompute:  # the backward computes them
+        grad_hidden = grad_norm_weight = grad_head_weight = False
+    return _head_loss_chunks(hidden, norm_weight, head_weight, target, target_weight, counted,
+                             target_kind, eps, chunk_rows, grad_hidden, grad_norm_weight, grad_head_weight)
 
 
 @_head_loss.register_fake
