@@ -40,8 +40,9 @@ in_interpreter = pytest.mark.skipif(
 CPU = torch.device("cpu")
 
 
-# The interpreted tests, in two processes of about a minute each on one core (so that two test
-# workers share them): a -k expression and its negation, which together select every test.
+# The interpreted tests, in two processes of about a minute each (so that two test workers share
+# them) and of one thread each (two of them on two cores, not four threads): a -k expression and
+# its negation, which together select every test.
 HALF = "dtype2 or fused_build"
 
 

@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         q_lens_draft = args.draft_q_lens or ([64] if args.smoke else [8192, 32768])
         methods = args.draft_methods or (draft.DRAFT_METHODS[1:] if args.smoke else draft.DRAFT_METHODS)
         rows += draft.draft_rows(device, q_lens_draft, methods, length=3 if args.smoke else 7,
-                                 smoke=args.smoke, reps=args.draft_reps or (2 if args.smoke else 5), profiles=draft_profiles)
+                                 smoke=args.smoke, reps=args.draft_reps or (2 if args.smoke else 5),
+                                 profiles=draft_profiles)
 
     args.out.mkdir(parents=True, exist_ok=True)
     if args.profile:
