@@ -36,12 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a cl
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the tables: tools/benchmarks/
 from benchmarks import attention, common, compile_cost, draft, mask, suffix  # noqa: E402
 from compiled_mask._fa4 import fa4_available  # noqa: E402
-
-
-def _at_least_one(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
-    return int(text)
+from train import _positive_int  # noqa: E402  (tools/train.py's flags' type)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draft-row", help=argparse.SUPPRESS)  # internal: one draft-step row
     parser.add_argument("--draft-q-lens", type=int, nargs="+",
                         help="Q_LEN values of the draft table (default: 8192 32768; --smoke: 64)")
-    parser.add_argument("--draft-reps", type=_at_least_one, default=None,
+    parser.add_argument("--draft-reps", type=_positive_int, default=None,
                         help="timed steps per draft row, after a cold and a warm one (default: 5; --smoke: 2)")
     parser.add_argument("--draft-methods", nargs="+", type=draft._draft_method, default=None,
                         help="draft-table rows: 'today' or BACKEND:MEMORY:TARGET, e.g. split:recompute:head "
