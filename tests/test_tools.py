@@ -304,7 +304,11 @@ def test_memory_peak_recompute_holds_less_than_save(capsys):
 
 
 def test_memory_peak_usage_errors(capsys):
-    for bad in (["--q-len", "0"], ["--chunk-rows", "0"]):
+    for flag, bad, message in (("--q-len", "0", "must be an int >= 1, got 0"),
+                               ("--ttt-steps", "x", "must be an int >= 1, got 'x'"),
+                               ("--chunk-rows", "0", "must be an int >= 1, got 0"),
+                               ("--top", "-1", "must be an int >= 0, got -1")):
         with pytest.raises(SystemExit):
-            _memory_peak().main(["--device", "cpu", *bad])
-        assert "--q-len, --ttt-steps and --chunk-rows must be >= 1" in capsys.readouterr().err
+            # tiny and short, so that a flag the parser let through fails fast instead of measuring
+            _memory_peak().main(["--device", "cpu", "--size", "tiny", "--q-len", "8", flag, bad])
+        assert f"argument {flag}: {message}" in capsys.readouterr().err

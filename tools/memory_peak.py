@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/benchmarks/
 
 from benchmarks.draft import LLAMA3_8B_DRAFT, draft_step_inputs  # noqa: E402
 from compiled_mask import Eagle3DraftConfig, Eagle3Model  # noqa: E402
+from train import _non_negative_int, _positive_int  # noqa: E402  (tools/train.py's flags' types)
 
 SIZES = {
     "llama3-8b": LLAMA3_8B_DRAFT,
@@ -140,21 +141,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--size", choices=list(SIZES), default="llama3-8b", help="draft sizes (default: llama3-8b)")
-    parser.add_argument("--q-len", type=int, default=32768, help="tokens per sample (default: 32768)")
-    parser.add_argument("--ttt-steps", type=int, default=7, help="TTT steps (default: 7)")
+    parser.add_argument("--q-len", type=_positive_int, default=32768, help="tokens per sample (default: 32768)")
+    parser.add_argument("--ttt-steps", type=_positive_int, default=7, help="TTT steps (default: 7)")
     parser.add_argument("--memory", nargs="+", default=["recompute"],
                         help="Eagle3Model memory policies to measure, one after another (default: recompute)")
     parser.add_argument("--target", choices=["head", "probs"], default="head",
                         help="TargetHead, or float32 [T, V] probabilities (default: head)")
     parser.add_argument("--compiler", choices=["inductor", "none"], default="inductor",
                         help="torch.compile the whole step, or run it eagerly (default: inductor)")
-    parser.add_argument("--top", type=int, default=25, help="lines listed at the peak (CUDA; default: 25)")
-    parser.add_argument("--chunk-rows", type=int, default=None,
+    parser.add_argument("--top", type=_non_negative_int, default=25, help="lines listed at the peak (CUDA; default: 25)")
+    parser.add_argument("--chunk-rows", type=_positive_int, default=None,
                         help="rows per chunk of the loss (default: the library's, Note [chunk size] in loss.py)")
     args = parser.parse_args(argv)
-    if args.q_len < 1 or args.ttt_steps < 1 or args.top < 0 or (args.chunk_rows is not None and args.chunk_rows < 1):
-        parser.error(f"--q-len, --ttt-steps and --chunk-rows must be >= 1 and --top >= 0, got {args.q_len}, "
-                     f"{args.ttt_steps}, {args.chunk_rows}, {args.top}")
     device = torch.device(args.device)
     rows = []
     for memory in args.memory:
