@@ -295,6 +295,32 @@ def test_staged_ops_compile_the_layer_halves(memory, monkeypatch):
     torch._dynamo.reset()
 
 
+def test_staged_halves_compile_once_under_an_outer_compile(monkeypatch):
+    """The whole step under torch.compile with the layer's halves compiled inside the staged ops
+    (as on CUDA): one graph for the step and one per half and grad mode, at every later step too
+    (the ops run the layer with the same dispatch keys at each call, ``_autograd_dispatch``), and
+    the compiled step's loss and gradients equal the eager step's."""
+    from compiled_mask.draft import staged
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    monkeypatch.setattr(staged, "_COMPILED_ON", ("cpu",))
+    model = make_model(length=3, seed=4, memory="staged").double()
+    cfg = model.draft_model.config
+    step = torch.compile(model, fullgraph=True)
+    for seed in (5, 6, 7):
+        input_ids, hidden, target, loss_mask = make_batch(1, 64, cfg, seed=seed)
+        batch = (input_ids, hidden.double(), target.double(), loss_mask)
+        out = step(*batch)
+        got = grads(model, out.loss)
+    want = model(*batch)
+    torch.testing.assert_close(out.loss, want.loss, rtol=1e-10, atol=0)
+    for g, w in zip(got, grads(model, want.loss)):
+        assert rel_err(g, w) < 1e-9
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 5
+    torch._dynamo.reset()
+
+
 def test_staged_backward_replays_each_step_in_its_op():
     """memory="staged", compiled: the backward graph holds one staged_step_backward per TTT step,
     each fed by the gradient the next step's returns (so no replay can run early), and none of
@@ -588,6 +614,7 @@ def test_gpu_memory_policies_match_save(memory):
         with pytest.raises(ValueError, match="seq_lens \\(padding\\) instead of doc_ids"):
             model(input_ids, hidden, target, loss_mask, doc_ids=docs)
     counter = GraphCounter()
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     out = torch.compile(model, backend=counter, fullgraph=True)(input_ids, hidden, target, loss_mask,
                                                                  seq_lens=seq_lens, doc_ids=doc_ids)
     grad_errs = [rel_err(g, w) for g, w in zip(grads(model, out.loss), want_grads)]
@@ -595,6 +622,9 @@ def test_gpu_memory_policies_match_save(memory):
     assert rel_err(out.plosses, want[1]) < 1e-2
     assert max(grad_errs) < 5e-2
     assert counter.graphs == 1
+    # the staged ops' layer halves, compiled on CUDA (staged._COMPILED_ON): each half once with
+    # and once without grad
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == (5 if staged else 1)
 
 
 @pytest.mark.gpu

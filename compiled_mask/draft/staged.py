@@ -9,9 +9,10 @@ another, each just before its gradients are needed, as eager autograd runs a che
 partitioner and Inductor's scheduler move (and fuse) parts of every step's replay to the start of
 the backward, holding them all at once (Note [memory policies] in ``unroll.py``).
 
-Inside the ops the layer runs eagerly (its matmuls and the attention are the same kernels as
-compiled; its norms, RoPE and SwiGLU are unfused), the backward as ``torch.autograd.grad`` of
-the replay. The ops find the model by a key it registers, and take every tensor the layer reads
+Inside the ops the layer runs as two halves compiled on their own around the K/V buffer on CUDA
+(``_COMPILED_ON``), eagerly elsewhere (its matmuls and the attention are the same kernels as in
+the compiled graph; its norms, RoPE and SwiGLU unfused), the backward as ``torch.autograd.grad``
+of the replay. The ops find the model by a key it registers, and take every tensor the layer reads
 as an input, the weights included, so the graph orders them like any op and the replay uses the
 weights the forward used.
 """
@@ -51,12 +52,13 @@ def _model(key: int) -> nn.Module:
 
 
 # The device types on which the ops run the layer in two halves, each under torch.compile
-# (Inductor would fuse their norms, RoPE, SwiGLU and casts, eagerly a dozen memory-bound kernels
-# each), around the K/V buffer built eagerly, so that both halves have one shape at every TTT
-# step: one graph each, and one more each for the backward op's replay (with autograd).
-# tests/test_draft.py checks it on CPU (float64, equal to "save"); none by default, until a GPU
-# run has measured it against the eager layer (issue 25).
-_COMPILED_ON: tuple[str, ...] = ()
+# (Inductor fuses their norms, RoPE, SwiGLU and casts, eagerly a dozen memory-bound kernels
+# each, and their float32 temporaries), around the K/V buffer built eagerly, so that both halves
+# have one shape at every TTT step: one graph each, and one more each for the backward op's
+# replay (with autograd). On an H100 at 32768 x 7 (docs/benchmarks.md) "staged" took 1675 ms and
+# 15.2 GiB against 1875 ms and 18.2 GiB with the eager layer. Not on CPU, where eager is what
+# the tests compare against; tests/test_draft.py runs it there too (float64, equal to "save").
+_COMPILED_ON: tuple[str, ...] = ("cuda",)
 
 
 @functools.cache
@@ -104,8 +106,11 @@ def _staged_step(key: int, ids: Tensor, hidden: Tensor, cos: Tensor, sin: Tensor
         weights: the layer's parameters (``Eagle3Model._staged_params`` order); trained: which of
             them the backward op returns gradients for.
     """
-    with torch.no_grad():
-        out = _run(key, weights, ids, hidden, cos, sin, first_key, documents, live, k_rounds, v_rounds)
+    # Detached: called eagerly, the op gets the caller's tensors, weights requiring grad, and the
+    # compiled halves would guard on that (and compile again for a compiled caller's).
+    k_rounds, v_rounds, weights = ([t.detach() for t in ts] for ts in (k_rounds, v_rounds, weights))
+    with _autograd_dispatch(), torch.no_grad():
+        out = _run(key, weights, ids, hidden.detach(), cos, sin, first_key, documents, live, k_rounds, v_rounds)
     return tuple(t.contiguous() for t in out)
 
 
@@ -128,15 +133,20 @@ _lib.define("staged_step_backward(int key, Tensor d_hidden, Tensor d_k, Tensor d
 
 
 @contextlib.contextmanager
-def _autograd_recording() -> Iterator[None]:
-    """Grad mode on, and autograd not excluded from dispatch: the op's kernel runs with autograd
-    excluded when a TorchDispatchMode handled the call, and the replay would then record nothing.
-    (``FlopCounterMode`` still fails: its module hooks refuse an ``autograd.grad`` inside a
-    backward.)"""
+def _autograd_dispatch() -> Iterator[None]:
+    """Autograd and ADInplaceOrView not excluded from dispatch, however the op was reached.
+
+    The backward op's kernel runs with autograd excluded when a TorchDispatchMode handled the
+    call, and its replay would then record nothing. The forward op is reached below autograd,
+    under an outer torch.compile at the first step below ADInplaceOrView too and at later steps
+    not: the compiled halves guard on the dispatch keys of their inputs, and would compile a
+    third time each (7 graphs for a step, not 5). With this, both ops run the layer with the same
+    keys at every call. (``FlopCounterMode`` still fails in the backward op: its module hooks
+    refuse an ``autograd.grad`` inside a backward.)"""
     exclude = torch._C._dispatch_tls_local_exclude_set()
     for key in (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.ADInplaceOrView):
         exclude = exclude.remove(key)
-    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad():
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude):
         yield
 
 
@@ -147,7 +157,7 @@ def _staged_step_backward(key: int, d_hidden: Tensor, d_k: Tensor, d_v: Tensor, 
     """The gradients of :func:`_staged_step`, its forward replayed first:
     ``[d hidden, *d k_rounds, *d v_rounds, *d weights (the trained ones)]``, contiguous."""
     s = len(k_rounds)
-    with _autograd_recording():
+    with _autograd_dispatch(), torch.enable_grad():
         hidden = hidden.detach().requires_grad_()
         rounds = [r.detach().requires_grad_() for r in (*k_rounds, *v_rounds)]
         leaves = [w.detach().requires_grad_(t) for w, t in zip(weights, trained)]

@@ -153,8 +153,9 @@ class WholeSequence:
 #         gradient of the step's outputs, which the next step's backward op returns, so the
 #         replays run in order, one step's at a time, wherever Inductor schedules them: eager
 #         recompute's memory inside the one compiled graph (CPU probe above: 69.6 [T, H] against
-#         Inductor's 104.8 for "recompute"). The layer's own elementwise ops (norms, RoPE,
-#         SwiGLU) run unfused inside the op; its matmuls and attention are the same kernels.
+#         Inductor's 104.8 for "recompute"). Inside the op the layer runs as two halves
+#         compiled on their own on CUDA (``staged._COMPILED_ON``: Inductor fuses the norms, RoPE
+#         and SwiGLU), eagerly on CPU; its matmuls and attention are the same kernels.
 #     The LM head and loss never keep ``[T, V]`` whatever the policy (``loss.py``). Each policy
 #     computes the same numbers (tests/test_draft.py); they differ in memory and time only.
 MEMORY_POLICIES = ("save", "recompute", "recompute_tiled", "staged", "staged_tiled")
@@ -248,7 +249,7 @@ class Eagle3Model(nn.Module):
         self._memory_arg = memory
         self.chunk_rows = chunk_rows
         self.attn = self.sequence.bind(q_len, length, attention_backend)
-        if self.memory in _STAGED:  # Note [memory policies]: the layer runs eagerly inside an op
+        if self.memory in _STAGED:  # Note [memory policies]: the layer runs inside an op
             if not isinstance(self.sequence, WholeSequence):
                 raise ValueError(f"{where}: memory={memory!r} runs on one process; with context parallel "
                                  f"use 'save', 'recompute' or 'recompute_tiled'.")
