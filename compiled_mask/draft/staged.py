@@ -55,9 +55,11 @@ def _model(key: int) -> nn.Module:
 # (Inductor fuses their norms, RoPE, SwiGLU and casts, eagerly a dozen memory-bound kernels
 # each, and their float32 temporaries), around the K/V buffer built eagerly, so that both halves
 # have one shape at every TTT step: one graph each, and one more each for the backward op's
-# replay (with autograd). On an H100 at 32768 x 7 (docs/benchmarks.md) "staged" took 1675 ms and
-# 15.2 GiB against 1875 ms and 18.2 GiB with the eager layer. Not on CPU, where eager is what
-# the tests compare against; tests/test_draft.py runs it there too (float64, equal to "save").
+# replay (with autograd). On an H100 at 32768 x 7 "staged" took 1661 ms and 15.2 GiB against
+# 1855 ms and 18.2 GiB with the eager layer (docs/benchmarks.md, 2026-12-07, ninth session). Not
+# on CPU, where eager is what the tests compare against; tests/test_draft.py runs it there too
+# (float64, equal to "save"). The halves are shared by every model: each new shape, dtype or
+# policy compiles them again, up to dynamo's recompile limit.
 _COMPILED_ON: tuple[str, ...] = ("cuda",)
 
 
