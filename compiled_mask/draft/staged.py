@@ -59,7 +59,7 @@ def _model(key: int) -> nn.Module:
 # 1855 ms and 18.2 GiB with the eager layer (docs/benchmarks.md, 2026-12-07, ninth session). Not
 # on CPU, where eager is what the tests compare against; tests/test_draft.py runs it there too
 # (float64, equal to "save"). The halves are shared by every model: each new shape, dtype or
-# policy compiles them again, up to dynamo's recompile limit.
+# policy compiles them again, up to dynamo's recompile limit (beyond it they run eagerly).
 _COMPILED_ON: tuple[str, ...] = ("cuda",)
 
 
