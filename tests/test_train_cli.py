@@ -98,3 +98,13 @@ def test_bench_prints_the_split_table():
                   "clip + AdamW", "whole loop"):
         assert re.search(rf"^\| {re.escape(phase)} +\| +\d+\.\d \| +\d+\.\d% \| +[\d,]+ \|$", out, re.M), (phase, out)
     assert re.search(r"^whole loop: [\d,]+ tokens/s on CPU$", out, re.M)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--q-len", "0"], "argument --q-len: must be an int >= 1, got 0"),
+    (["--steps", "x"], "argument --steps: must be an int >= 1, got 'x'"),
+])
+def test_bench_usage_errors(argv, message):
+    """bench_train.py's int flags are tools/train.py's type: the flag and its value named."""
+    code, _, err = _run("bench_train", argv)
+    assert code == 2 and message in err, err

@@ -23,19 +23,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone, uninstalled
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/train.py
 from compiled_mask.draft.batches import OnlineBatches  # noqa: E402
 from compiled_mask.draft.data import Document  # noqa: E402
 from compiled_mask.draft.model import Eagle3DraftConfig, Eagle3DraftModel  # noqa: E402
 from compiled_mask.draft.target import RANDOM_TARGETS, TargetModel  # noqa: E402
 from compiled_mask.draft.trainer import TrainConfig, Trainer  # noqa: E402
 from compiled_mask.draft.unroll import Eagle3Model  # noqa: E402
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {value}")
-    return value
+from train import _positive_int  # noqa: E402  (tools/train.py's flags' type)
 
 
 def main(argv: list[str] | None = None) -> int:
